@@ -1,0 +1,159 @@
+"""Anomaly head: where the students fail to reproduce the teacher targets.
+
+For each (teacher, student) pair of feature maps (B, C_l, H_l, W_l)::
+
+    m_l = 1 − cos_c(teacher, student)               per pixel, cosine over channels, float32 sums
+    M   = Σ_l bilinear_up(m_l)                      align_corners=True, to the image size
+    M   = gaussian(M, σ)                            truncate 4σ, scipy.ndimage's 'reflect' border
+    score = max(M)                                  per image
+
+One API (:func:`anomaly_head`) with implementations behind ``impl=``: ``"reference"`` (PyTorch, exports
+to standard ONNX ops) and ``"triton"`` (the kernels of ``kernels/``, registered when they import).
+
+Example::
+
+    >>> import torch
+    >>> from pdd.anomaly import anomaly_head
+    >>> t, s = torch.randn(2, 8, 16, 16), torch.randn(2, 8, 16, 16)
+    >>> amap, score = anomaly_head([(t, s)], image_size=(64, 64))
+    >>> amap.shape, score.shape
+    (torch.Size([2, 64, 64]), torch.Size([2]))
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "COS_EPS",
+    "HEAD_IMPLS",
+    "anomaly_head",
+    "anomaly_head_ref",
+    "cosine_distance",
+    "gaussian_blur",
+    "gaussian_kernel1d",
+    "reflect_indices",
+    "register_head_impl",
+]
+
+log = logging.getLogger(__name__)
+
+HEAD_IMPLS = ("reference", "triton")
+# Cosine denominator floor, as torch.nn.functional.cosine_similarity.
+COS_EPS = 1e-8
+
+FeaturePairs = Sequence[tuple[Tensor, Tensor]]
+_registry: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+_providers = {"triton": "kernels.anomaly_head"}
+
+
+def register_head_impl(name: str, fn: Callable[..., tuple[Tensor, Tensor]]) -> None:
+    """Make ``anomaly_head(..., impl=name)`` call ``fn(pairs, image_size, sigma)``."""
+    if name not in HEAD_IMPLS:
+        raise ValueError(f"unknown anomaly head implementation {name!r}; expected one of {HEAD_IMPLS}")
+    _registry[name] = fn
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """Normalised taps of scipy.ndimage's Gaussian: radius int(truncate·σ + 0.5) (33 taps for σ=4)."""
+    if sigma <= 0:
+        raise ValueError(f"gaussian sigma must be positive, got {sigma}")
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+@lru_cache(maxsize=64)
+def reflect_indices(size: int, radius: int) -> tuple[int, ...]:
+    """Source index of every padded position under scipy's 'reflect' mode (d c b a | a b c d | d c b a).
+
+    That is numpy's 'symmetric' padding, repeated as often as the radius needs, not torch's 'reflect'.
+    """
+    return tuple(int(i) for i in np.pad(np.arange(size), radius, mode="symmetric"))
+
+
+def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Tensor:
+    """Separable Gaussian over the last two dims with scipy.ndimage.gaussian_filter's border handling.
+
+    maps: (B, H, W) float. Equals ``scipy.ndimage.gaussian_filter(m, sigma)`` per image.
+    """
+    if maps.dim() != 3:
+        raise ValueError(f"gaussian_blur expects (B, H, W), got shape {tuple(maps.shape)}")
+    taps = gaussian_kernel1d(sigma, truncate)
+    radius = len(taps) // 2
+    _, h, w = maps.shape
+    weight = torch.as_tensor(taps, dtype=maps.dtype, device=maps.device)
+    rows = torch.as_tensor(reflect_indices(h, radius), device=maps.device)
+    cols = torch.as_tensor(reflect_indices(w, radius), device=maps.device)
+    x = maps.index_select(2, cols).unsqueeze(1)                     # (B, 1, H, W + 2r)
+    x = F.conv2d(x, weight.view(1, 1, 1, -1))                       # along W
+    x = F.conv2d(x.index_select(2, rows), weight.view(1, 1, -1, 1))  # along H
+    return x.squeeze(1)
+
+
+def cosine_distance(teacher: Tensor, student: Tensor) -> Tensor:
+    """1 − cos over channels per pixel, summed in float32: (B, C, H, W) x2 -> (B, H, W) float32."""
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"anomaly head: teacher {tuple(teacher.shape)} and student {tuple(student.shape)} differ in shape"
+        )
+    t, s = teacher.float(), student.float()
+    dot = (t * s).sum(1)
+    norm = torch.sqrt((t * t).sum(1) * (s * s).sum(1))
+    return 1.0 - dot / norm.clamp_min(COS_EPS)
+
+
+def _check_pairs(pairs: FeaturePairs) -> None:
+    if not pairs:
+        raise ValueError("anomaly head: no feature pairs given")
+    batch = pairs[0][0].shape[0]
+    for i, (t, s) in enumerate(pairs):
+        if t.dim() != 4 or s.dim() != 4:
+            raise ValueError(f"anomaly head: pair {i} must be (B, C, H, W) tensors, got {tuple(t.shape)}, {tuple(s.shape)}")
+        if t.shape[0] != batch:
+            raise ValueError(f"anomaly head: pair {i} has batch {t.shape[0]}, pair 0 has {batch}")
+
+
+def anomaly_head_ref(pairs: FeaturePairs, image_size: tuple[int, int], sigma: float = 4.0) -> tuple[Tensor, Tensor]:
+    """PyTorch anomaly head. Returns (map (B, H, W) float32, score (B,) float32)."""
+    _check_pairs(pairs)
+    total = None
+    for teacher, student in pairs:
+        m = cosine_distance(teacher, student).unsqueeze(1)
+        m = F.interpolate(m, size=image_size, mode="bilinear", align_corners=True).squeeze(1)
+        total = m if total is None else total + m
+    smoothed = gaussian_blur(total, sigma)
+    return smoothed, smoothed.flatten(1).amax(1)
+
+
+register_head_impl("reference", anomaly_head_ref)
+
+
+def anomaly_head(pairs: FeaturePairs, image_size: int | tuple[int, int], sigma: float = 4.0,
+                 impl: str = "reference") -> tuple[Tensor, Tensor]:
+    """Anomaly map and image score from (teacher, student) feature pairs.
+
+    pairs: list of (teacher, student), each (B, C_l, H_l, W_l) fp16|fp32. Returns
+    (map (B, H, W) float32 smoothed, score (B,) float32 = max of the map).
+    """
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    if impl not in HEAD_IMPLS:
+        raise ValueError(f"unknown anomaly head implementation {impl!r}; expected one of {HEAD_IMPLS}")
+    if impl not in _registry:
+        try:
+            importlib.import_module(_providers[impl])
+        except ImportError as exc:
+            raise RuntimeError(
+                f"anomaly head impl={impl!r} is not available: {exc}. Use impl='reference' on CPU."
+            ) from exc
+    return _registry[impl](pairs, tuple(image_size), sigma)
