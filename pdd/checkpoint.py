@@ -1,0 +1,85 @@
+"""Self-contained PDD checkpoints: config, every weight (teachers included), and training state.
+
+Written atomically (temporary file, fsync, rename), so a kill mid-write never damages the previous file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pdd.backbones.weights import WeightsError, check_and_load, load_checkpoint_file
+from pdd.config import ConfigError, PDDConfig
+
+__all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "load_pdd", "read_checkpoint", "save_pdd"]
+
+CHECKPOINT_FORMAT = "pdd-checkpoint/1"
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pdd(model: torch.nn.Module, path: str | os.PathLike, **extra: Any) -> None:
+    """Save a model built by :func:`pdd.build_pdd` (or the RD4AD baseline) with its config.
+
+    ``extra`` entries (epoch, optimizer state, metrics, …) are stored beside the weights.
+    """
+    cfg = model.cfg
+    payload = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "state_dict": model.state_dict(), **extra}
+    atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a PDD checkpoint file (format tag, config)."""
+    obj = load_checkpoint_file(path)
+    if obj.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(
+            f"{path} is not a PDD checkpoint (format {obj.get('format')!r}, expected {CHECKPOINT_FORMAT!r}); "
+            f"teacher weight files go in the config's vmamba_weights / wrn_weights instead"
+        )
+    if "state_dict" not in obj or "config" not in obj:
+        raise WeightsError(f"PDD checkpoint {path} lacks its 'state_dict' or 'config' entry")
+    return obj
+
+
+def load_pdd(path: str | os.PathLike, device: torch.device | str = "cpu", **overrides: Any) -> torch.nn.Module:
+    """Rebuild the model of a checkpoint and load every weight strictly.
+
+    ``overrides`` change run-time settings that do not touch weights (``scan_impl``, ``head_impl``).
+    """
+    from pdd.baselines import build_model  # the RD4AD baseline shares this checkpoint format
+
+    obj = read_checkpoint(path)
+    try:
+        cfg = PDDConfig.from_dict(obj["config"], source=f"{path} config")
+    except ConfigError as exc:
+        raise WeightsError(f"PDD checkpoint {path} has an invalid config: {exc}") from exc
+    weight_fields = {"vmamba_weights", "wrn_weights", "image_size", "shared_decoder", "decoder_blocks", "model"}
+    bad = weight_fields & set(overrides)
+    if bad:
+        raise ValueError(f"cannot override {sorted(bad)} when loading a checkpoint: they define its weights")
+    # Teachers come from the checkpoint itself, so no weight files or downloads are needed.
+    cfg = dataclasses.replace(cfg, vmamba_weights=None, wrn_weights=None, **overrides).validate()
+    model = build_model(cfg, device="cpu", quiet=True)
+    check_and_load(model, obj["state_dict"], f"PDD checkpoint {path}")
+    model.cfg = dataclasses.replace(cfg, vmamba_weights=obj["config"].get("vmamba_weights"),
+                                    wrn_weights=obj["config"].get("wrn_weights"))
+    return model.to(device)

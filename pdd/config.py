@@ -1,0 +1,264 @@
+"""Typed configuration: every size, weight and threshold of PDD lives here, validated on load.
+
+YAML on disk mirrors the dataclasses; unknown keys are errors, not silently ignored::
+
+    >>> from pdd.config import PDDConfig
+    >>> cfg = PDDConfig(image_size=128)
+    >>> PDDConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "DataConfig", "LossConfig", "PDDConfig", "TrainConfig", "apply_overrides", "atomic_write_text"]
+
+SCAN_CHOICES = ("auto", "reference", "chunked", "triton", "mamba_ssm")
+HEAD_CHOICES = ("reference", "triton")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and thresholds of L = L_prior + L_plain + div_weight · L_div (the authors' final setting)."""
+
+    prior_mse_weight: float = 0.02
+    prior_cos_weight: float = 0.05
+    # "plus_cos": the released code's +cos term (pushes the prior student away in angle);
+    # "one_minus_cos": the conventional 1 − cos.
+    prior_cos_form: str = "plus_cos"
+    plain_mse_weight: float = 0.02
+    div_weight: float = 0.5
+    div_level1_max_cos: float = 0.75
+    div_deep_min_cos: float = 0.30
+
+    def validate(self) -> None:
+        if self.prior_cos_form not in ("plus_cos", "one_minus_cos"):
+            raise ConfigError(f"loss.prior_cos_form must be 'plus_cos' or 'one_minus_cos', got {self.prior_cos_form!r}")
+        for name in ("prior_mse_weight", "prior_cos_weight", "plain_mse_weight", "div_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("div_level1_max_cos", "div_deep_min_cos"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"loss.{name} is a cosine and must lie in [-1, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and schedule (the authors': Adam 2e-3, betas (0.5, 0.999), cosine to 2e-4 over 40 epochs)."""
+
+    epochs: int = 100
+    batch_size: int = 10
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    cosine_t_max: int = 40
+    eta_min: float = 2e-4
+    val_fraction: float = 0.1
+    eval_every: int = 10
+    seed: int = 0
+    amp: bool = True
+    num_workers: int = 0
+    feature_cache: str = "memory"
+    max_steps_per_epoch: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"train.epochs and train.batch_size must be ≥ 1, got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.scheduler not in ("cosine", "constant"):
+            raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got {self.scheduler!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"train.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.feature_cache not in ("none", "memory", "disk"):
+            raise ConfigError(f"train.feature_cache must be 'none', 'memory' or 'disk', got {self.feature_cache!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are and how they are read."""
+
+    root: str | None = None
+    layout: str = "mvtec"
+    class_names: tuple[str, ...] = ()
+    skip_bad: bool = False
+
+    def validate(self) -> None:
+        if self.layout not in ("mvtec", "meta_json"):
+            raise ConfigError(f"data.layout must be 'mvtec' or 'meta_json', got {self.layout!r}")
+
+
+@dataclass(frozen=True)
+class PDDConfig:
+    """The PDD model (and, for training runs, its loss, optimiser and data).
+
+    ``vmamba_weights`` / ``wrn_weights``: None (random init, for tests and speed runs), a local file
+    path, or a hub name (``"hub"`` for VMamba; ``"timm"`` = racm_in1k or ``"torchvision"`` =
+    IMAGENET1K_V1 for WRN50-2).
+    """
+
+    model: str = "pdd"
+    image_size: int = 256
+    vmamba_weights: str | None = None
+    wrn_weights: str | None = None
+    shared_decoder: bool = True
+    decoder_blocks: int = 2
+    scan_impl: str = "auto"
+    head_impl: str = "reference"
+    sigma: float = 4.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> PDDConfig:
+        if self.model not in ("pdd", "rd4ad"):
+            raise ConfigError(f"model must be 'pdd' or 'rd4ad', got {self.model!r}")
+        if self.image_size < 32 or self.image_size % 32:
+            raise ConfigError(
+                f"image_size must be a positive multiple of 32 (the teachers downsample by 32), got {self.image_size}"
+            )
+        if self.scan_impl not in SCAN_CHOICES:
+            raise ConfigError(f"scan_impl must be one of {SCAN_CHOICES}, got {self.scan_impl!r}")
+        if self.head_impl not in HEAD_CHOICES:
+            raise ConfigError(f"head_impl must be one of {HEAD_CHOICES}, got {self.head_impl!r}")
+        if self.sigma <= 0:
+            raise ConfigError(f"sigma must be > 0, got {self.sigma}")
+        if self.decoder_blocks < 1:
+            raise ConfigError(f"decoder_blocks must be ≥ 1, got {self.decoder_blocks}")
+        self.loss.validate()
+        self.train.validate()
+        self.data.validate()
+        return self
+
+    def replace(self, **changes: Any) -> PDDConfig:
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> PDDConfig:
+        return _from_plain(cls, data, source).validate()
+
+    def to_yaml(self, path: str | os.PathLike | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> PDDConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at top level, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return _from_plain(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise ConfigError(f"{where} must have {len(item_types)} items, got {len(value)}")
+        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_plain(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: PDDConfig, overrides: list[str]) -> PDDConfig:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a config, validating the result."""
+    data = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.epochs=5)")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section of the config")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {item!r}: unknown key {key!r}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return PDDConfig.from_dict(data, source="overrides")

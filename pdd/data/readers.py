@@ -1,0 +1,352 @@
+"""Read medical images (PNG/JPEG/BMP/TIFF, DICOM, NIfTI) into float arrays and model inputs.
+
+Every reader returns ``float32`` in ``[0, 1]``: ``(H, W)`` for grey images, ``(H, W, 3)`` for colour ones.
+How raw values reach ``[0, 1]``:
+
+* 8-bit Pillow images: ``value / 255`` (the stored bytes already are a display image);
+* 16-bit / 32-bit / float Pillow images, DICOM without a window, NIfTI: robust min/max, i.e. the 0.5th and
+  99.5th percentiles map to 0 and 1 (clipped); a constant image becomes all zeros;
+* DICOM with a window (from the file or ``dicom_window``): the DICOM linear VOI function, after
+  RescaleSlope/RescaleIntercept; MONOCHROME1 is inverted so that bright always means dense / high signal.
+
+NIfTI volumes are reoriented to the closest RAS+ axes first, so ``axis`` 0/1/2 are sagittal/coronal/axial
+for any well-formed file, and each slice is rotated (``np.rot90``) so anterior (axial) or superior (sagittal,
+coronal) is at the top of the image. ``np.rot90(slice_map, -1)`` undoes the rotation.
+
+Example::
+
+    >>> img = read_image("case_001.dcm", dicom_window=(40, 80))   # head CT, brain window
+    >>> x = to_model_input(img, 256)                               # (3, 256, 256), ImageNet-normalised
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DICOM_SUFFIXES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "ImageReadError",
+    "read_image",
+    "read_mask",
+    "read_volume_slices",
+    "robust_normalise",
+    "to_model_input",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Files a folder-based dataset treats as one 2-D image each; NIfTI volumes are not among them.
+IMAGE_SUFFIXES = PILLOW_SUFFIXES + DICOM_SUFFIXES
+
+# Percentiles for the robust min/max: ignores a few hot pixels and burnt-in labels.
+_ROBUST_PERCENTILES = (0.5, 99.5)
+
+
+class ImageReadError(ValueError):
+    """A file could not be read as an image; the message names the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+def robust_normalise(values: np.ndarray) -> np.ndarray:
+    """Map the 0.5th/99.5th percentiles to 0/1 and clip; any real array -> float32 same shape in [0, 1].
+
+    Falls back to the exact min/max when the percentiles coincide (a small bright object on a flat
+    background), and returns zeros for a constant array instead of dividing by zero.
+    """
+    values = np.asarray(values, dtype=np.float32)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros(values.shape, dtype=np.float32)
+    lo, hi = np.percentile(finite, _ROBUST_PERCENTILES)
+    if hi <= lo:
+        lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.float32)
+    out = (values - np.float32(lo)) / np.float32(hi - lo)
+    out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _sniff(path: Path) -> str:
+    """Return "dicom", "nifti" or "pillow" from the file's first bytes, falling back to its extension."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(352)
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot open file ({exc.strerror or exc})") from None
+    if not head:
+        raise ImageReadError(path, "file is empty")
+    suffix = _suffix(path)
+    if head[128:132] == b"DICM" or suffix in DICOM_SUFFIXES:
+        return "dicom"
+    if head[:2] == b"\x1f\x8b":
+        # A gzip stream: look at the decompressed header to tell NIfTI from anything else.
+        try:
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(352)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ImageReadError(path, f"corrupt gzip stream ({exc})") from None
+    # NIfTI-1 keeps its magic at byte 344, NIfTI-2 at byte 4.
+    if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00") or suffix in NIFTI_SUFFIXES:
+        return "nifti"
+    return "pillow"
+
+
+def read_image(
+    path: str | Path,
+    *,
+    dicom_window: tuple[float, float] | None = None,
+    dicom_frame: int = 0,
+    nifti_axis: int = 2,
+    nifti_slice: int | None = None,
+) -> np.ndarray:
+    """Read one 2-D image as float32 ``(H, W)`` (grey) or ``(H, W, 3)`` (colour) in [0, 1].
+
+    The format is chosen from the file's content (DICOM preamble, NIfTI magic, else Pillow), with the
+    extension as a fallback. ``dicom_window`` is ``(centre, width)`` in rescaled units (HU for CT) and
+    overrides the file's window; ``dicom_frame`` picks the frame of a multi-frame DICOM. ``nifti_axis``
+    and ``nifti_slice`` pick one slice of a volume (default: the middle one; negative counts from the end).
+    Raises :class:`ImageReadError` for missing, truncated or undecodable files.
+    """
+    path = Path(path)
+    kind = _sniff(path)
+    if kind == "dicom":
+        return _read_dicom(path, dicom_window, dicom_frame)
+    if kind == "nifti":
+        _check_axis(path, nifti_axis)
+        volume = _read_nifti_volume(path)
+        index = volume.shape[nifti_axis] // 2 if nifti_slice is None else nifti_slice
+        return _nifti_slices(path, volume, nifti_axis, [index])[0]
+    return _read_pillow(path)
+
+
+def read_volume_slices(path: str | Path, axis: int = 2, slices: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Read a NIfTI volume as a list of float32 ``(H, W)`` slices in [0, 1], for per-slice prediction.
+
+    ``axis`` is a RAS+ axis (0 sagittal, 1 coronal, 2 axial); ``slices`` lists indices along it (all when
+    None). The whole volume shares one robust min/max so intensities are comparable between slices.
+    """
+    path = Path(path)
+    if _sniff(path) != "nifti":
+        raise ImageReadError(path, "not a NIfTI file (expected .nii or .nii.gz with a NIfTI header)")
+    _check_axis(path, axis)
+    volume = _read_nifti_volume(path)
+    return _nifti_slices(path, volume, axis, list(range(volume.shape[axis]) if slices is None else slices))
+
+
+def _read_pillow(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            # Cameras and some scanners store the display orientation in EXIF only.
+            img = ImageOps.exif_transpose(img)
+            return _pillow_to_array(img)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "unrecognised image format (expected PNG, JPEG, BMP, TIFF, DICOM or NIfTI)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(path, f"corrupt or truncated image data ({exc})") from None
+
+
+def _pillow_to_array(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return robust_normalise(np.asarray(img))
+    if mode in ("1", "L", "LA"):
+        return np.asarray(img.convert("L"), dtype=np.float32) / np.float32(255.0)
+    # Palette, RGBA, CMYK, YCbCr...: alpha carries no anatomy, so it is dropped.
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+
+
+def _first(value: object) -> float:
+    """First entry of a possibly multi-valued DICOM number (WindowCenter can hold several windows)."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return float(value[0])
+    return float(value)  # type: ignore[arg-type]
+
+
+def _dicom_attr(ds: object, frame: int, sequence: str, keyword: str) -> object | None:
+    """A frame's attribute from the top level, else the enhanced-DICOM per-frame or shared groups."""
+    value = getattr(ds, keyword, None)
+    if value is not None:
+        return value
+    for groups_name, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        groups = getattr(ds, groups_name, None)
+        if groups is None or index >= len(groups):
+            continue
+        items = getattr(groups[index], sequence, None)
+        if items:
+            value = getattr(items[0], keyword, None)
+            if value is not None:
+                return value
+    return None
+
+
+def _read_dicom(path: Path, window: tuple[float, float] | None, frame: int) -> np.ndarray:
+    # pydicom and nibabel belong to the optional "data" extra, so they load only when such a file shows up.
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise ImageReadError(path, f"not a readable DICOM file ({exc})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageReadError(path, "DICOM file has no pixel data")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        # pydicom raises a wide range of types (missing codec, bad length, unknown syntax); all mean the same.
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
+    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    if n_frames > 1:
+        if not -n_frames <= frame < n_frames:
+            raise ValueError(f"{path}: dicom_frame={frame} is out of range, the file has {n_frames} frames")
+        pixels = pixels[frame]
+        frame %= n_frames
+    elif frame not in (0, -1):
+        raise ValueError(f"{path}: dicom_frame={frame} is out of range, the file has a single frame")
+    if samples == 3:
+        bits = int(getattr(ds, "BitsStored", 8) or 8)
+        return np.clip(pixels.astype(np.float32) / np.float32(2**bits - 1), 0.0, 1.0)
+    if pixels.ndim != 2:
+        raise ImageReadError(path, f"expected a 2-D grey frame, got pixel array of shape {pixels.shape}")
+
+    values = pixels.astype(np.float64)
+    slope = _dicom_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _dicom_attr(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+    values = values * (1.0 if slope is None else _first(slope)) + (0.0 if intercept is None else _first(intercept))
+
+    if window is None:
+        centre = _dicom_attr(ds, frame, "FrameVOILUTSequence", "WindowCenter")
+        width = _dicom_attr(ds, frame, "FrameVOILUTSequence", "WindowWidth")
+        if centre is not None and width is not None and _first(width) >= 1:
+            window = (_first(centre), _first(width))
+    if window is not None:
+        centre, width = float(window[0]), float(window[1])
+        if width < 1:
+            raise ValueError(f"{path}: DICOM window width must be >= 1, got {width}")
+        # DICOM PS3.3 C.11.2.1.2.1 linear VOI function, output range [0, 1].
+        out = np.clip((values - (centre - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
+    else:
+        out = robust_normalise(values)
+    if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+        out = 1.0 - out
+    return out
+
+
+def _read_nifti_volume(path: Path) -> np.ndarray:
+    """Whole NIfTI volume, RAS+ oriented, float32 (X, Y, Z) in [0, 1] (first volume of a 4-D series)."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise ImageReadError(path, f"corrupt or truncated NIfTI file ({type(exc).__name__}: {exc})") from None
+    if data.ndim == 2:
+        data = data[:, :, None]
+    while data.ndim > 3:
+        # Time series or vector volumes: the first volume is the anatomy.
+        data = data[..., 0]
+    data = apply_orientation(data, io_orientation(img.affine))
+    return robust_normalise(data)
+
+
+def _check_axis(path: Path, axis: int) -> None:
+    if axis not in (0, 1, 2):
+        raise ValueError(f"{path}: nifti axis must be 0 (sagittal), 1 (coronal) or 2 (axial), got {axis}")
+
+
+def _nifti_slices(path: Path, volume: np.ndarray, axis: int, indices: list[int]) -> list[np.ndarray]:
+    depth = volume.shape[axis]
+    out = []
+    for index in indices:
+        if not -depth <= index < depth:
+            raise ValueError(f"{path}: slice {index} is out of range, axis {axis} has {depth} slices")
+        out.append(np.ascontiguousarray(np.rot90(np.take(volume, index, axis=axis))))
+    return out
+
+
+def to_model_input(img: np.ndarray, image_size: int) -> torch.Tensor:
+    """Float image (H, W) or (H, W, 3) in [0, 1] -> float32 tensor (3, S, S), resized and ImageNet-normalised.
+
+    Resizing is bilinear with antialiasing (no aliasing when shrinking large radiographs); grey images are
+    replicated to three channels.
+    """
+    arr = np.asarray(img)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"to_model_input expects a float image in [0, 1], got dtype {arr.dtype}; use read_image")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+        raise ValueError(f"to_model_input expects shape (H, W) or (H, W, 3), got {tuple(np.shape(img))}")
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None]
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    x = x[0].expand(3, -1, -1) if x.shape[1] == 1 else x[0]
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+def read_mask(path: str | Path, size: int | None = None) -> np.ndarray:
+    """Read a ground-truth mask (any non-zero pixel is anomalous) as bool ``(size, size)`` (native size if None).
+
+    Shrinking uses an area-weighted majority (antialiased bilinear, >= 0.5) so thin defects survive as well
+    as they can.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "P":
+                # Palette index 0 is background in every mask format we know; colours are irrelevant.
+                raw = np.asarray(img) != 0
+            elif img.mode in ("RGB", "RGBA", "LA"):
+                bands = np.asarray(img.convert("RGB"))
+                raw = bands.any(axis=2)
+            else:
+                raw = np.asarray(img) != 0
+    except FileNotFoundError:
+        raise ImageReadError(path, "mask file not found") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "unrecognised mask image format (expected PNG, BMP or TIFF)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(path, f"corrupt or truncated mask ({exc})") from None
+    if raw.ndim != 2:
+        raise ImageReadError(path, f"expected a 2-D mask, got shape {raw.shape}")
+    if size is None or raw.shape == (size, size):
+        return raw
+    x = torch.from_numpy(raw.astype(np.float32))[None, None]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (x[0, 0] >= 0.5).numpy()
