@@ -204,7 +204,9 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 
 def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    """True while a graph is being captured (jit trace, torch.compile, torch.export, ONNX export)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting or torch.onnx.is_in_onnx_export()
 
 
 def _safe_chunk_size(delta: Tensor, A: Tensor, chunk: int) -> int:

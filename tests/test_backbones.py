@@ -1,0 +1,125 @@
+"""Teachers: official-layout VMamba checkpoints load strictly; weight-file errors name the problem."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from pdd.backbones import WeightsError, VSSMv0, vmamba_tiny_v0, wide_resnet50_2_features
+
+SPEC = Path(__file__).resolve().parent / "data" / "vmamba_v0_tiny_state_dict.tsv"
+
+LEGACY = {"patch_embed.0.": "patch_embed.proj.", "patch_embed.2.": "patch_embed.norm.", ".norm.": ".ln_1.",
+          ".op.": ".self_attention.", "classifier.norm.": "norm.", "classifier.head.": "head."}
+
+
+def official_state() -> dict[str, torch.Tensor]:
+    """A state dict with the names and shapes of the official vssmtiny_dp01_ckpt_epoch_292.pth."""
+    state = {}
+    for line in SPEC.read_text().strip().splitlines():
+        name, shape = line.split("\t")
+        state[name] = torch.randn(ast.literal_eval(shape))
+    return state
+
+
+def to_legacy(name: str) -> str:
+    if name.startswith("classifier."):
+        return name.replace("classifier.norm.", "norm.").replace("classifier.head.", "head.")
+    name = name.replace("patch_embed.0.", "patch_embed.proj.").replace("patch_embed.2.", "patch_embed.norm.")
+    if ".blocks." in name:
+        name = name.replace(".norm.", ".ln_1.", 1).replace(".op.", ".self_attention.")
+    return name
+
+
+def test_spec_lists_212_tensors():
+    assert len(official_state()) == 212
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_official_checkpoint_loads_strictly(tmp_path, legacy):
+    state = official_state()
+    if legacy:
+        state = {to_legacy(k): v for k, v in state.items()}
+        assert "layers.0.blocks.0.self_attention.A_logs" in state
+    path = tmp_path / "vssmtiny_dp01_ckpt_epoch_292.pth"
+    torch.save({"model": state, "epoch": 292}, path)
+    net = vmamba_tiny_v0(weights=path)
+    own = net.state_dict()
+    assert set(own) == {k for k in official_state() if not k.startswith("classifier.")}
+    ref = official_state()
+    for k in own:  # every tensor came from the file
+        src = state[to_legacy(k)] if legacy else state[k]
+        torch.testing.assert_close(own[k], src, msg=k)
+    assert ref.keys() - own.keys() == {k for k in ref if k.startswith("classifier.")}
+
+
+def test_legacy_names_map_inside_a_larger_module():
+    outer = torch.nn.Module()
+    outer.vmamba = VSSMv0()
+    legacy = {f"vmamba.{to_legacy(k)}": v for k, v in official_state().items() if not k.startswith("classifier.")}
+    outer.load_state_dict(legacy, strict=True)
+
+
+def test_timm_builds_it():
+    net = timm.create_model("vmamba_tiny_v0")
+    assert isinstance(net, VSSMv0)
+    with torch.no_grad():
+        feats = net.eval()(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(1, 192, 8, 8), (1, 384, 4, 4), (1, 768, 2, 2), (1, 768, 2, 2)]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        vmamba_tiny_v0(weights=tmp_path / "nope.pth")
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "cut.pth"
+    torch.save({"model": official_state()}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(WeightsError, match="truncated"):
+        vmamba_tiny_v0(weights=path)
+
+
+def test_wrong_keys_and_shapes_are_listed(tmp_path):
+    state = official_state()
+    del state["layers.1.blocks.0.op.Ds"]
+    state["layers.9.blocks.0.op.extra"] = torch.zeros(3)
+    state["layers.0.blocks.0.op.A_logs"] = torch.zeros(768, 4)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(WeightsError) as err:
+        vmamba_tiny_v0(weights=path)
+    msg = str(err.value)
+    assert "layers.1.blocks.0.op.Ds" in msg and "layers.9.blocks.0.op.extra" in msg
+    assert "layers.0.blocks.0.op.A_logs has shape (768, 4), the model expects (768, 16)" in msg
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pth"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(WeightsError, match="expected a dict"):
+        vmamba_tiny_v0(weights=path)
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "timm"])
+def test_wrn_loads_classifier_layout_files(tmp_path, layout):
+    """Both weight files are full classifiers (with fc.*); the feature extractor drops fc."""
+    full = timm.create_model("wide_resnet50_2", pretrained=False)
+    state = full.state_dict()
+    assert "fc.weight" in state
+    path = tmp_path / ("wide_resnet50_2-95faca4d.pth" if layout == "torchvision" else "wide_resnet50_racm-8234f177.pth")
+    torch.save(state, path)
+    net = wide_resnet50_2_features(path).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = net(x)
+        ref = full.eval().forward_intermediates(x, indices=4, intermediates_only=True)  # layer1..layer4
+    assert [f.shape[1] for f in feats] == [256, 512, 1024, 2048]
+    for f, r in zip(feats, ref, strict=True):
+        torch.testing.assert_close(f, r)

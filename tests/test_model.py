@@ -1,0 +1,128 @@
+"""PDD network: shapes, shared/separate students, frozen teachers, eval result, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pdd import PDDConfig, PDDOutput, build_pdd
+from pdd.backbones import WeightsError
+from pdd.checkpoint import load_pdd, save_pdd
+from pdd.losses import pdd_loss
+
+logging.getLogger("pdd.model").setLevel(logging.ERROR)
+
+
+@pytest.mark.parametrize("size", [256, 128])
+def test_shapes(size):
+    model = build_pdd(PDDConfig(image_size=size, scan_impl="chunked"))
+    model.train()
+    feats = model(torch.randn(2, 3, size, size))
+    s = size // 4
+    expected = [(2, 256, s, s), (2, 512, s // 2, s // 2), (2, 1024, s // 4, s // 4)]
+    assert [tuple(t.shape) for t in feats.targets] == expected
+    assert [tuple(a.shape) for a in feats.prior] == expected
+    assert [tuple(b.shape) for b in feats.plain] == expected
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert isinstance(out, PDDOutput)
+    assert out.pred_score.shape == (2,) and out.anomaly_map.shape == (2, size, size)
+    assert torch.isfinite(out.anomaly_map).all()
+    torch.testing.assert_close(out.pred_score, out.anomaly_map.flatten(1).amax(1))
+
+
+def test_non_square_input(small_pdd):
+    with torch.no_grad():
+        out = small_pdd(torch.randn(1, 3, 64, 96))
+    assert out.anomaly_map.shape == (1, 64, 96)
+
+
+def test_trainable_parameter_count():
+    model = build_pdd(PDDConfig(image_size=64))
+    assert sum(p.numel() for p in model.trainable_parameters()) == 30_407_424  # ≈ 30.4 M, as the spec says
+    separate = build_pdd(PDDConfig(image_size=64, shared_decoder=False))
+    n_dec = sum(p.numel() for p in separate.plain_student.parameters())
+    assert sum(p.numel() for p in separate.trainable_parameters()) == 30_407_424 + n_dec
+
+
+def test_shared_decoder_computes_d1_once(small_pdd):
+    calls = []
+    hook = small_pdd.prior_student.d1.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            feats = small_pdd.features(torch.randn(1, 3, 64, 64))
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+    assert feats.prior[2] is feats.plain[2]
+
+
+def test_separate_students_differ():
+    model = build_pdd(PDDConfig(image_size=64, shared_decoder=False)).eval()
+    assert model.plain_student is not model.prior_student
+    with torch.no_grad():
+        feats = model.features(torch.randn(1, 3, 64, 64))
+    assert not torch.allclose(feats.prior[2], feats.plain[2])
+
+
+def test_frozen_teachers_get_no_gradient():
+    model = build_pdd(PDDConfig(image_size=64)).train()
+    assert not model.teachers.training
+    loss = pdd_loss(model(torch.randn(2, 3, 64, 64)), model.cfg.loss)["loss"]
+    loss.backward()
+    assert all(p.grad is None for p in model.teachers.parameters())
+    assert all(not p.requires_grad for p in model.teachers.parameters())
+    trainable = model.trainable_parameters()
+    assert sum(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable) > 0.9 * len(trainable)
+
+
+def test_batch_scores_equal_single_image_scores(small_pdd):
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        batch = small_pdd(x)
+        singles = torch.cat([small_pdd(x[i:i + 1]).pred_score for i in range(3)])
+    torch.testing.assert_close(batch.pred_score, singles, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.randn(0, 3, 64, 64), "empty batch"),
+    (torch.randn(1, 1, 64, 64), r"\(B, 3, H, W\)"),
+    (torch.randn(1, 3, 60, 64), "divisible by 32"),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "float images"),
+])
+def test_bad_images_are_refused(small_pdd, bad, match):
+    with pytest.raises(ValueError, match=match):
+        small_pdd(bad)
+
+
+def test_checkpoint_round_trip(tmp_path, small_pdd):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = small_pdd(x)
+    path = tmp_path / "model.pt"
+    save_pdd(small_pdd, path, epoch=7)
+    loaded = load_pdd(path).eval()
+    assert loaded.cfg.image_size == 64
+    with torch.no_grad():
+        after = loaded(x)
+    torch.testing.assert_close(after.anomaly_map, before.anomaly_map, rtol=0, atol=0)
+
+
+def test_checkpoint_with_unknown_key_is_refused(tmp_path, small_pdd):
+    path = tmp_path / "model.pt"
+    save_pdd(small_pdd, path)
+    obj = torch.load(path, weights_only=True)
+    obj["state_dict"]["ina.extra.weight"] = torch.zeros(1)
+    torch.save(obj, path)
+    with pytest.raises(WeightsError, match="ina.extra.weight"):
+        load_pdd(path)
+
+
+def test_teacher_file_is_not_a_pdd_checkpoint(tmp_path):
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": {}}, path)
+    with pytest.raises(WeightsError, match="not a PDD checkpoint"):
+        load_pdd(path)
