@@ -110,9 +110,7 @@ def _check_split(split: str) -> None:
 
 def _list_images(folder: Path) -> list[Path]:
     return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     )
 
 
@@ -196,7 +194,9 @@ class MetaJsonDataset(_AnomalyDataset):
         try:
             info = json.loads(meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"{meta_path} does not exist; pass meta= the json file listing the images") from None
+            raise FileNotFoundError(
+                f"{meta_path} does not exist; pass meta= the json file listing the images"
+            ) from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"{meta_path} is not valid JSON ({exc})") from None
         if not isinstance(info, dict) or not isinstance(info.get(split), dict):

@@ -169,7 +169,9 @@ def _read_pillow(path: Path) -> np.ndarray:
             img = ImageOps.exif_transpose(img)
             return _pillow_to_array(img)
     except UnidentifiedImageError:
-        raise ImageReadError(path, "unrecognised image format (expected PNG, JPEG, BMP, TIFF, DICOM or NIfTI)") from None
+        raise ImageReadError(
+            path, "unrecognised image format (expected PNG, JPEG, BMP, TIFF, DICOM or NIfTI)"
+        ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(path, f"corrupt or truncated image data ({exc})") from None
 

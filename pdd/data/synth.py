@@ -13,8 +13,8 @@ Anomalous images add one lesion with a pixel mask:
 * ``haemorrhage``: hyperintense irregular blob with optional dark haemosiderin rim and slight mass effect;
 * ``infarct``: wedge from a deep apex out to the cortex (an arterial territory), CSF-like signal.
 
-Lesion signal follows the contrast: on T1 oedema and infarcts are dark and the enhancing rim bright; on
-T2/FLAIR oedema and infarcts are bright. Haemorrhage is bright on all three. The mask covers every tissue
+Lesion signal follows the contrast: T1 lesions look as after gadolinium (enhancing rim or solid mass bright,
+oedema and infarcts dark); on T2/FLAIR oedema and infarcts are bright. Haemorrhage is bright on all three. The mask covers every tissue
 that was changed (tumour masks include the oedema, like a "whole tumour" label).
 
 Everything is numpy/scipy and deterministic: image ``i`` of split ``s`` draws from its own
@@ -34,6 +34,7 @@ import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -45,21 +46,21 @@ DEFECTS = ("tumour", "haemorrhage", "infarct")
 CONTRASTS = ("t1", "t2", "flair")
 
 # Field of view of the output image; the MNI brain is about 140 x 175 mm.
-_FOV_MM = 220.0
+_FOV_MM = 200.0
 # Slices whose brain area is at least this fraction of the largest slice's: skips the skull base and vertex.
 _MIN_AREA_FRACTION = 0.6
 # Tissue signal per contrast. T1 values match the template's own means (WM 0.87, GM 0.65, CSF 0.30);
 # lesion values are set from the usual radiological appearance of each tissue on that contrast.
 _SIGNAL = {
-    "t1": {"wm": 0.87, "gm": 0.65, "csf": 0.30, "oedema": 0.50, "necrosis": 0.28, "enhancing": 1.06,
-           "solid": 0.58, "blood": 1.04, "haemosiderin": 0.18, "infarct": 0.36},
+    "t1": {"wm": 0.87, "gm": 0.65, "csf": 0.30, "oedema": 0.50, "necrosis": 0.28, "enhancing": 1.10,
+           "solid": 0.98, "blood": 1.10, "haemosiderin": 0.18, "infarct": 0.36},
     "t2": {"wm": 0.40, "gm": 0.55, "csf": 0.95, "oedema": 0.80, "necrosis": 0.90, "enhancing": 0.62,
            "solid": 0.66, "blood": 0.86, "haemosiderin": 0.12, "infarct": 0.84},
     "flair": {"wm": 0.45, "gm": 0.58, "csf": 0.10, "oedema": 0.90, "necrosis": 0.40, "enhancing": 0.74,
               "solid": 0.76, "blood": 0.88, "haemosiderin": 0.14, "infarct": 0.88},
 }  # fmt: skip
-# Brightest signal above (enhancing rim, 1.06) lands at about 0.92 of the 8-bit range before gamma/bias.
-_DISPLAY_SCALE = 1.0 / 1.15
+# Brightest signal above (1.10, enhancing T1) lands at about 0.92 of the 8-bit range before gamma/bias.
+_DISPLAY_SCALE = 1.0 / 1.2
 _SPLIT_CODES = {"train": 0, "test_good": 1, "tumour": 2, "haemorrhage": 3, "infarct": 4}
 _DEFAULT_COUNTS = (200, 40, 60)
 
@@ -116,6 +117,12 @@ def _smooth_field(rng: np.random.Generator, size: int, nodes: int, std: float) -
     return ndimage.map_coordinates(coarse, [ii, jj], order=3, mode="nearest").astype(np.float32)
 
 
+def _texture(rng: np.random.Generator, shape: tuple[int, ...], sigma_px: float, amount: float) -> np.ndarray:
+    """Multiplicative texture 1 + amount·n, n smoothed white noise rescaled to unit std; float64 ``shape``."""
+    noise = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), sigma_px)
+    return 1.0 + amount * noise / noise.std()
+
+
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3.0 - 2.0 * x)
@@ -129,8 +136,9 @@ def _harmonics(rng: np.random.Generator, angle: np.ndarray, strength: float) -> 
     return np.maximum(out, 0.35)
 
 
-def _blob_coordinate(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, centre: np.ndarray, radius: float,
-                     strength: float) -> np.ndarray:
+def _blob_coordinate(
+    rng: np.random.Generator, u: np.ndarray, v: np.ndarray, centre: np.ndarray, radius: float, strength: float
+) -> np.ndarray:
     """Normalised radius (0 at the centre, 1 on an irregular elliptical outline) float32 like ``u``."""
     du, dv = u - centre[0], v - centre[1]
     # Random elongation and orientation, so blobs are not all round.
@@ -165,8 +173,9 @@ def _random_view(rng: np.random.Generator, template: BrainTemplate, size: int) -
     )
 
 
-def _sample(template: BrainTemplate, view: _View, u: np.ndarray, v: np.ndarray, volumes: tuple[str, ...]
-            ) -> dict[str, np.ndarray]:
+def _sample(
+    template: BrainTemplate, view: _View, u: np.ndarray, v: np.ndarray, volumes: tuple[str, ...]
+) -> dict[str, np.ndarray]:
     """Sample template volumes (trilinear) at output-plane points (u, v) mm; each float32 like ``u``."""
     uw, vw = u + view.warp_u, v + view.warp_v
     c, s = np.cos(view.angle), np.sin(view.angle)
@@ -174,16 +183,20 @@ def _sample(template: BrainTemplate, view: _View, u: np.ndarray, v: np.ndarray, 
     ut = (c * uw - s * vw) / view.scale + view.shift[0]
     vt = (s * uw + c * vw) / view.scale + view.shift[1]
     # Radiological display: image right is the patient's left (−x), image down is posterior (−y).
-    coords = np.stack([template.centre[0] - ut, template.centre[1] - vt, view.z0 + view.tilt[0] * ut + view.tilt[1] * vt])
+    coords = np.stack(
+        [template.centre[0] - ut, template.centre[1] - vt, view.z0 + view.tilt[0] * ut + view.tilt[1] * vt]
+    )
     return {
-        name: ndimage.map_coordinates(getattr(template, name), coords, order=1, mode="constant", cval=0.0,
-                                      prefilter=False)
+        name: ndimage.map_coordinates(
+            getattr(template, name), coords, order=1, mode="constant", cval=0.0, prefilter=False
+        )
         for name in volumes
     }
 
 
-def _mass_effect(u: np.ndarray, v: np.ndarray, centre: np.ndarray, strength: float, reach: float
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _mass_effect(
+    u: np.ndarray, v: np.ndarray, centre: np.ndarray, strength: float, reach: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Displace anatomy radially away from ``centre``: output point p shows the tissue from p_src, closer in.
 
     p_src = c + (p − c)(1 − k·exp(−(ρ/L)²)) is monotonic in ρ for k < 1, so the warp never folds.
@@ -193,8 +206,14 @@ def _mass_effect(u: np.ndarray, v: np.ndarray, centre: np.ndarray, strength: flo
     return centre[0] + du * shrink, centre[1] + dv * shrink
 
 
-def _pick_centre(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, tissue: dict[str, np.ndarray],
-                 margin_mm: float, pixel_mm: float) -> np.ndarray | None:
+def _pick_centre(
+    rng: np.random.Generator,
+    u: np.ndarray,
+    v: np.ndarray,
+    tissue: dict[str, np.ndarray],
+    margin_mm: float,
+    pixel_mm: float,
+) -> np.ndarray | None:
     """A parenchymal point at least ``margin_mm`` inside the brain, as (u, v) mm; None if the slice has none."""
     brain = tissue["brain"] > 0.5
     depth = ndimage.distance_transform_edt(brain) * pixel_mm
@@ -205,20 +224,31 @@ def _pick_centre(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, tissue:
     return np.array([u.flat[k], v.flat[k]])
 
 
-def _tumour(rng, u, v, centre, radius, tissue, sig) -> list[tuple[np.ndarray, np.ndarray | float]]:
+_Layers = list[tuple[np.ndarray, "np.ndarray | float"]]
+
+
+def _tumour(
+    rng: np.random.Generator,
+    u: np.ndarray,
+    v: np.ndarray,
+    centre: np.ndarray,
+    radius: float,
+    tissue: dict[str, np.ndarray],
+    sig: dict[str, float],
+) -> _Layers:
     """Layers (alpha, signal), painted in order: oedema, then the mass, then a necrotic core if any."""
-    oedema_q = _blob_coordinate(rng, u, v, centre, radius * rng.uniform(1.6, 2.3), 0.5)
+    oedema_q = _blob_coordinate(rng, u, v, centre, radius * rng.uniform(1.8, 2.6), 0.5)
     # Oedema runs along white-matter tracts and spares the cortex: weight its extent by WM probability.
-    extent = _smoothstep(1.3 - oedema_q) * (0.3 + 0.7 * tissue["wm"])
+    extent = _smoothstep(1.3 - oedema_q) * (0.4 + 0.6 * tissue["wm"])
     oedema = _smoothstep((extent - 0.3) / 0.25)
-    core_q = _blob_coordinate(rng, u, v, centre, radius, 0.45)
+    core_q = _blob_coordinate(rng, u, v, centre, radius, 0.3)
     edge = 1.5 / radius
     mass = _smoothstep((1.0 - core_q) / edge)
-    texture = 1.0 + 0.08 * ndimage.gaussian_filter(rng.normal(0.0, 1.0, u.shape), 1.5) * 3.0
-    layers: list[tuple[np.ndarray, np.ndarray | float]] = [(oedema, sig["oedema"] * rng.uniform(0.92, 1.08))]
+    texture = _texture(rng, u.shape, 1.5, 0.06)
+    layers: _Layers = [(oedema, sig["oedema"] * rng.uniform(0.92, 1.08))]
     if rng.random() < 0.6:
         # Ring-enhancing: bright rim of irregular thickness around a necrotic core.
-        inner = rng.uniform(0.45, 0.7) * _harmonics(rng, np.arctan2(v - centre[1], u - centre[0]), 0.25)
+        inner = rng.uniform(0.45, 0.7) * _harmonics(rng, np.arctan2(v - centre[1], u - centre[0]), 0.15)
         necrosis = _smoothstep((inner - core_q) / edge)
         layers.append((mass, sig["enhancing"] * rng.uniform(0.95, 1.05) * texture))
         layers.append((necrosis, sig["necrosis"] * rng.uniform(0.9, 1.1) * texture))
@@ -227,13 +257,15 @@ def _tumour(rng, u, v, centre, radius, tissue, sig) -> list[tuple[np.ndarray, np
     return layers
 
 
-def _haemorrhage(rng, u, v, centre, radius, sig) -> list[tuple[np.ndarray, np.ndarray | float]]:
+def _haemorrhage(
+    rng: np.random.Generator, u: np.ndarray, v: np.ndarray, centre: np.ndarray, radius: float, sig: dict[str, float]
+) -> _Layers:
     q = _blob_coordinate(rng, u, v, centre, radius, 0.35)
     edge = 1.5 / radius
     blob = _smoothstep((1.0 - q) / edge)
     # Clot of mixed age: patchy signal inside.
-    texture = 1.0 + 0.12 * ndimage.gaussian_filter(rng.normal(0.0, 1.0, u.shape), 2.0) * 3.0
-    layers: list[tuple[np.ndarray, np.ndarray | float]] = []
+    texture = _texture(rng, u.shape, 2.0, 0.08)
+    layers: _Layers = []
     if rng.random() < 0.5:
         layers.append((_smoothstep((1.0 - q) / edge), sig["haemosiderin"]))
         blob = _smoothstep((rng.uniform(0.75, 0.88) - q) / edge)
@@ -241,7 +273,14 @@ def _haemorrhage(rng, u, v, centre, radius, sig) -> list[tuple[np.ndarray, np.nd
     return layers
 
 
-def _infarct(rng, u, v, tissue, sig, pixel_mm) -> list[tuple[np.ndarray, np.ndarray | float]] | None:
+def _infarct(
+    rng: np.random.Generator,
+    u: np.ndarray,
+    v: np.ndarray,
+    tissue: dict[str, np.ndarray],
+    sig: dict[str, float],
+    pixel_mm: float,
+) -> _Layers | None:
     """Wedge from a deep apex fanning out to a cortical arc, within the brain."""
     brain = tissue["brain"] > 0.5
     rim = brain & ~ndimage.binary_erosion(brain, iterations=2)
@@ -252,17 +291,19 @@ def _infarct(rng, u, v, tissue, sig, pixel_mm) -> list[tuple[np.ndarray, np.ndar
     surface = np.array([u.flat[k], v.flat[k]])
     inward = np.array([u[brain].mean(), v[brain].mean()]) - surface
     inward /= max(float(np.hypot(*inward)), 1e-6)
-    depth = rng.uniform(25.0, 50.0)
+    depth = rng.uniform(30.0, 60.0)
     apex = surface + depth * inward
     du, dv = u - apex[0], v - apex[1]
     rho = np.hypot(du, dv)
     rel = np.angle(np.exp(1j * (np.arctan2(dv, du) - np.arctan2(-inward[1], -inward[0]))))
-    half = np.deg2rad(rng.uniform(15.0, 32.0)) * _harmonics(rng, rel * 3.0, 0.15)
+    # Territory borders are not straight: wobble the half-angle with a smooth field.
+    half = np.deg2rad(rng.uniform(20.0, 40.0)) * (1.0 + _smooth_field(rng, u.shape[0], 8, 0.12))
     soft = 1.5 * pixel_mm
     sector = _smoothstep((half - np.abs(rel)) * np.maximum(rho, soft) / soft)
     radial = _smoothstep((rho - 4.0) / soft) * _smoothstep((1.3 * depth - rho) / soft)
-    alpha = sector * radial * _smoothstep((tissue["brain"] - 0.3) / 0.4)
-    texture = 1.0 + 0.06 * ndimage.gaussian_filter(rng.normal(0.0, 1.0, u.shape), 1.5) * 3.0
+    # Below full replacement, so the gyral pattern still shows through as in a real territory infarct.
+    alpha = sector * radial * _smoothstep((tissue["brain"] - 0.3) / 0.4) * rng.uniform(0.75, 0.92)
+    texture = _texture(rng, u.shape, 1.5, 0.06)
     return [(alpha, sig["infarct"] * rng.uniform(0.9, 1.1) * texture)]
 
 
@@ -286,7 +327,7 @@ def render_brain_slice(
     sig = {k: val * rng.uniform(0.95, 1.05) for k, val in _SIGNAL[contrast].items()}
     volumes = ("brain", "gm", "wm", "csf") + (("t1",) if contrast == "t1" else ())
 
-    layers: list[tuple[np.ndarray, np.ndarray | float]] = []
+    layers: _Layers = []
     su, sv = u, v
     if defect is None:
         tissue = _sample(template, view, u, v, volumes)
@@ -338,8 +379,9 @@ def render_brain_slice(
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mask
 
 
-def _resolve_counts(count: int | None, n_train: int | None, n_test_good: int | None, n_test_anomalous: int | None
-                    ) -> tuple[int, int, int]:
+def _resolve_counts(
+    count: int | None, n_train: int | None, n_test_good: int | None, n_test_anomalous: int | None
+) -> tuple[int, int, int]:
     if count is None:
         base = _DEFAULT_COUNTS
     else:
@@ -382,7 +424,7 @@ def generate_brain_synth(
     n_test_anomalous: int | None = None,
     contrast: str = "t1",
     overwrite: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Write brain-synth in the MVTec layout under ``out_dir`` and return its description (also in synth.json).
 
     Counts default to 200 train / 40 test-good / 60 anomalous (20 per defect); ``count`` rescales that
@@ -427,7 +469,7 @@ def generate_brain_synth(
 
     summary = {
         "name": "brain-synth",
-        "source": "MNI152 2009c symmetric template (1 mm) bundled with nilearn",
+        "source": "ICBM 2009a nonlinear symmetric MNI152 template (1 mm) bundled with nilearn",
         "seed": seed,
         "image_size": image_size,
         "contrast": contrast,
