@@ -140,7 +140,7 @@ def _aupro(r: _Ranking, max_fpr: float) -> float:
         x1, y1 = fpr[last + 1], pro[last + 1]
         y_cut = y[-1] + (y1 - y[-1]) * (max_fpr - x[-1]) / (x1 - x[-1])
         area += (max_fpr - x[-1]) * (y[-1] + y_cut) / 2.0
-    return area / max_fpr
+    return float(area / max_fpr)
 
 
 def _image_ranking(scores: Any, labels: Any) -> _Ranking:
