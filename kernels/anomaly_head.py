@@ -5,8 +5,9 @@
    tensors, exactly once; at PDD's sizes the buffer holds 5376 values per image.
 2. ``_blur_max_kernel``: per output tile, the Gaussian-blurred sum of the bilinearly upsampled maps and
    the per-image max. The tile's halo of the upsampled sum is evaluated straight from the packed maps at
-   scipy's reflected coordinates, and both blur passes are products with the banded tap matrix
-   (``tl.dot``, fp32), so no full-resolution intermediate exists; only the output map is written.
+   scipy's reflected coordinates, slab by slab, and both blur passes are products with banded tap
+   matrices (``tl.dot``, fp32 'ieee'), so no full-resolution intermediate exists; only the output map
+   is written.
 
 Why not one launch: the cosine is a reduction over up to 1024 channels per low-resolution pixel, and
 every output tile needs a halo of them. Fusing it into the tile kernel would redo that reduction for
@@ -40,9 +41,14 @@ _COS_EPS = tl.constexpr(COS_EPS)
 # 64 contiguous pixels × 32 channels per load: 128-byte rows per channel in fp16, and three fp32
 # (32, 64) accumulators stay at 48 registers per thread at 4 warps.
 COSINE_CONFIG = {"BLOCK_C": 32, "BLOCK_P": 64, "num_warps": 4}
-# Output tiles of 32²: with σ = 4 (radius 16) the tile plus its halo is exactly 64 rows and columns,
-# the smallest power of two tl.dot accepts without waste; 64² fp32 is 32 registers per thread at 4 warps.
+# Output tiles of 32²: with σ = 4 (radius 16) the tile plus its halo is exactly 64 columns, a power of two
+# (tl.dot shapes must be), so no column of the halo is wasted. Halo rows come in slabs of 16, the
+# smallest tl.dot dimension, with 8 warps: ptxas -v for sm_90 then reports no spills (107 registers), where
+# 4 warps, or the whole 64 × 64 halo at once, spilled. One stage: pipelining the slab loop would multi-buffer
+# the dot operands in shared memory (204 KB at 3 stages, one program per SM) to prefetch loads that are
+# gathers anyway; unpipelined it needs 12 KB.
 _TILE = 32
+_ROWS = 16
 
 
 @triton.jit
@@ -131,15 +137,22 @@ def _upsampled(level_ptr, level_h, level_w, rows, cols, height, width):
 
 
 @triton.jit
+def _taps(lag, SIGMA: tl.constexpr, RADIUS: tl.constexpr):
+    """Unnormalised Gaussian weight of tap lag ∈ [0, 2·RADIUS] (centre at RADIUS), 0 outside."""
+    x = (lag - RADIUS).to(tl.float32) / SIGMA
+    return tl.where((lag >= 0) & (lag <= 2 * RADIUS), tl.exp(-0.5 * x * x), 0.0)
+
+
+@triton.jit
 def _blur_max_kernel(cos_ptr, heights, widths, height, width,
                      out_ptr, score_ptr,
                      NUM_LEVELS: tl.constexpr, SIGMA: tl.constexpr, RADIUS: tl.constexpr, TILE: tl.constexpr,
-                     EXT: tl.constexpr):
+                     EXT: tl.constexpr, ROWS: tl.constexpr):
     """Launch 2; grid (cdiv(height, TILE)·cdiv(width, TILE), batch).
 
     cos: (batch, Σ_l H_l·W_l) fp32 from launch 1; heights, widths: NUM_LEVELS int32 each. Writes the map
     out (batch, height, width) fp32 and folds each tile's max into score (batch,) fp32.
-    EXT ≥ TILE + 2·RADIUS is the halo-extended tile side.
+    EXT ≥ TILE + 2·RADIUS is the halo-extended tile width; the halo rows are taken ROWS at a time.
     """
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -147,39 +160,43 @@ def _blur_max_kernel(cos_ptr, heights, widths, height, width,
     y0 = (pid // tiles_w) * TILE
     x0 = (pid % tiles_w) * TILE
     ext = tl.arange(0, EXT)
-    # Image rows/cols feeding the tile, already reflected: the padded border never exists in memory.
-    rows = _reflect(y0 - RADIUS + ext, height)
-    cols = _reflect(x0 - RADIUS + ext, width)
+    tile = tl.arange(0, TILE)
     total = 0
     for level in tl.static_range(NUM_LEVELS):
         total += heights[level] * widths[level]
-    level_ptr = cos_ptr + b * total
-    acc = tl.zeros((EXT, EXT), dtype=tl.float32)
-    for level in tl.static_range(NUM_LEVELS):
-        acc += _upsampled(level_ptr, heights[level], widths[level], rows, cols, height, width)
-        level_ptr += heights[level] * widths[level]
-    # Banded tap matrix band[e, c] = g(e − c − RADIUS): halo position e feeds output position c.
-    taps = (ext - RADIUS).to(tl.float32) / SIGMA
-    norm = tl.sum(tl.where(ext <= 2 * RADIUS, tl.exp(-0.5 * taps * taps), 0.0), axis=0)
-    lag = ext[:, None] - tl.arange(0, TILE)[None, :]
-    x = (lag - RADIUS).to(tl.float32) / SIGMA
-    band = tl.where((lag >= 0) & (lag <= 2 * RADIUS), tl.exp(-0.5 * x * x), 0.0) / norm  # (EXT, TILE)
-    along_w = tl.dot(acc, band, input_precision="ieee")                                  # (EXT, TILE)
-    blurred = tl.dot(tl.trans(band), along_w, input_precision="ieee")                    # (TILE, TILE)
-    oy = y0 + tl.arange(0, TILE)
-    ox = x0 + tl.arange(0, TILE)
+    norm = tl.sum(_taps(ext, SIGMA, RADIUS), axis=0)
+    # band_w[e, c]: weight of halo column e for output column c. Both passes are products with such
+    # banded matrices; the halo's columns and rows are reflected coordinates, so the padded border
+    # never exists in memory.
+    band_w = _taps(ext[:, None] - tile[None, :], SIGMA, RADIUS) / norm        # (EXT, TILE)
+    cols = _reflect(x0 - RADIUS + ext, width)
+    blurred = tl.zeros((TILE, TILE), dtype=tl.float32)
+    # Slabs of ROWS halo rows keep the upsampled sum at ROWS × EXT values in registers.
+    for r0 in range(0, TILE + 2 * RADIUS, ROWS):
+        halo = r0 + tl.arange(0, ROWS)
+        rows = _reflect(y0 - RADIUS + halo, height)
+        level_ptr = cos_ptr + b * total
+        acc = tl.zeros((ROWS, EXT), dtype=tl.float32)
+        for level in tl.static_range(NUM_LEVELS):
+            acc += _upsampled(level_ptr, heights[level], widths[level], rows, cols, height, width)
+            level_ptr += heights[level] * widths[level]
+        along_w = tl.dot(acc, band_w, input_precision="ieee")                  # (ROWS, TILE)
+        band_h = _taps(halo[None, :] - tile[:, None], SIGMA, RADIUS) / norm    # (TILE, ROWS)
+        blurred += tl.dot(band_h, along_w, input_precision="ieee")
+    oy = y0 + tile
+    ox = x0 + tile
     mask = (oy < height)[:, None] & (ox < width)[None, :]
     tl.store(out_ptr + (b * height + oy[:, None]) * width + ox[None, :], blurred, mask=mask)
     tl.atomic_max(score_ptr + b, tl.max(tl.where(mask, blurred, float("-inf"))))
 
 
 def blur_config(sigma: float, truncate: float = 4.0) -> dict[str, float | int]:
-    """Constexprs of launch 2 for a Gaussian σ: SIGMA, RADIUS (as scipy: int(truncate·σ + 0.5)), TILE, EXT."""
+    """Constexprs of launch 2 for a Gaussian σ: SIGMA, RADIUS (as scipy: int(truncate·σ + 0.5)), TILE, EXT, ROWS."""
     if sigma <= 0:
         raise ValueError(f"gaussian sigma must be positive, got {sigma}")
     radius = int(truncate * float(sigma) + 0.5)
     return {"SIGMA": float(sigma), "RADIUS": radius, "TILE": _TILE, "EXT": triton.next_power_of_2(_TILE + 2 * radius),
-            "num_warps": 4}
+            "ROWS": _ROWS, "num_warps": 8, "num_stages": 1}
 
 
 def _level_sizes(pairs: FeaturePairs) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
