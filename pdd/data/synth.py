@@ -14,8 +14,8 @@ Anomalous images add one lesion with a pixel mask:
 * ``infarct``: wedge from a deep apex out to the cortex (an arterial territory), CSF-like signal.
 
 Lesion signal follows the contrast: T1 lesions look as after gadolinium (enhancing rim or solid mass bright,
-oedema and infarcts dark); on T2/FLAIR oedema and infarcts are bright. Haemorrhage is bright on all three. The mask covers every tissue
-that was changed (tumour masks include the oedema, like a "whole tumour" label).
+oedema and infarcts dark); on T2/FLAIR oedema and infarcts are bright. Haemorrhage is bright on all three.
+The mask covers every tissue that was changed (tumour masks include the oedema, like a "whole tumour" label).
 
 Everything is numpy/scipy and deterministic: image ``i`` of split ``s`` draws from its own
 ``np.random.SeedSequence([seed, s, i])``, so the same seed writes byte-identical PNGs.
@@ -61,6 +61,9 @@ _SIGNAL = {
 }  # fmt: skip
 # Brightest signal above (1.10, enhancing T1) lands at about 0.92 of the 8-bit range before gamma/bias.
 _DISPLAY_SCALE = 1.0 / 1.2
+# Smallest visible lesion (mm²) and how many slices to try before giving up.
+_MIN_LESION_MM2 = 30.0
+_LESION_TRIES = 12
 _SPLIT_CODES = {"train": 0, "test_good": 1, "tumour": 2, "haemorrhage": 3, "infarct": 4}
 _DEFAULT_COUNTS = (200, 40, 60)
 
@@ -307,6 +310,35 @@ def _infarct(
     return [(alpha, sig["infarct"] * rng.uniform(0.9, 1.1) * texture)]
 
 
+def _lesion(
+    rng: np.random.Generator,
+    defect: str,
+    template: BrainTemplate,
+    view: _View,
+    u: np.ndarray,
+    v: np.ndarray,
+    volumes: tuple[str, ...],
+    sig: dict[str, float],
+    pixel_mm: float,
+) -> tuple[dict[str, np.ndarray], _Layers] | None:
+    """Tissue sampled around one lesion (with its mass effect) and the lesion's layers; None if it fits nowhere."""
+    tissue = _sample(template, view, u, v, ("brain", "csf"))
+    radius = rng.uniform(8.0, 22.0) if defect == "tumour" else rng.uniform(5.0, 14.0)
+    if defect == "infarct":
+        tissue = _sample(template, view, u, v, volumes)
+        found = _infarct(rng, u, v, tissue, sig, pixel_mm)
+        return None if found is None else (tissue, found)
+    centre = _pick_centre(rng, u, v, tissue, radius + 4.0, pixel_mm)
+    if centre is None:
+        return None
+    if defect == "tumour":
+        su, sv = _mass_effect(u, v, centre, rng.uniform(0.35, 0.6), radius * 2.0 + 5.0)
+        tissue = _sample(template, view, su, sv, volumes)
+        return tissue, _tumour(rng, u, v, centre, radius, tissue, sig)
+    su, sv = _mass_effect(u, v, centre, rng.uniform(0.15, 0.35), radius * 1.5 + 4.0)
+    return _sample(template, view, su, sv, volumes), _haemorrhage(rng, u, v, centre, radius, sig)
+
+
 def render_brain_slice(
     rng: np.random.Generator,
     *,
@@ -328,47 +360,32 @@ def render_brain_slice(
     volumes = ("brain", "gm", "wm", "csf") + (("t1",) if contrast == "t1" else ())
 
     layers: _Layers = []
-    su, sv = u, v
+    mask = np.zeros(u.shape, dtype=bool)
     if defect is None:
         tissue = _sample(template, view, u, v, volumes)
     else:
-        tissue = _sample(template, view, u, v, ("brain", "csf"))
-        # A slice too small for the lesion (rare, at the range ends) moves to the middle of the brain.
-        for _ in range(8):
-            radius = rng.uniform(8.0, 22.0) if defect == "tumour" else rng.uniform(5.0, 14.0)
-            centre = _pick_centre(rng, u, v, tissue, radius + 4.0, pixel_mm)
-            if centre is not None:
-                break
-            view.z0 = (template.z_range[0] + template.z_range[1]) / 2.0
-            tissue = _sample(template, view, u, v, ("brain", "csf"))
+        for _ in range(_LESION_TRIES):
+            found = _lesion(rng, defect, template, view, u, v, volumes, sig, pixel_mm)
+            if found is not None:
+                tissue, layers = found
+                # Lesions live in the brain: the soft brain outline clips them and their masks alike.
+                layers = [(alpha * tissue["brain"], signal) for alpha, signal in layers]
+                mask = np.any([alpha >= 0.5 for alpha, _ in layers], axis=0)
+                if mask.sum() * pixel_mm**2 >= _MIN_LESION_MM2:
+                    break
+            # Too little room happens near the ends of the slice range: try another level.
+            view.z0 = rng.uniform(*template.z_range)
         else:
-            raise RuntimeError("brain-synth: found no room for a lesion; the template looks wrong")
-        if defect == "tumour":
-            su, sv = _mass_effect(u, v, centre, rng.uniform(0.35, 0.6), radius * 2.0 + 5.0)
-        elif defect == "haemorrhage":
-            su, sv = _mass_effect(u, v, centre, rng.uniform(0.15, 0.35), radius * 1.5 + 4.0)
-        tissue = _sample(template, view, su, sv, volumes)
-        if defect == "tumour":
-            layers = _tumour(rng, u, v, centre, radius, tissue, sig)
-        elif defect == "haemorrhage":
-            layers = _haemorrhage(rng, u, v, centre, radius, sig)
-        else:
-            found = _infarct(rng, u, v, tissue, sig, pixel_mm)
-            if found is None:
-                raise RuntimeError("brain-synth: the slice has no brain outline for an infarct")
-            layers = found
+            raise RuntimeError(
+                f"brain-synth: no room for a {defect} in {_LESION_TRIES} slices; is the template intact?"
+            )
 
     if contrast == "t1":
         image = tissue["t1"]
     else:
         image = sig["gm"] * tissue["gm"] + sig["wm"] * tissue["wm"] + sig["csf"] * tissue["csf"]
-    brain = tissue["brain"]
-    mask = np.zeros(image.shape, dtype=bool)
     for alpha, signal in layers:
-        # Lesions live in the brain: the soft brain outline clips them and their masks alike.
-        alpha = alpha * brain
         image = image * (1.0 - alpha) + alpha * signal
-        mask |= alpha >= 0.5
 
     image = np.clip(image * _DISPLAY_SCALE, 0.0, 1.0) ** rng.uniform(0.8, 1.25)
     image = image * rng.uniform(0.92, 1.08) * np.exp(_smooth_field(rng, image_size, 4, 0.12))
