@@ -161,6 +161,9 @@ def test_dicom_rescale_and_first_of_multi_valued_window(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         read_image(path, dicom_window=(400.0, 2000.0)), _linear_voi(hu, 400.0, 2000.0), atol=1e-6
     )
+    np.testing.assert_array_equal(read_image(path, dicom_window=(16.0, 1.0)), hu > 15.5)
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        read_image(path, dicom_window=(40.0, 0.5))
 
 
 def test_dicom_slope_no_window_and_monochrome1(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Data layer: image readers, anomaly-detection datasets and the brain-synth benchmark."""
 
-from pdd.data.datasets import MASK_SUFFIXES, MetaJsonDataset, MVTecStyleDataset, Sample, split_train_val
+from pdd.data.datasets import MASK_SUFFIXES, AnomalyDataset, MetaJsonDataset, MVTecStyleDataset, Sample, split_train_val
 from pdd.data.readers import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -32,6 +32,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "MASK_SUFFIXES",
     "NIFTI_SUFFIXES",
+    "AnomalyDataset",
     "BrainTemplate",
     "ImageReadError",
     "MVTecStyleDataset",

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset, Subset
 
 from pdd.data.readers import IMAGE_SUFFIXES, ImageReadError, read_image, read_mask, to_model_input
 
-__all__ = ["MASK_SUFFIXES", "MVTecStyleDataset", "MetaJsonDataset", "Sample", "split_train_val"]
+__all__ = ["MASK_SUFFIXES", "AnomalyDataset", "MVTecStyleDataset", "MetaJsonDataset", "Sample", "split_train_val"]
 
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 _SPLITS = ("train", "test")
@@ -54,8 +54,12 @@ class Sample:
     defect: str
 
 
-class _AnomalyDataset(Dataset):
-    """Reads :class:`Sample` entries into model-ready dicts; subclasses only list the samples."""
+class AnomalyDataset(Dataset):
+    """Reads :class:`Sample` entries into model-ready dicts; subclasses only list the samples.
+
+    ``samples`` (list of :class:`Sample`) says what each index is without reading it; ``skipped`` lists
+    ``(path, reason)`` for files dropped by ``skip_bad``.
+    """
 
     def __init__(self, samples: list[Sample], image_size: int, skip_bad: bool, source: str) -> None:
         if not samples:
@@ -123,7 +127,7 @@ def _find_mask(gt_dir: Path, image: Path) -> Path | None:
     return None
 
 
-class MVTecStyleDataset(_AnomalyDataset):
+class MVTecStyleDataset(AnomalyDataset):
     """One class in the MVTec AD folder layout (see the module docstring).
 
     ``skip_bad=True`` reads every file once at construction, drops unreadable ones with a warning and lists
@@ -172,7 +176,7 @@ class MVTecStyleDataset(_AnomalyDataset):
         )
 
 
-class MetaJsonDataset(_AnomalyDataset):
+class MetaJsonDataset(AnomalyDataset):
     """Images listed in an ADer-style ``meta.json`` (see the module docstring); several classes at once.
 
     ``class_names`` restricts (and orders) the classes; by default all of the split's classes in sorted
@@ -224,7 +228,7 @@ class MetaJsonDataset(_AnomalyDataset):
         super().__init__(samples, image_size, skip_bad, f"{meta_path} ({split}, classes {names})")
 
 
-def split_train_val(dataset: _AnomalyDataset, val_fraction: float, seed: int = 0) -> tuple[Subset, Subset]:
+def split_train_val(dataset: AnomalyDataset, val_fraction: float, seed: int = 0) -> tuple[Subset, Subset]:
     """Split normal training images into (train, val) subsets, per class, deterministically by seed.
 
     Each class with at least two images keeps at least one image on each side. Indices inside each subset

@@ -213,14 +213,15 @@ def _dicom_attr(ds: object, frame: int, sequence: str, keyword: str) -> object |
 def _read_dicom(path: Path, window: tuple[float, float] | None, frame: int) -> np.ndarray:
     # pydicom and nibabel belong to the optional "data" extra, so they load only when such a file shows up.
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, force=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
-        raise ImageReadError(path, f"not a readable DICOM file ({exc})") from None
+    except Exception as exc:
+        # force=True parses anything, so garbage fails with arbitrary exception types; all mean "not DICOM".
+        raise ImageReadError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise ImageReadError(path, "DICOM file has no pixel data")
+        hint = "" if getattr(ds, "preamble", None) else " (and no DICOM preamble: it may not be a DICOM file at all)"
+        raise ImageReadError(path, f"DICOM file has no pixel data{hint}")
     try:
         pixels = ds.pixel_array
     except Exception as exc:
@@ -255,8 +256,12 @@ def _read_dicom(path: Path, window: tuple[float, float] | None, frame: int) -> n
         centre, width = float(window[0]), float(window[1])
         if width < 1:
             raise ValueError(f"{path}: DICOM window width must be >= 1, got {width}")
-        # DICOM PS3.3 C.11.2.1.2.1 linear VOI function, output range [0, 1].
-        out = np.clip((values - (centre - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
+        if width == 1:
+            # The standard's width-1 window is a threshold at centre − 0.5.
+            out = (values > centre - 0.5).astype(np.float32)
+        else:
+            # DICOM PS3.3 C.11.2.1.2.1 linear VOI function, output range [0, 1].
+            out = np.clip((values - (centre - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
     else:
         out = robust_normalise(values)
     if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
