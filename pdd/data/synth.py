@@ -93,13 +93,21 @@ def load_brain_template() -> BrainTemplate:
     except ImportError:
         raise ImportError("brain-synth needs nilearn for the MNI152 template: pip install 'pdd-medad[data]'") from None
     t1_img = load_mni152_template(resolution=1)
-    if not np.allclose(t1_img.header.get_zooms()[:3], 1.0):
-        raise RuntimeError(f"expected the 1 mm MNI152 template, got voxel size {t1_img.header.get_zooms()}")
+    # Slicing below treats voxel indices as RAS millimetres, which holds for the bundled 1 mm template.
+    if not np.allclose(t1_img.affine[:3, :3], np.eye(3)):
+        raise RuntimeError(f"expected the 1 mm RAS MNI152 template from nilearn, got affine\n{t1_img.affine}")
     t1 = np.asarray(t1_img.get_fdata(), dtype=np.float32)
     gm = np.asarray(load_mni152_gm_template(resolution=1).get_fdata(), dtype=np.float32)
     wm = np.asarray(load_mni152_wm_template(resolution=1).get_fdata(), dtype=np.float32)
     # The bundled template is skull-stripped: every brain voxel is non-zero.
-    brain = (t1 > 0).astype(np.float32)
+    inside = t1 > 0
+    # Stripping also blanked the basal cisterns, which would show as background holes in low slices; a real
+    # scan shows CSF there. Fill holes slice by slice (in-plane structure only) and give them CSF signal.
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    cisterns = ndimage.binary_fill_holes(inside, structure=in_plane) & ~inside
+    t1[cisterns] = float(np.median(t1[inside & (gm + wm < 0.1)]))
+    brain = (inside | cisterns).astype(np.float32)
     lo = [max(int(a.min()) - 4, 0) for a in np.nonzero(brain)]
     hi = [int(a.max()) + 5 for a in np.nonzero(brain)]
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -247,6 +255,10 @@ def _tumour(
     core_q = _blob_coordinate(rng, u, v, centre, radius, 0.3)
     edge = 1.5 / radius
     mass = _smoothstep((1.0 - core_q) / edge)
+    # Oedema surrounds the mass: drop islands that the WM weighting cut off from it.
+    parts, _ = ndimage.label((oedema >= 0.5) | (mass >= 0.5))
+    own = parts == parts.flat[np.argmin((u - centre[0]) ** 2 + (v - centre[1]) ** 2)]
+    oedema = oedema * ndimage.binary_dilation(own, iterations=2)
     texture = _texture(rng, u.shape, 1.5, 0.06)
     layers: _Layers = [(oedema, sig["oedema"] * rng.uniform(0.92, 1.08))]
     if rng.random() < 0.6:
