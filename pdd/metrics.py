@@ -52,9 +52,13 @@ _REGION_STRUCTURE[1] = True
 
 
 def _to_numpy(x: Any, dtype: type | None = None) -> np.ndarray:
-    """Accept numpy arrays, sequences and (CUDA) torch tensors."""
+    """Accept numpy arrays, sequences and (CUDA, half-precision) torch tensors."""
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.element_size() < 4:
+            # numpy has no bfloat16; float32 holds every half-precision value exactly.
+            x = x.float()
+        x = x.numpy()
     return np.asarray(x, dtype=dtype)
 
 
@@ -83,7 +87,8 @@ def _rank(scores: np.ndarray, positive: np.ndarray, what: str, weights: np.ndarr
     if np.isnan(scores).any():
         raise ValueError(f"{what}: scores contain NaN; check the model output")
     pos = scores[positive]
-    neg = np.sort(scores[~positive])
+    neg = scores[~positive]
+    neg.sort()  # in place: the pixel case holds millions of normal scores
     if pos.size == 0 or neg.size == 0:
         present = "anomalous" if pos.size else "normal"
         raise ValueError(

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
@@ -139,8 +140,9 @@ def test_compute_metrics_per_class_and_mean() -> None:
         assert res["mean"][key] == pytest.approx((res["per_class"]["a"][key] + res["per_class"]["b"][key]) / 2)
 
 
-def test_compute_metrics_image_only() -> None:
-    res = compute_metrics([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+def test_compute_metrics_image_only_from_tensors() -> None:
+    scores = torch.tensor([0.1, 0.4, 0.35, 0.8], dtype=torch.bfloat16)
+    res = compute_metrics(scores, torch.tensor([0, 0, 1, 1]))
     assert set(res["per_class"]["all"]) == {"image_auroc", "image_ap", "image_f1max"}
     assert res["mean"]["image_auroc"] == pytest.approx(0.75, abs=1e-12)
 
