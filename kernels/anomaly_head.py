@@ -205,6 +205,10 @@ def _level_sizes(pairs: FeaturePairs) -> tuple[tuple[int, ...], tuple[int, ...],
             raise ValueError(f"anomaly head: pair {i} teacher {tuple(t.shape)} and student {tuple(s.shape)} differ")
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"anomaly head: pair {i} must be fp16, bf16 or fp32, got {t.dtype}")
+        # Kernels decorated under TRITON_INTERPRET=1 are interpreted on CPU tensors; compiled ones need CUDA.
+        if t.device.type != "cuda" and isinstance(_cosine_kernel, triton.runtime.JITFunction):
+            raise ValueError(f"anomaly head: pair {i} must be CUDA tensors (CPU only under TRITON_INTERPRET=1), "
+                             f"got {t.device}")
     return (tuple(t.shape[1] for t, _ in pairs), tuple(t.shape[2] for t, _ in pairs),
             tuple(t.shape[3] for t, _ in pairs))
 
@@ -225,6 +229,9 @@ def cosine_maps(pairs: FeaturePairs, out: Tensor | None = None) -> Tensor:
     total = sum(h * w for h, w in zip(heights, widths))
     if out is None:
         out = torch.empty(ref.shape[0], total, dtype=torch.float32, device=ref.device)
+    elif out.shape != (ref.shape[0], total) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"anomaly head: out must be contiguous ({ref.shape[0]}, {total}) fp32, "
+                         f"got {tuple(out.shape)} {out.dtype}")
     score = torch.empty(ref.shape[0], dtype=torch.float32, device=ref.device)
     _launch_cosine(pairs, out, score)
     return out

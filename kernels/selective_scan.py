@@ -266,6 +266,10 @@ def scan_config(strategy: str, d_state: int, block_d: int | None = None, chunk: 
 def _check_float(name: str, t: Tensor) -> None:
     if t.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"triton scan: {name} must be fp16, bf16 or fp32 (fp32 compute), got {t.dtype}")
+    # Kernels decorated under TRITON_INTERPRET=1 are interpreted on CPU tensors; compiled ones need CUDA.
+    if t.device.type != "cuda" and isinstance(_ss2d_kernel, triton.runtime.JITFunction):
+        raise ValueError(f"triton scan: {name} must be a CUDA tensor (CPU only under TRITON_INTERPRET=1), "
+                         f"got {t.device}")
 
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,

@@ -225,8 +225,6 @@ def test_ss2d_rejects_bad_shapes() -> None:
         scan_kernels.ss2d_scan_triton(*good[:4], -torch.ones(4, 16), *good[5:])
     with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
         scan_kernels.ss2d_scan_triton(x.double(), *good[1:])
-    with pytest.raises(ValueError, match="unknown scan strategy"):
-        scan_kernels.ss2d_scan_triton(*good, strategy="parallel")
 
 
 def test_scan_config_block_sizes() -> None:
@@ -235,6 +233,8 @@ def test_scan_config_block_sizes() -> None:
             cfg = scan_kernels.scan_config(strategy, n)
             assert cfg["N_PAD"] == n and cfg["SEQUENTIAL"] == (strategy == "sequential")
             assert all(v & (v - 1) == 0 for k, v in cfg.items() if k in ("BLOCK_D", "CHUNK"))
+    with pytest.raises(ValueError, match="unknown scan strategy"):
+        scan_kernels.scan_config("parallel", 16)
     with pytest.raises(ValueError, match="block_d must be a power of two"):
         scan_kernels.scan_config("chunked", 16, block_d=6)
 
@@ -243,6 +243,15 @@ def test_anomaly_head_rejects_mismatched_pair() -> None:
     pairs = [(torch.zeros(1, 4, 5, 5), torch.zeros(1, 4, 5, 6))]
     with pytest.raises(ValueError, match="pair 0 teacher"):
         head_kernels.anomaly_head_triton(pairs, (10, 10))
+
+
+@pytest.mark.skipif(INTERPRET, reason="interpreted kernels accept CPU tensors")
+def test_compiled_kernels_reject_cpu_tensors() -> None:
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        scan_kernels.ss2d_scan_triton(torch.zeros(1, 4, 3, 5), torch.zeros(1, 4, 4, 3, 5), torch.zeros(1, 4, 1, 3, 5),
+                                      torch.zeros(1, 4, 1, 3, 5), -torch.ones(16, 1), torch.zeros(16), torch.zeros(16))
+    with pytest.raises(ValueError, match="pair 0 must be CUDA tensors"):
+        head_kernels.anomaly_head_triton([(torch.zeros(1, 4, 5, 5), torch.zeros(1, 4, 5, 5))], (10, 10))
 
 
 @pytest.mark.parametrize("module", ["selective_scan", "anomaly_head", "aot"])
