@@ -2,7 +2,7 @@
 
 1. ``_cosine_kernel``: 1 − cos over channels for every level at the level's own resolution, fp32 sums,
    written into one packed buffer (B, Σ_l H_l·W_l). This pass reads the features, by far the largest
-   tensors, exactly once; at PDD's sizes the buffer holds 5376 values per image.
+   tensors, exactly once; at PDD's sizes the buffer holds 10752 values per image.
 2. ``_blur_max_kernel``: per output tile, the Gaussian-blurred sum of the bilinearly upsampled maps and
    the per-image max. The tile's halo of the upsampled sum is evaluated straight from the packed maps at
    scipy's reflected coordinates, slab by slab, and both blur passes are products with banded tap
