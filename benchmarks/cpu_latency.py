@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdd import PDDConfig, build_pdd  # noqa: E402
-from pdd.config import atomic_write_text  # noqa: E402
+from pdd import PDDConfig, build_pdd
+from pdd.config import atomic_write_text
 
 
 def _time(fn, repeats: int) -> list[float]:

@@ -118,7 +118,9 @@ def _check_pairs(pairs: FeaturePairs) -> None:
     batch = pairs[0][0].shape[0]
     for i, (t, s) in enumerate(pairs):
         if t.dim() != 4 or s.dim() != 4:
-            raise ValueError(f"anomaly head: pair {i} must be (B, C, H, W) tensors, got {tuple(t.shape)}, {tuple(s.shape)}")
+            raise ValueError(
+                f"anomaly head: pair {i} must be (B, C, H, W) tensors, got {tuple(t.shape)}, {tuple(s.shape)}"
+            )
         if t.shape[0] != batch:
             raise ValueError(f"anomaly head: pair {i} has batch {t.shape[0]}, pair 0 has {batch}")
 

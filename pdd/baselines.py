@@ -55,7 +55,9 @@ class OCBE(nn.Module):
         super().__init__()
         self.level1 = nn.Sequential(_conv_bn_relu(256, 512), _conv_bn_relu(512, 1024))
         self.level2 = _conv_bn_relu(512, 1024)
-        self.fuse = nn.Sequential(*[_Bottleneck(3072 if i == 0 else 2048, 512, 2 if i == 0 else 1) for i in range(blocks)])
+        self.fuse = nn.Sequential(
+            *[_Bottleneck(3072 if i == 0 else 2048, 512, 2 if i == 0 else 1) for i in range(blocks)]
+        )
 
     def forward(self, y: tuple[Tensor, ...]) -> Tensor:
         return self.fuse(torch.cat([self.level1(y[0]), self.level2(y[1]), y[2]], dim=1))

@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "DataConfig", "LossConfig", "PDDConfig", "TrainConfig", "apply_overrides", "atomic_write_text"]
+__all__ = [
+    "ConfigError", "DataConfig", "LossConfig", "PDDConfig", "TrainConfig", "apply_overrides", "atomic_write_text",
+]
 
 SCAN_CHOICES = ("auto", "reference", "chunked", "triton", "mamba_ssm")
 HEAD_CHOICES = ("reference", "triton")

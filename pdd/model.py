@@ -100,7 +100,8 @@ class Adapter(nn.Module):
 class InterLevelAdapter(nn.Module):
     """InA: t_l = Up2(A_l(z_l)) + y_l for l = 1..3 — the fused distillation targets."""
 
-    def __init__(self, vmamba_channels: tuple[int, ...] = VMAMBA_CHANNELS, wrn_channels: tuple[int, ...] = WRN_CHANNELS):
+    def __init__(self, vmamba_channels: tuple[int, ...] = VMAMBA_CHANNELS,
+                 wrn_channels: tuple[int, ...] = WRN_CHANNELS) -> None:
         super().__init__()
         self.adapters = nn.ModuleList(Adapter(cz, cy) for cz, cy in zip(vmamba_channels[:3], wrn_channels[:3]))
 
@@ -195,7 +196,7 @@ class Teachers(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> Teachers:  # noqa: ARG002 - frozen: stays in eval
+    def train(self, mode: bool = True) -> Teachers:
         return super().train(False)
 
     @torch.no_grad()
@@ -279,6 +280,7 @@ def build_pdd(cfg: PDDConfig | None = None, device: torch.device | str = "cpu") 
     scan = resolve_scan_impl(cfg.scan_impl, device)
     teachers = Teachers(wide_resnet50_2_features(cfg.wrn_weights), vmamba_tiny_v0(cfg.vmamba_weights, scan_impl=scan))
     if cfg.wrn_weights is None or cfg.vmamba_weights is None:
+        random_init = [n for n, w in (("WRN50-2", cfg.wrn_weights), ("VMamba-T", cfg.vmamba_weights)) if w is None]
         log.warning("PDD teachers: %s randomly initialised (no weights given); scores are not meaningful",
-                    " and ".join(n for n, w in (("WRN50-2", cfg.wrn_weights), ("VMamba-T", cfg.vmamba_weights)) if w is None))
+                    " and ".join(random_init))
     return PDDModel(cfg, teachers).to(device)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 from collections.abc import Callable
 
 import torch

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from pdd.backbones import WeightsError, VSSMv0, vmamba_tiny_v0, wide_resnet50_2_features
+from pdd.backbones import VSSMv0, WeightsError, vmamba_tiny_v0, wide_resnet50_2_features
 
 SPEC = Path(__file__).resolve().parent / "data" / "vmamba_v0_tiny_state_dict.tsv"
 

@@ -117,7 +117,7 @@ def test_checkpoint_with_unknown_key_is_refused(tmp_path, small_pdd):
     obj = torch.load(path, weights_only=True)
     obj["state_dict"]["ina.extra.weight"] = torch.zeros(1)
     torch.save(obj, path)
-    with pytest.raises(WeightsError, match="ina.extra.weight"):
+    with pytest.raises(WeightsError, match=r"ina\.extra\.weight"):
         load_pdd(path)
 
 

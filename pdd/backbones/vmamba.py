@@ -89,11 +89,11 @@ class SS2D(nn.Module):
         dt = torch.exp(torch.rand(SS2D_ROUTES, self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp_min(1e-4)
         self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(SS2D_ROUTES * self.d_inner, 1))
+        s4d_real = torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32))
+        self.A_logs.copy_(s4d_real.repeat(SS2D_ROUTES * self.d_inner, 1))
         self.Ds.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, h, w, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))                          # (B, d_inner, H, W)
         # Projections are pointwise, so compute them in spatial order; the scan reads them per route.
@@ -162,7 +162,7 @@ class VSSMv0(nn.Module):
         for i, depth in enumerate(depths):
             self.layers.append(VSSStage(dims[i], depth, rates[start:start + depth], i < len(depths) - 1, scan_impl))
             start += depth
-        self.out_channels = tuple(2 * d for d in dims[:-1]) + (dims[-1],)
+        self.out_channels = (*(2 * d for d in dims[:-1]), dims[-1])
         self.apply(_init_weights)
 
     def set_scan_impl(self, impl: str) -> None:
@@ -180,7 +180,7 @@ class VSSMv0(nn.Module):
             feats.append(x.permute(0, 3, 1, 2).contiguous())
         return feats
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Legacy names are mapped wherever this module sits inside a larger model.
         local = {k[len(prefix):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
         state_dict.update({prefix + k: v for k, v in map_legacy_vmamba_keys(local).items()})

@@ -1,0 +1,322 @@
+"""The ``pdd`` command: data synth, train, eval, predict, demo, export, serve, bench.
+
+Every command that takes ``--checkpoint`` also accepts ``--config NAME`` alone, meaning a freshly
+initialised model (random teachers unless the config names weight files): for smoke tests and speed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CONFIG_DIR", "load_model", "main", "resolve_config"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+log = logging.getLogger("pdd")
+
+
+def resolve_config(name_or_path: str):
+    """A config by file path, or by name among the built-in configs (``pdd/configs/NAME.yaml``)."""
+    from pdd.config import ConfigError, PDDConfig
+
+    path = Path(name_or_path)
+    if path.is_file():
+        return PDDConfig.from_yaml(path)
+    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return PDDConfig.from_yaml(builtin)
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config file {name_or_path!r} and no built-in config of that name; built-in: {names}")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(args: argparse.Namespace, device: str):
+    """The model named by --checkpoint, or a fresh one from --config (with --scan-impl if given)."""
+    from pdd.baselines import build_model
+    from pdd.checkpoint import load_pdd
+    from pdd.config import apply_overrides
+
+    run_time = {k: v for k, v in (("scan_impl", getattr(args, "scan_impl", None)),) if v}
+    if getattr(args, "checkpoint", None):
+        return load_pdd(args.checkpoint, device=device, **run_time)
+    if not getattr(args, "config", None):
+        raise SystemExit("give --checkpoint CKPT, or --config NAME for a freshly initialised model")
+    cfg = resolve_config(args.config)
+    cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in run_time.items()] + list(getattr(args, "set", None) or []))
+    if getattr(args, "image_size", None):
+        cfg = cfg.replace(image_size=args.image_size)
+    log.info("freshly initialised %s model from config %s (no checkpoint)", cfg.model, args.config)
+    return build_model(cfg, device)
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from pdd.data import generate_brain_synth
+
+    t0 = time.perf_counter()
+    info = generate_brain_synth(args.out, seed=args.seed, count=args.count, image_size=args.image_size,
+                                contrast=args.contrast, overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in info.items() if not isinstance(v, (list, dict)) or k == "counts"}, indent=2))
+    print(f"brain-synth written to {args.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from pdd.config import apply_overrides
+    from pdd.train import train
+
+    cfg = apply_overrides(resolve_config(args.config), args.overrides)
+    if args.data:
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, root=str(args.data)))
+    if args.skip_bad:
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, skip_bad=True))
+    result = train(cfg, args.out, resume=args.resume, device=args.device)
+    print(f"best checkpoint: {result.best_checkpoint} (epoch {result.best_epoch}, val loss {result.best_val_loss:.5f})")
+    return 0
+
+
+def _test_set(args: argparse.Namespace, model: Any):
+    from pdd.config import DataConfig
+    from pdd.train import open_dataset
+
+    data = model.cfg.data
+    data = DataConfig(root=str(args.data), layout=args.layout or data.layout, class_names=data.class_names,
+                      skip_bad=args.skip_bad or data.skip_bad)
+    return open_dataset(data, "test", model.cfg.image_size)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pdd.evaluate import evaluate, metrics_table
+
+    device = _device(args.device)
+    model = load_model(args, device)
+    dataset = _test_set(args, model)
+    source = args.checkpoint or f"config {args.config} (fresh)"
+    result = evaluate(model, dataset, args.out, batch_size=args.batch_size, device=device,
+                      title=f"{model.cfg.model.upper()} evaluation", extra={"model": source, "data": str(args.data)})
+    print(metrics_table(result.metrics))
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pdd.predict import predict_files, predict_server
+
+    if args.server:
+        results = predict_server(args.inputs, args.server, protocol=args.protocol, shm=args.shm, out_dir=args.out,
+                                 model_name=args.model_name)
+    else:
+        device = _device(args.device)
+        model = load_model(args, device)
+        results = predict_files(model, args.inputs, out_dir=args.out, device=device, batch_size=args.batch_size,
+                                nifti_axis=args.nifti_axis, dicom_window=args.dicom_window, skip_bad=args.skip_bad,
+                                threshold=args.threshold)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Synthesise brain-synth, train a small PDD briefly, evaluate, write the report."""
+    from pdd.config import apply_overrides
+    from pdd.data import generate_brain_synth
+    from pdd.evaluate import evaluate, metrics_table
+    from pdd.train import open_dataset, train
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    data = out / "brain-synth"
+    device = _device(args.device)
+    print(f"[demo] synthesising brain-synth ({args.count} images at {args.image_size}²) into {data}", flush=True)
+    generate_brain_synth(data, seed=args.seed, count=args.count, image_size=args.image_size, overwrite=True)
+    cfg = apply_overrides(resolve_config("brain-synth"), [
+        f"image_size={args.image_size}", f"train.epochs={args.epochs}", "train.batch_size=8", "train.eval_every=1",
+        f"train.seed={args.seed}", "train.cosine_t_max=" + str(max(args.epochs, 1)), f"data.root={data}",
+        f"train.amp={'true' if device.startswith('cuda') else 'false'}",
+    ])
+    print(f"[demo] training PDD for {args.epochs} epochs on {device} (random teachers: no weights offline)", flush=True)
+    result = train(cfg, out / "train", device=device)
+    from pdd.checkpoint import load_pdd
+
+    model = load_pdd(result.best_checkpoint, device=device)
+    print("[demo] evaluating on the test split", flush=True)
+    ev = evaluate(model, open_dataset(cfg.data, "test", cfg.image_size), out / "eval", batch_size=8, device=device,
+                  title="PDD demo on brain-synth",
+                  extra={"checkpoint": str(result.best_checkpoint), "epochs": args.epochs,
+                         "teachers": "randomly initialised (offline demo)", "image_size": args.image_size})
+    print(metrics_table(ev.metrics))
+    print(f"[demo] done in {time.perf_counter() - t0:.0f} s; report: {out / 'eval' / 'report.html'}")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_onnx
+
+    model = load_model(args, "cpu")
+    lo, _, hi = args.batch.partition(":")
+    report = export_onnx(model, args.out, form=args.form, batch=(int(lo), int(hi or lo)),
+                         image_size=args.image_size or model.cfg.image_size, preprocess=args.preprocess)
+    print(report)
+    return 0
+
+
+def cmd_export_triton_repo(args: argparse.Namespace) -> int:
+    from export.triton_repo import build_triton_repo
+
+    model = None if args.engine else load_model(args, "cpu")
+    path = build_triton_repo(args.out, flavour=args.flavour, model=model, engine_dir=args.engine,
+                             max_batch_size=args.max_batch_size)
+    print(f"Triton model repository written to {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from export.serve import serve
+
+    return serve(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    if not script.is_file():
+        raise SystemExit("pdd bench runs benchmarks/run.py from a source checkout; it is not in this installation")
+    sys.argv = [str(script), *args.bench_args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", help="a PDD checkpoint (best.pt / last.pt)")
+    g.add_argument("--config", help="config name or YAML file: a freshly initialised model")
+    p.add_argument("--scan-impl", choices=["auto", "reference", "chunked", "triton", "mamba_ssm"])
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (with --config)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pdd", description="PDD medical-image anomaly detection")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write the brain-synth benchmark (MVTec layout)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=int, help="total images (default: the built-in split sizes)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--contrast", default="t1", help="t1 or t2 (T2-like contrast from the tissue maps)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_data_synth)
+
+    p = sub.add_parser("train", help="train PDD (or RD4AD) on normal images")
+    p.add_argument("--config", required=True, help="config name (e.g. headct, brain-synth, rd4ad-headct) or file")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--data", type=Path, help="dataset root (overrides data.root)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--device")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=5")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="score a test set, compute metrics, write the report")
+    _model_args(p)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--layout", choices=["mvtec", "meta_json"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-bad", action="store_true")
+    p.set_defaults(fn=cmd_eval, image_size=None)
+
+    p = sub.add_parser("predict", help="score images, folders, DICOM or NIfTI files (locally or on a server)")
+    _model_args(p)
+    p.add_argument("inputs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, help="write heatmap PNGs and results.json here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--nifti-axis", type=int, default=2)
+    p.add_argument("--dicom-window", type=float, nargs=2, metavar=("CENTRE", "WIDTH"))
+    p.add_argument("--threshold", type=float, help="score above which an image is called anomalous")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--server", help="Triton server URL (host:port) instead of a local model")
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.add_argument("--shm", action="store_true", help="send inputs through system shared memory")
+    p.add_argument("--model-name", default="pdd")
+    p.set_defaults(fn=cmd_predict, image_size=None)
+
+    p = sub.add_parser("demo", help="synthesise brain-synth, train briefly, evaluate, write the report")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--count", type=int, default=140)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.set_defaults(fn=cmd_demo)
+
+    exp = sub.add_parser("export", help="ONNX files and Triton model repositories").add_subparsers(
+        dest="export_command", required=True)
+    p = exp.add_parser("onnx", help="export the eval pipeline to ONNX")
+    _model_args(p)
+    p.add_argument("--form", choices=["plugin", "portable"], default="portable")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--batch", default="1:32", help="MIN:MAX dynamic batch range")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--preprocess", action="store_true", help="uint8 HWC images in, normalisation in the graph")
+    p.set_defaults(fn=cmd_export_onnx)
+    p = exp.add_parser("triton-repo", help="generate a Triton Inference Server model repository")
+    _model_args(p)
+    p.add_argument("--engine", type=Path, help="a TensorRT engine folder from export/build_trt.py")
+    p.add_argument("--flavour", choices=["tensorrt", "onnxruntime", "python"], default="python")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int)
+    p.set_defaults(fn=cmd_export_triton_repo)
+
+    p = sub.add_parser("serve", help="start a Triton Inference Server on a model repository")
+    p.add_argument("--repo", required=True, type=Path)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("bench", help="run benchmarks/run.py (arguments passed through)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from pdd.backbones.weights import WeightsError
+    from pdd.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, WeightsError, FileNotFoundError, ValueError) as exc:
+        print(f"pdd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Training, resume, feature cache, evaluation and the CLI on a tiny brain-synth set (64², random teachers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pdd.checkpoint import load_pdd, read_checkpoint
+from pdd.cli import main as pdd_main
+from pdd.cli import resolve_config
+from pdd.config import apply_overrides
+from pdd.evaluate import evaluate
+from pdd.train import open_dataset, train
+
+TINY = ["image_size=64", "train.epochs=2", "train.batch_size=4", "train.eval_every=1", "train.amp=false",
+        "train.val_fraction=0.25"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from pdd.data import generate_brain_synth
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_brain_synth(root, seed=3, image_size=64, n_train=12, n_test_good=4, n_test_anomalous=6)
+    return root
+
+
+def tiny_cfg(synth, *extra):
+    return apply_overrides(resolve_config("brain-synth"), [*TINY, f"data.root={synth}", *extra])
+
+
+def _weights(path):
+    return read_checkpoint(path)["state_dict"]
+
+
+def test_train_writes_checkpoints_and_log(tmp_path, synth):
+    result = train(tiny_cfg(synth), tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(np.isfinite(r["train_loss"]) and np.isfinite(r["val_loss"]) for r in log)
+    assert log[1]["train_loss"] < log[0]["train_loss"]
+    assert result.best_checkpoint.is_file() and result.last_checkpoint.is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    ckpt = read_checkpoint(result.last_checkpoint)
+    assert ckpt["epoch"] == 2 and "optimizer" in ckpt
+
+
+def test_resume_continues_exactly(tmp_path, synth):
+    train(tiny_cfg(synth), tmp_path / "straight")
+    train(tiny_cfg(synth, "train.epochs=1"), tmp_path / "resumed")
+    train(tiny_cfg(synth), tmp_path / "resumed", resume=True)
+    a, b = _weights(tmp_path / "straight" / "last.pt"), _weights(tmp_path / "resumed" / "last.pt")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    log = (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2]
+
+
+def test_resume_refuses_a_different_config(tmp_path, synth):
+    train(tiny_cfg(synth, "train.epochs=1"), tmp_path / "r")
+    with pytest.raises(ValueError, match="differs"):
+        train(tiny_cfg(synth, "train.lr=0.1"), tmp_path / "r", resume=True)
+
+
+@pytest.mark.parametrize("cache", ["none", "disk"])
+def test_feature_cache_matches_uncached(tmp_path, synth, cache):
+    cached = train(tiny_cfg(synth, "train.epochs=1"), tmp_path / "memory").history[0]["train_loss"]
+    other = train(tiny_cfg(synth, "train.epochs=1", f"train.feature_cache={cache}"), tmp_path / cache)
+    # fp16 cached features vs fp32 live ones: the same training up to fp16 rounding
+    assert other.history[0]["train_loss"] == pytest.approx(cached, rel=2e-2)
+
+
+def test_rd4ad_trains_with_the_same_code(tmp_path, synth):
+    cfg = apply_overrides(resolve_config("rd4ad-brain-synth"), [*TINY, "train.epochs=1", f"data.root={synth}"])
+    result = train(cfg, tmp_path / "rd4ad")
+    model = load_pdd(result.best_checkpoint)
+    assert type(model).__name__ == "RD4ADModel"
+
+
+def test_evaluate_scores_every_image_and_writes_report(tmp_path, synth):
+    model = load_pdd(train(tiny_cfg(synth, "train.epochs=1"), tmp_path / "run").best_checkpoint)
+    test_set = open_dataset(model.cfg.data, "test", 64)
+    res = evaluate(model, test_set, tmp_path / "eval", batch_size=4)
+    assert res.metrics["images"]["total"] == len(test_set) == 10
+    assert set(res.metrics["mean"]) >= {"image_auroc", "pixel_auroc", "aupro", "mAD"}
+    rows = (tmp_path / "eval" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 11
+    html = (tmp_path / "eval" / "report.html").read_text()
+    for png in ("curves.png", "overlays_most_anomalous.png", "overlays_least_anomalous.png"):
+        assert png in html and (tmp_path / "eval" / png).stat().st_size > 1000
+
+
+def test_cli_eval_with_fresh_config(tmp_path, synth, capsys):
+    rc = pdd_main(["eval", "--config", "brain-synth", "--set", "image_size=64", "--data", str(synth),
+                   "--out", str(tmp_path / "e"), "--batch-size", "5"])
+    assert rc == 0
+    assert "image_auroc" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["images"]["total"] == 10
+
+
+def test_cli_predict_images_dicom_nifti_and_bad_files(tmp_path, synth, capsys):
+    import nibabel as nib
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    png = sorted((synth / "test" / "tumour").glob("*.png"))[0]
+    (inputs / "a.png").write_bytes(png.read_bytes())
+    vol = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), inputs / "v.nii.gz")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 40, 40, 16, 12, 11
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = (np.random.default_rng(1).integers(0, 2000, (40, 40))).astype(np.uint16).tobytes()
+    ds.save_as(inputs / "c.dcm", enforce_file_format=True)
+    (inputs / "broken.png").write_bytes(png.read_bytes()[:100])
+
+    args = ["predict", "--config", "brain-synth", "--set", "image_size=64", str(inputs), "--out", str(tmp_path / "p")]
+    assert pdd_main(args) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert pdd_main([*args, "--skip-bad", "--threshold", "1.0"]) == 0
+    out = json.loads((tmp_path / "p" / "results.json").read_text())
+    names = [r["input"] for r in out["results"]]
+    assert len(names) == 1 + 1 + 3  # png, dicom, 3 NIfTI slices
+    assert any(n.endswith("v.nii.gz#slice2") for n in names)
+    assert [s["path"].endswith("broken.png") for s in out["skipped"]] == [True]
+    assert all((tmp_path / "p" / r["heatmap"]).is_file() and "anomalous" in r for r in out["results"])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_ddp_two_processes_on_cpu(tmp_path, synth):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "pdd.cli", "train", "--config", "brain-synth", "--data", str(synth), "--out", str(tmp_path / "ddp"),
+           *TINY, "train.epochs=1", "train.batch_size=3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 1  # only rank 0 writes
+    assert log[0]["steps"] == 2  # 9 images over 2 ranks, 3 per step
+    model = load_pdd(tmp_path / "ddp" / "best.pt")
+    assert dataclasses.asdict(model.cfg)["image_size"] == 64
