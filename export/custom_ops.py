@@ -1,0 +1,238 @@
+"""The two custom operators of the ``plugin`` ONNX form: the SS2D scan and the anomaly head.
+
+Each exists three times, with one contract:
+
+- as a PyTorch custom op (``torch.ops.pdd.ss2d_scan``, ``torch.ops.pdd.anomaly_head``), so that
+  ``torch.export`` sees one opaque node per VMamba block and one for the head;
+- as an ONNX operator of domain ``pdd`` (``SS2DScan``, ``AnomalyHead``) with a registered schema and the
+  attributes TensorRT's ONNX parser reads (``plugin_namespace``, ``aot``);
+- as an ONNX Runtime Python op (onnxruntime-extensions), which must live in domain ``ai.onnx.contrib``:
+  :func:`to_ort_domain` rewrites a copy of the graph for ONNX Runtime, so one ONNX file serves both.
+
+Contracts (shapes and dtypes)::
+
+    SS2DScan(x (B, D, H, W) T, delta (B, 4, D, H, W) T, B (B, 4, N, H, W) T, C (B, 4, N, H, W) T,
+             A (4·D, N) fp32, D (4·D,) fp32, delta_bias (4·D,) fp32) -> y (B, D, H, W) T      T = fp32|fp16
+    AnomalyHead(t_1, s_1, …, t_6, s_6: (B, C_l, H_l, W_l) T) -> map (B, 4·H_1, 4·W_1) fp32, score (B,) fp32
+
+The head's map size comes from the shape of its first input (WRN layer 1, at 1/4 of the image), so the
+engine needs no float or size attribute at run time; ``sigma`` and ``image_size`` are attributes for the
+build (the kernel bakes σ in) and for people reading the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx.defs import OpSchema
+from torch import Tensor
+
+from pdd.anomaly import anomaly_head_ref
+from pdd.ssm import SS2D_ROUTES, ss2d_scan
+
+__all__ = [
+    "DOMAIN",
+    "HEAD_MAP_STRIDE",
+    "HEAD_OP",
+    "HEAD_PAIRS",
+    "ORT_DOMAIN",
+    "SS2D_OP",
+    "anomaly_head_op",
+    "register_onnx_schemas",
+    "register_ort_ops",
+    "ss2d_scan_op",
+    "to_ort_domain",
+    "translation_table",
+]
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "pdd"                  # torch library namespace, ONNX domain and TensorRT plugin namespace
+ORT_DOMAIN = "ai.onnx.contrib"  # the only domain onnxruntime-extensions serves Python ops from
+SS2D_OP = "SS2DScan"
+HEAD_OP = "AnomalyHead"
+HEAD_PAIRS = 6                  # 3 levels × (prior student, plain student)
+# The first (teacher, student) pair is WRN layer 1 and its fusion target, at 1/4 of the image.
+HEAD_MAP_STRIDE = 4
+# The eager body of the SS2D op (ONNX Runtime's Python op and eager calls of the export wrapper).
+_EAGER_SCAN_IMPL = "chunked"
+
+
+@torch.library.custom_op(f"{DOMAIN}::ss2d_scan", mutates_args=())
+def ss2d_scan_op(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor, delta_bias: Tensor) -> Tensor:
+    """:func:`pdd.ssm.ss2d_scan` as one opaque op. x (B, D, H, W) -> (B, D, H, W) in x's dtype."""
+    return ss2d_scan(x, delta, B, C, A, D, delta_bias, impl=_EAGER_SCAN_IMPL)
+
+
+@ss2d_scan_op.register_fake
+def _ss2d_scan_fake(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor,
+                    delta_bias: Tensor) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(f"{DOMAIN}::anomaly_head", mutates_args=())
+def anomaly_head_op(features: list[Tensor], sigma: float) -> tuple[Tensor, Tensor]:
+    """:func:`pdd.anomaly.anomaly_head_ref` as one op; features = (t_1, s_1, …) -> (map (B, H, W), score (B,)) fp32."""
+    pairs = _pairs(features)
+    return anomaly_head_ref(pairs, _map_size(features[0].shape), sigma)
+
+
+@anomaly_head_op.register_fake
+def _anomaly_head_fake(features: list[Tensor], sigma: float) -> tuple[Tensor, Tensor]:
+    first = features[0]
+    h, w = _map_size(first.shape)
+    return first.new_empty((first.shape[0], h, w), dtype=torch.float32), first.new_empty(
+        (first.shape[0],), dtype=torch.float32)
+
+
+def _pairs(features: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    if len(features) % 2:
+        raise ValueError(f"anomaly head op: features must be (teacher, student) pairs, got {len(features)} tensors")
+    return [(features[i], features[i + 1]) for i in range(0, len(features), 2)]
+
+
+def _map_size(first_shape: Sequence[int]) -> tuple[int, int]:
+    return HEAD_MAP_STRIDE * first_shape[-2], HEAD_MAP_STRIDE * first_shape[-1]
+
+
+# --- ONNX schemas and translation ----------------------------------------------------------------
+
+_FLOAT_TYPES = ["tensor(float)", "tensor(float16)"]
+
+
+def _trt_attributes() -> list[OpSchema.Attribute]:
+    return [
+        OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False),
+        OpSchema.Attribute("aot", OpSchema.AttrType.INT, "1: TensorRT uses the ahead-of-time kernel", required=False),
+    ]
+
+
+def _schemas(domain: str) -> list[OpSchema]:
+    param = OpSchema.FormalParameter
+    ss2d = OpSchema(
+        SS2D_OP, domain, 1,
+        "Four-route VMamba selective scan (SS2D v0), routes merged back to the image grid; computes in fp32.",
+        inputs=[param("x", "T"), param("delta", "T"), param("B", "T"), param("C", "T"),
+                param("A", "tensor(float)"), param("D", "tensor(float)"), param("delta_bias", "tensor(float)")],
+        outputs=[param("y", "T")],
+        type_constraints=[("T", _FLOAT_TYPES, "activations")],
+        attributes=_trt_attributes(),
+    )
+    head = OpSchema(
+        HEAD_OP, domain, 1,
+        "PDD anomaly head: Σ bilinear-up(1 − cos over channels) of (teacher, student) pairs, Gaussian blur, max.",
+        inputs=[param("features", "T", param_option=OpSchema.FormalParameterOption.Variadic, min_arity=2)],
+        outputs=[param("anomaly_map", "tensor(float)"), param("pred_score", "tensor(float)")],
+        type_constraints=[("T", _FLOAT_TYPES, "feature maps (summed in fp32)")],
+        attributes=[
+            OpSchema.Attribute("sigma", OpSchema.AttrType.FLOAT, "Gaussian σ of the map (a kernel constant)"),
+            OpSchema.Attribute("image_size", OpSchema.AttrType.INTS, "(H, W) of the map, for reference",
+                               required=False),
+            *_trt_attributes(),
+        ],
+    )
+    return [ss2d, head]
+
+
+def register_onnx_schemas() -> None:
+    """Register the ONNX schemas of both ops in domains ``pdd`` and ``ai.onnx.contrib`` (idempotent).
+
+    The exporter needs them to give the custom nodes their outputs; ``onnx.checker`` and shape inference
+    use them too.
+    """
+    for domain in (DOMAIN, ORT_DOMAIN):
+        for schema in _schemas(domain):
+            if not onnx.defs.has(schema.name, schema.domain):
+                onnx.defs.register_schema(schema)
+
+
+def translation_table() -> dict:
+    """``custom_translation_table`` for ``torch.onnx.export``: each custom op -> one node of domain ``pdd``."""
+    import onnxscript
+
+    register_onnx_schemas()
+    opset = onnxscript.values.Opset(DOMAIN, 1)
+
+    def ss2d(x, delta, B, C, A, D, delta_bias):  # onnxscript values in, out
+        return opset.SS2DScan(x, delta, B, C, A, D, delta_bias, plugin_namespace=DOMAIN, aot=1)
+
+    def head(features, sigma: float):
+        return opset.AnomalyHead(*features, sigma=float(sigma), plugin_namespace=DOMAIN, aot=1)
+
+    return {torch.ops.pdd.ss2d_scan.default: ss2d, torch.ops.pdd.anomaly_head.default: head}
+
+
+# --- ONNX Runtime: Python ops ----------------------------------------------------------------------
+
+_ort_registered = False
+
+
+def register_ort_ops() -> str:
+    """Register both ops as onnxruntime-extensions Python ops (once per process); returns the library path.
+
+    Add the path to a session with ``SessionOptions.register_custom_ops_library``. The bodies call the
+    PyTorch references (chunked scan, reference head) on CPU.
+    """
+    global _ort_registered
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+
+    if not _ort_registered:
+        f32 = PyCustomOpDef.dt_float
+
+        @onnx_op(op_type=SS2D_OP, inputs=[f32] * 7, outputs=[f32])
+        def _ss2d(x, delta, B, C, A, D, delta_bias):  # numpy arrays in, out
+            args = [torch.from_numpy(np.ascontiguousarray(a)) for a in (x, delta, B, C, A, D, delta_bias)]
+            with torch.no_grad():
+                return ss2d_scan_op(*args).numpy()
+
+        @onnx_op(op_type=HEAD_OP, inputs=[f32] * (2 * HEAD_PAIRS), outputs=[f32, f32],
+                 attrs={"sigma": PyCustomOpDef.dt_float})
+        def _head(*features, sigma):
+            feats = [torch.from_numpy(np.ascontiguousarray(f)) for f in features]
+            with torch.no_grad():
+                amap, score = anomaly_head_op(feats, float(sigma))
+            return amap.numpy(), score.numpy()
+
+        _ort_registered = True
+    return get_library_path()
+
+
+def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose ``pdd`` nodes sit in ``ai.onnx.contrib``, keeping only the attributes the
+    Python ops read (onnxruntime-extensions accepts scalar int/float/string attributes only)."""
+    kept = {SS2D_OP: set(), HEAD_OP: {"sigma"}}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        if node.op_type not in kept:
+            raise ValueError(f"ONNX node {node.name!r}: unknown op {DOMAIN}::{node.op_type}; expected {sorted(kept)}")
+        if node.op_type == HEAD_OP and len(node.input) != 2 * HEAD_PAIRS:
+            raise ValueError(f"ONNX node {node.name!r}: {HEAD_OP} has {len(node.input)} inputs; the ONNX Runtime "
+                             f"Python op takes {2 * HEAD_PAIRS} (PDD's {HEAD_PAIRS} pairs)")
+        node.domain = ORT_DOMAIN
+        attrs = [a for a in node.attribute if a.name in kept[node.op_type]]
+        del node.attribute[:]
+        node.attribute.extend(attrs)
+    opsets = [o for o in out.opset_import if o.domain not in (DOMAIN, ORT_DOMAIN)]
+    del out.opset_import[:]
+    out.opset_import.extend([*opsets, onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
+    return out
+
+
+def ss2d_shapes(batch: int, dim: int, height: int, width: int, d_state: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the SS2DScan inputs for one block (used by tests and the plugin shape checks)."""
+    return {
+        "x": (batch, dim, height, width),
+        "delta": (batch, SS2D_ROUTES, dim, height, width),
+        "B": (batch, SS2D_ROUTES, d_state, height, width),
+        "C": (batch, SS2D_ROUTES, d_state, height, width),
+        "A": (SS2D_ROUTES * dim, d_state),
+        "D": (SS2D_ROUTES * dim,),
+        "delta_bias": (SS2D_ROUTES * dim,),
+    }

@@ -1,0 +1,309 @@
+"""One interface for every way of running PDD: PyTorch, ONNX Runtime, TensorRT.
+
+Benchmarks, parity checks and serving hold a :class:`Runtime` and call ``predict``; they do not care what
+is behind it. :func:`make_runtime` builds one from a short spec and raises :class:`RuntimeUnavailable`
+(with the reason) when it cannot run here, so a benchmark can list it as skipped instead of failing.
+
+Specs::
+
+    torch[:reference|chunked|triton][:compile]      PyTorch eager (torch.compile with ':compile')
+    onnxruntime[:cpu|cuda|tensorrt][:portable|plugin] ONNX Runtime with that execution provider
+    tensorrt[:fp32|fp16]                             a TensorRT engine built by export/build_trt.py
+
+Example::
+
+    >>> import numpy as np
+    >>> from pdd import PDDConfig, build_pdd
+    >>> from export.runtime import make_runtime
+    >>> rt = make_runtime("torch:chunked", model=build_pdd(PDDConfig(image_size=64, scan_impl="chunked")))
+    >>> out = rt.predict(np.zeros((1, 3, 64, 64), np.float32))
+    >>> out["pred_score"].shape, out["anomaly_map"].shape
+    ((1,), (1, 64, 64))
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.custom_ops import DOMAIN, register_ort_ops, to_ort_domain
+from export.metadata import (
+    EngineMetadata,
+    EngineMismatch,
+    OnnxMetadata,
+    check_engine_compatible,
+    metadata_path,
+    read_engine_metadata,
+    read_onnx_metadata,
+    sha256_file,
+)
+from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, load_onnx, weight_sharing_copy
+from pdd.ssm import ScanImplUnavailable, resolve_scan_impl
+
+__all__ = [
+    "ENGINE_FILE",
+    "OnnxRuntime",
+    "Runtime",
+    "RuntimeUnavailable",
+    "TensorRTRuntime",
+    "TorchRuntime",
+    "make_runtime",
+]
+
+log = logging.getLogger(__name__)
+
+ENGINE_FILE = "engine.plan"
+_ORT_PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+class RuntimeUnavailable(RuntimeError):
+    """This runtime cannot run here (package missing, no GPU, no artifact); ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Runtime(abc.ABC):
+    """Runs PDD: ``predict(images)`` -> ``{"pred_score": (B,) fp32, "anomaly_map": (B, H, W) fp32}``.
+
+    images: (B, 3, H, W) float32 ImageNet-normalised numpy array (for an ONNX/TensorRT artifact exported
+    with ``preprocess=True``: (B, H, W, 3) uint8, as its metadata says).
+    """
+
+    name: str
+    device: str
+
+    @abc.abstractmethod
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Scores (B,) and maps (B, H, W), float32 numpy arrays on the host."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release sessions, engines and device memory (idempotent)."""
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, device={self.device!r})"
+
+
+def _check_images(images: np.ndarray, where: str, uint8_nhwc: bool = False) -> None:
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[0] == 0:
+        shape = getattr(images, "shape", type(images).__name__)
+        raise ValueError(f"{where}: images must be a non-empty 4-D numpy array, got {shape}")
+    if uint8_nhwc:
+        if images.dtype != np.uint8 or images.shape[-1] != 3:
+            raise ValueError(f"{where}: this artifact takes (B, H, W, 3) uint8 images, got {images.shape} "
+                             f"{images.dtype}")
+    elif images.dtype != np.float32 or images.shape[1] != 3:
+        raise ValueError(f"{where}: images must be (B, 3, H, W) float32 ImageNet-normalised, got "
+                         f"{images.shape} {images.dtype}")
+
+
+class TorchRuntime(Runtime):
+    """PyTorch eager (optionally ``torch.compile``) with the chosen scan implementation.
+
+    The model is used through a copy sharing its weights (on its own device), so choosing a scan
+    implementation here does not change the caller's model.
+    """
+
+    def __init__(self, model: torch.nn.Module, scan_impl: str = "chunked", device: str | torch.device = "cpu",
+                 compile: bool = False) -> None:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeUnavailable(f"torch on {dev}: no CUDA device here")
+        if scan_impl == "triton" and dev.type != "cuda":
+            raise RuntimeUnavailable("torch:triton runs the Triton kernels, which need a CUDA device")
+        try:
+            resolve_scan_impl(scan_impl, dev)
+        except ScanImplUnavailable as exc:
+            raise RuntimeUnavailable(str(exc)) from exc
+        current = next(model.parameters()).device
+        # Moving a weight-sharing copy would move the caller's weights too: copy them when the device differs.
+        self.model = (weight_sharing_copy(model) if current == dev else copy.deepcopy(model).to(dev)).eval()
+        self.model.set_scan_impl(scan_impl)
+        self._forward = torch.compile(self.model) if compile else self.model
+        self.name = f"torch:{scan_impl}" + (":compile" if compile else "")
+        self.device = str(dev)
+        self._dev = dev
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        _check_images(images, self.name)
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self._dev)
+        with torch.inference_mode():
+            out = self._forward(x)
+        return {"pred_score": out.pred_score.float().cpu().numpy(),
+                "anomaly_map": out.anomaly_map.float().cpu().numpy()}
+
+    def close(self) -> None:
+        self._forward = self.model = None
+
+
+class OnnxRuntime(Runtime):
+    """ONNX Runtime on an exported ``model.onnx`` (either form).
+
+    Plugin-form graphs are served by the Python ops of :mod:`export.custom_ops` (the PyTorch references),
+    on a copy of the graph moved to onnxruntime-extensions' domain; ``session`` is the ORT session.
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int | None = None, name: str | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"onnxruntime is not installed ({exc}); pip install -e '.[export]'") from exc
+        path = Path(path)
+        if not path.is_file():
+            raise RuntimeUnavailable(f"no ONNX file at {path}; export one with export.onnx_export.export_onnx")
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise RuntimeUnavailable(f"ONNX Runtime here lacks {missing} (available: {ort.get_available_providers()})")
+        self.metadata: OnnxMetadata | None = read_onnx_metadata(path) if metadata_path(path).is_file() else None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        proto = load_onnx(path)
+        if any(n.domain == DOMAIN for n in proto.graph.node):
+            options.register_custom_ops_library(register_ort_ops())
+            source: Any = to_ort_domain(proto).SerializeToString()
+        else:
+            source = str(path)
+        del proto
+        self.session = ort.InferenceSession(source, options, providers=list(providers))
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if set(OUTPUT_NAMES) - set(self.output_names):
+            raise ValueError(f"{path}: outputs {self.output_names}, expected {list(OUTPUT_NAMES)}")
+        self._uint8 = bool(self.metadata and self.metadata.preprocess)
+        self.name = name or f"onnxruntime:{providers[0].removesuffix('ExecutionProvider').lower()}"
+        self.device = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        _check_images(images, self.name, self._uint8)
+        outs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(images)})
+        return dict(zip(self.output_names, outs))
+
+    def close(self) -> None:
+        self.session = None
+
+
+class TensorRTRuntime(Runtime):
+    """A TensorRT engine folder (``engine.plan`` + ``engine.json``) run through TensorRT's Python API.
+
+    Refuses (:class:`export.metadata.EngineMismatch`) an engine built for another TensorRT version or GPU
+    compute capability, or whose file no longer matches its recorded hash. I/O are torch CUDA tensors.
+    """
+
+    def __init__(self, engine_dir: str | os.PathLike, device: int = 0) -> None:
+        try:
+            import tensorrt as trt
+        except ImportError as exc:
+            raise RuntimeUnavailable(f"TensorRT is not installed here ({exc})") from exc
+        if not torch.cuda.is_available():
+            raise RuntimeUnavailable("TensorRT needs a CUDA GPU; none is visible here")
+        engine_dir = Path(engine_dir)
+        if not (engine_dir / "engine.json").is_file():
+            raise RuntimeUnavailable(f"no engine metadata at {engine_dir / 'engine.json'}; build the engine with "
+                                     f"python export/build_trt.py")
+        self.metadata: EngineMetadata = read_engine_metadata(engine_dir)
+        engine_path = engine_dir / self.metadata.engine_file
+        if not engine_path.is_file():
+            raise RuntimeUnavailable(f"no engine file at {engine_path}; build it with python export/build_trt.py")
+        cc = torch.cuda.get_device_capability(device)
+        for warning in check_engine_compatible(self.metadata, tensorrt_version=trt.__version__,
+                                               compute_capability=f"{cc[0]}.{cc[1]}",
+                                               device_name=torch.cuda.get_device_name(device),
+                                               where=str(engine_path)):
+            log.warning("%s", warning)
+        if sha256_file(engine_path) != self.metadata.engine_sha256:
+            raise EngineMismatch(f"{engine_path} does not match the sha256 in its metadata (changed or truncated "
+                                 f"after the build); rebuild it with python export/build_trt.py")
+        self._torch_dtype = {trt.float32: torch.float32, trt.float16: torch.float16, trt.uint8: torch.uint8,
+                             trt.int32: torch.int32}
+        self._trt = trt
+        self._dev = torch.device("cuda", device)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise EngineMismatch(f"TensorRT {trt.__version__} could not deserialize {engine_path}; rebuild it")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._uint8 = self.metadata.preprocess
+        self.name = f"tensorrt:{self.metadata.precision}"
+        self.device = str(self._dev)
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        _check_images(images, self.name, self._uint8)
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self._dev)
+        self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
+        self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+        outs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = self._torch_dtype[self.engine.get_tensor_dtype(name)]
+            outs[name] = torch.empty(shape, dtype=dtype, device=self._dev)
+            self.context.set_tensor_address(name, outs[name].data_ptr())
+        stream = torch.cuda.current_stream(self._dev)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{self.name}: TensorRT execution failed for input {tuple(x.shape)}")
+        stream.synchronize()
+        return {k: v.float().cpu().numpy() for k, v in outs.items()}
+
+    def close(self) -> None:
+        self.context = self.engine = None
+
+
+def make_runtime(spec: str, *, model: torch.nn.Module | None = None, onnx_path: str | os.PathLike | None = None,
+                 engine_dir: str | os.PathLike | None = None, artifacts: str | os.PathLike | None = None,
+                 device: str | None = None, threads: int | None = None) -> Runtime:
+    """Build the runtime a spec names (see the module docstring); :class:`RuntimeUnavailable` if it cannot run.
+
+    ``artifacts``: a folder laid out as ``onnx-<form>/model.onnx`` and ``tensorrt-<precision>/``, used when
+    ``onnx_path`` / ``engine_dir`` are not given.
+    """
+    kind, *rest = spec.split(":")
+    if kind == "torch":
+        if model is None:
+            raise ValueError(f"runtime {spec!r} needs model=")
+        impl = rest[0] if rest else "chunked"
+        compile_ = rest[1:] == ["compile"]
+        if rest[1:] not in ([], ["compile"]):
+            raise ValueError(f"runtime spec {spec!r}: expected torch[:<scan impl>][:compile]")
+        return TorchRuntime(model, impl, device or ("cuda" if impl == "triton" else "cpu"), compile=compile_)
+    if kind == "onnxruntime":
+        provider = rest[0] if rest else "cpu"
+        form = rest[1] if len(rest) > 1 else "portable"
+        if provider not in _ORT_PROVIDERS or len(rest) > 2:
+            raise ValueError(f"runtime spec {spec!r}: expected onnxruntime[:{'|'.join(_ORT_PROVIDERS)}][:<form>]")
+        path = onnx_path or (Path(artifacts) / f"onnx-{form}" / "model.onnx" if artifacts else None)
+        if path is None:
+            raise RuntimeUnavailable(f"{spec}: no ONNX file given (onnx_path= or artifacts=)")
+        return OnnxRuntime(path, _ORT_PROVIDERS[provider], threads=threads, name=f"onnxruntime:{provider}:{form}")
+    if kind == "tensorrt":
+        precision = rest[0] if rest else "fp16"
+        if precision not in ("fp32", "fp16") or len(rest) > 1:
+            raise ValueError(f"runtime spec {spec!r}: expected tensorrt[:fp32|fp16]")
+        folder = engine_dir or (Path(artifacts) / f"tensorrt-{precision}" if artifacts else None)
+        if folder is None:
+            raise RuntimeUnavailable(f"{spec}: no engine folder given (engine_dir= or artifacts=)")
+        return TensorRTRuntime(folder)
+    raise ValueError(f"unknown runtime {kind!r} in spec {spec!r}; expected torch, onnxruntime or tensorrt")
