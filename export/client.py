@@ -1,0 +1,385 @@
+"""Client of the served PDD ensemble (``pdd``): HTTP or gRPC, optionally through system shared memory.
+
+Example::
+
+    >>> from export.client import PDDClient
+    >>> with PDDClient("127.0.0.1:8000") as client:                  # doctest: +SKIP
+    ...     out = client.predict(images)                             # uint8 (B, H, W, 3) or (B, H, W, 1)
+    ...     out["pred_score"].shape, out["anomaly_map"].shape         # (B,), (B, S, S)
+
+:func:`predict_server_files` is ``pdd predict --server``: files in, scores, heatmaps and
+``results.json`` out. :func:`run_load` is a bounded closed-loop load generator reporting the fields
+``perf_analyzer`` users know (throughput in infer/s, p50/p90/p95/p99 latency in µs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["OUTPUTS", "InferenceError", "PDDClient", "predict_server_files", "run_load"]
+
+# Ensemble outputs, with the dtype each arrives in and whether Triton's trailing (B, 1) is squeezed to (B,).
+OUTPUTS = {"pred_score": (np.float32, True), "anomaly_map": (np.float32, False),
+           "pred_label": (np.bool_, True), "pred_mask": (np.bool_, False)}
+
+
+class InferenceError(RuntimeError):
+    """The server refused or failed a request; the message is the server's."""
+
+
+class _Region:
+    """One system shared-memory region registered with the server (grown by re-creating it)."""
+
+    def __init__(self, client: Any, name: str, byte_size: int) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        self.client, self.name, self.byte_size = client, name, byte_size
+        self.handle = shm.create_shared_memory_region(name, f"/{name}", byte_size)
+        client.register_system_shared_memory(name, f"/{name}", byte_size)
+
+    def release(self) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        try:
+            self.client.unregister_system_shared_memory(self.name)
+        finally:
+            shm.destroy_shared_memory_region(self.handle)
+
+
+class PDDClient:
+    """Sends images to the ``pdd`` ensemble and returns numpy outputs.
+
+    url: ``host:port`` of the server's HTTP (default 8000) or gRPC (8001) endpoint; protocol: "http" or
+    "grpc"; shm: pass inputs and outputs through system shared memory (client and server on one host).
+    One client per thread: the underlying Triton clients are not thread-safe.
+    """
+
+    def __init__(self, url: str, protocol: str = "http", model_name: str = "pdd", shm: bool = False,
+                 timeout_s: float = 120.0) -> None:
+        if protocol == "http":
+            import tritonclient.http as triton
+            self.client = triton.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s)
+        elif protocol == "grpc":
+            import tritonclient.grpc as triton
+            self.client = triton.InferenceServerClient(url)
+        else:
+            raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        self._triton = triton
+        self.url, self.protocol, self.model_name, self.shm = url, protocol, model_name, shm
+        self.timeout_s = timeout_s
+        self._regions: dict[str, _Region] = {}
+        self._prefix = f"pdd_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self._config: dict[str, Any] | None = None
+
+    # --- model facts ---------------------------------------------------------------------------------
+
+    def model_config(self, model_name: str | None = None) -> dict[str, Any]:
+        """The served config of ``model_name`` (default: the ensemble) as JSON-like dict."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            if self.protocol == "grpc":
+                cfg = self.client.get_model_config(model_name or self.model_name, as_json=True)["config"]
+            else:
+                cfg = self.client.get_model_config(model_name or self.model_name)
+        except InferenceServerException as exc:
+            raise InferenceError(f"{self.url}: cannot read the config of {model_name or self.model_name!r}: "
+                                 f"{exc.message()}") from None
+        return cfg
+
+    def _output_dims(self) -> dict[str, tuple[int, ...]]:
+        if self._config is None:
+            self._config = self.model_config()
+        return {o["name"]: tuple(int(d) for d in o["dims"]) for o in self._config["output"]}
+
+    def max_batch_size(self) -> int:
+        """The ensemble's ``max_batch_size``."""
+        if self._config is None:
+            self._config = self.model_config()
+        return int(self._config.get("max_batch_size", 1))
+
+    def threshold(self) -> float | None:
+        """The served anomaly threshold (postprocess parameter), None when the server flags nothing (inf)."""
+        params = self.model_config("postprocess").get("parameters", {})
+        value = float(params.get("anomaly_threshold", {}).get("string_value", "inf"))
+        return None if math.isinf(value) else value
+
+    def health(self) -> dict[str, bool]:
+        """``live``, ``ready`` (server) and ``model_ready`` (the ensemble); False where unreachable."""
+        from tritonclient.utils import InferenceServerException
+
+        out = {}
+        for key, call in (("live", self.client.is_server_live), ("ready", self.client.is_server_ready),
+                          ("model_ready", lambda: self.client.is_model_ready(self.model_name))):
+            try:
+                out[key] = bool(call())
+            except (InferenceServerException, ConnectionError, OSError):
+                out[key] = False
+        return out
+
+    # --- inference -----------------------------------------------------------------------------------
+
+    def _region(self, role: str, byte_size: int) -> _Region:
+        region = self._regions.get(role)
+        if region is None or region.byte_size < byte_size:
+            if region is not None:
+                region.release()
+            region = _Region(self.client, f"{self._prefix}_{role}", byte_size)
+            self._regions[role] = region
+        return region
+
+    def _input(self, images: np.ndarray | Sequence[bytes]) -> tuple[Any, int]:
+        """The request input (pixels or encoded bytes) and its batch size; local checks name the problem."""
+        from tritonclient.utils import serialize_byte_tensor
+
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8:
+                raise ValueError(f"images must be uint8 pixels, got {images.dtype}; scale [0, 1] floats by 255")
+            if images.ndim == 3:
+                images = images[None]
+            if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] not in (1, 3):
+                raise ValueError(f"images must be (B, H, W, 1|3) uint8 with B >= 1, got shape {images.shape}")
+            data, name, dtype = np.ascontiguousarray(images), "images", "UINT8"
+        else:
+            items = list(images)
+            if not items or not all(isinstance(b, (bytes, bytearray)) for b in items):
+                raise ValueError("images must be a uint8 array or a non-empty list of encoded image files (bytes)")
+            data, name, dtype = np.array([bytes(b) for b in items], dtype=np.object_).reshape(-1, 1), \
+                "images_encoded", "BYTES"
+        inp = self._triton.InferInput(name, list(data.shape), dtype)
+        if not self.shm:
+            inp.set_data_from_numpy(data)
+            return inp, data.shape[0]
+        import tritonclient.utils.shared_memory as shm
+
+        payload = serialize_byte_tensor(data) if dtype == "BYTES" else data
+        size = len(payload.item()) if dtype == "BYTES" else payload.nbytes
+        region = self._region("input", size)
+        shm.set_shared_memory_region(region.handle, [payload])
+        inp.set_shared_memory(region.name, size)
+        return inp, data.shape[0]
+
+    def predict(self, images: np.ndarray | Sequence[bytes]) -> dict[str, np.ndarray]:
+        """Score a batch: uint8 (B, H, W, 1|3) / (H, W, 1|3) pixels, or a list of encoded PNG/JPEG files.
+
+        Returns ``pred_score`` float32 (B,), ``anomaly_map`` float32 (B, S, S), ``pred_label`` bool (B,),
+        ``pred_mask`` bool (B, S, S). Raises :class:`InferenceError` with the server's message on a refusal.
+        """
+        from tritonclient.utils import InferenceServerException
+
+        inp, batch = self._input(images)
+        outputs, layout = [], []
+        if self.shm:
+            import tritonclient.utils.shared_memory as shm
+
+            dims = self._output_dims()
+            offset = 0
+            for name, (dtype, _) in OUTPUTS.items():
+                shape = (batch, *dims[name])
+                nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                layout.append((name, dtype, shape, offset, nbytes))
+                offset += nbytes
+            region = self._region("output", offset)
+            for name, _, _, start, nbytes in layout:
+                out = self._triton.InferRequestedOutput(name)
+                out.set_shared_memory(region.name, nbytes, offset=start)
+                outputs.append(out)
+        else:
+            outputs = [self._triton.InferRequestedOutput(name) for name in OUTPUTS]
+        try:
+            if self.protocol == "grpc":
+                result = self.client.infer(self.model_name, [inp], outputs=outputs, client_timeout=self.timeout_s)
+            else:
+                result = self.client.infer(self.model_name, [inp], outputs=outputs)
+        except InferenceServerException as exc:
+            raise InferenceError(f"{self.url} ({self.protocol}) refused the request: {exc.message()}") from None
+        arrays = {}
+        if self.shm:
+            for name, dtype, shape, start, _ in layout:
+                # Copy out: the region is reused by the next request.
+                arrays[name] = np.array(shm.get_contents_as_numpy(region.handle, dtype, shape, offset=start))
+        else:
+            arrays = {name: result.as_numpy(name) for name in OUTPUTS}
+        return {name: (arrays[name].reshape(batch) if squeeze else arrays[name])
+                for name, (_, squeeze) in OUTPUTS.items()}
+
+    def close(self) -> None:
+        """Unregister and free shared memory, close the connection."""
+        regions, self._regions = list(self._regions.values()), {}
+        try:
+            for region in regions:
+                region.release()
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> PDDClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- files in, results out ------------------------------------------------------------------------------
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """float [0, 1] (H, W) or (H, W, 3) -> uint8 (H, W, 1|3), rounded."""
+    img = np.clip(np.rint(np.asarray(image, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return img[..., None] if img.ndim == 2 else img
+
+
+def predict_server_files(inputs: Sequence[str | os.PathLike], url: str, protocol: str = "http", shm: bool = False,
+                         out_dir: str | os.PathLike | None = None, model_name: str = "pdd", *, batch_size: int = 8,
+                         nifti_axis: int = 2, dicom_window: Sequence[float] | None = None,
+                         skip_bad: bool = False) -> dict[str, Any]:
+    """Score files, folders, DICOM and NIfTI (per slice) on a server; the same summary as ``pdd predict``.
+
+    Images are read by ``pdd.data.read_image`` (so 16-bit, DICOM windows and NIfTI orientation behave as
+    locally), sent as uint8 pixels and batched while consecutive images share a size. ``anomalous`` is
+    reported when the server has a threshold. With ``out_dir``: ``heatmaps/*.png`` and ``results.json``.
+    """
+    from pdd.config import atomic_write_text
+    from pdd.predict import Item, _heatmap_png, _items, _safe_name, collect_inputs
+
+    files = collect_inputs(inputs)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    skipped: list[dict[str, str]] = []
+    results: list[dict[str, Any]] = []
+    with PDDClient(url, protocol=protocol, model_name=model_name, shm=shm) as client:
+        threshold = client.threshold()
+        limit = max(1, min(batch_size, client.max_batch_size()))
+        batch: list[Item] = []
+
+        def flush() -> None:
+            pred = client.predict(np.stack([_to_uint8(it.image) for it in batch]))
+            vmax = max(float(pred["anomaly_map"].max()), 1e-6)
+            for it, score, label, amap in zip(batch, pred["pred_score"], pred["pred_label"], pred["anomaly_map"]):
+                rec: dict[str, Any] = {"input": it.name, "score": float(score)}
+                if threshold is not None:
+                    rec["anomalous"] = bool(label)
+                if out is not None:
+                    png = out / "heatmaps" / f"{len(results):05d}_{_safe_name(Path(it.name).name)}.png"
+                    _heatmap_png(it, amap, png, vmax=vmax)
+                    rec["heatmap"] = str(png.relative_to(out))
+                results.append(rec)
+            batch.clear()
+
+        window = tuple(dicom_window) if dicom_window else None
+        for item in _items(files, nifti_axis, window, skip_bad, skipped):
+            if batch and (len(batch) == limit or _to_uint8(item.image).shape != _to_uint8(batch[0].image).shape):
+                flush()
+            batch.append(item)
+        if batch:
+            flush()
+    summary = {"server": url, "protocol": protocol, "shared_memory": shm, "model": model_name,
+               "threshold": threshold, "scored": len(results), "skipped": skipped, "results": results}
+    if out is not None:
+        atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
+    return summary
+
+
+# --- load generator -------------------------------------------------------------------------------------
+
+
+def _percentile_us(latencies_s: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(latencies_s) * 1e6, q)) if latencies_s else math.nan
+
+
+def run_load(client_factory: Callable[[], PDDClient], images: Sequence[np.ndarray | Sequence[bytes]],
+             concurrency: int, requests: int, *, warmup: int = 1, timeout_s: float = 300.0,
+             keep_outputs: bool = False) -> dict[str, Any]:
+    """Closed-loop load: ``concurrency`` workers, each with its own client, send ``requests`` requests each.
+
+    Worker w's request i carries ``images[(w * requests + i) % len(images)]`` (anything
+    :meth:`PDDClient.predict` takes; a uint8 (H, W, C) image is a batch of 1). Each worker first sends
+    ``warmup`` untimed requests. No request starts after ``timeout_s``.
+
+    Returns ``throughput_infer_per_sec`` (images answered / wall time), ``avg/p50/p90/p95/p99_latency_us``,
+    counts (``requests``, ``completed``, ``errors``), the first ``error_messages``, ``timed_out``, and with
+    ``keep_outputs`` an ``outputs`` list of ``(image index, predict() dict)`` per completed request.
+    """
+    if concurrency < 1 or requests < 1 or not images:
+        raise ValueError(f"run_load needs concurrency >= 1, requests >= 1 and images, got {concurrency}, "
+                         f"{requests}, {len(images)} images")
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[str] = []
+    outputs: list[tuple[int, dict[str, np.ndarray]]] = []
+    counts = {"issued": 0, "inferences": 0}
+    ready = threading.Barrier(concurrency + 1)
+    deadline = [math.inf]
+
+    def batch_of(payload: Any) -> int:
+        if isinstance(payload, np.ndarray):
+            return 1 if payload.ndim == 3 else int(payload.shape[0])
+        return len(payload)
+
+    def worker(w: int) -> None:
+        client = None
+        try:
+            client = client_factory()
+            for k in range(warmup):
+                client.predict(images[k % len(images)])
+        except Exception as exc:  # reported in the stats, not raised from a thread
+            with lock:
+                errors.append(f"worker {w} set-up: {exc}")
+        finally:
+            ready.wait()
+        try:
+            if client is None:
+                return
+            for i in range(requests):
+                if time.monotonic() >= deadline[0]:
+                    break
+                index = (w * requests + i) % len(images)
+                t0 = time.perf_counter()
+                try:
+                    pred = client.predict(images[index])
+                except Exception as exc:  # counted as an error response
+                    with lock:
+                        counts["issued"] += 1
+                        errors.append(str(exc))
+                    continue
+                dt = time.perf_counter() - t0
+                with lock:
+                    counts["issued"] += 1
+                    counts["inferences"] += batch_of(images[index])
+                    latencies.append(dt)
+                    if keep_outputs:
+                        outputs.append((index, pred))
+        finally:
+            if client is not None:
+                client.close()
+
+    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    start = time.perf_counter()
+    deadline[0] = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(timeout=max(0.0, deadline[0] - time.monotonic()) + 60.0)
+    wall = time.perf_counter() - start
+    stats: dict[str, Any] = {
+        "concurrency": concurrency, "requests": counts["issued"], "completed": len(latencies),
+        "errors": len(errors), "error_messages": errors[:5], "wall_s": wall,
+        "throughput_infer_per_sec": counts["inferences"] / wall if wall > 0 else math.nan,
+        "avg_latency_us": float(np.mean(latencies) * 1e6) if latencies else math.nan,
+        **{f"p{q}_latency_us": _percentile_us(latencies, q) for q in (50, 90, 95, 99)},
+        "timed_out": counts["issued"] < concurrency * requests or any(t.is_alive() for t in threads),
+    }
+    if keep_outputs:
+        stats["outputs"] = outputs
+    return stats

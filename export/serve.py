@@ -1,0 +1,368 @@
+"""Run a Triton Inference Server on a PDD model repository.
+
+Two ways:
+
+* **Locally, without Docker**: the ``tritonserver`` binary that the ``nvidia-pytriton`` wheel bundles
+  (Triton 2.51, Python backend only, so it serves the ``python`` flavour). :class:`TritonServer` starts
+  and stops it; :func:`serve` does so for ``pdd serve`` and blocks until Ctrl-C.
+* **In production**: NVIDIA's container, ``nvcr.io/nvidia/tritonserver:<yy.mm>-py3``, for every flavour;
+  :func:`docker_command` prints the ``docker run`` line (``--gpus all`` for TensorRT, whose version in the
+  container must equal the one that built the engine).
+
+The bundled server's Python models run in a stub process that embeds the interpreter found first on
+``PATH``. That environment needs ``numpy<2`` (the 2.51 backend returns empty outputs with numpy 2,
+silently), ONNX Runtime and Pillow, so :func:`python_env` creates a small virtual environment once, from
+PyPI, with the interpreter running this code, and caches it under ``~/.cache/pdd/triton-env``
+(``$XDG_CACHE_HOME`` respected; ``PDD_TRITON_ENV`` names a ready-made one instead). The stub must also
+load the same ``libpython`` as that interpreter (``LD_LIBRARY_PATH`` gets its ``LIBDIR``) and sit in the
+Python backend's folder, which :func:`backend_directory` assembles in the cache from the wheel's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from export.triton_repo import ENGINE, check_repository, repository_flavour
+
+__all__ = [
+    "BACKEND_REQUIREMENTS",
+    "NGC_IMAGE",
+    "NGC_TAG",
+    "ServerError",
+    "TritonInstall",
+    "TritonServer",
+    "backend_directory",
+    "cache_dir",
+    "docker_command",
+    "find_tritonserver",
+    "python_env",
+    "serve",
+]
+
+# What the Python-backend models import; numpy<2 because the bundled 2.51 backend needs numpy 1.x.
+BACKEND_REQUIREMENTS = ("numpy<2", "onnxruntime", "pillow")
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver"
+# The NGC release of Triton 2.51, the server bundled with nvidia-pytriton 0.7.0 that the tests run.
+NGC_TAG = "24.10"
+PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
+
+
+class ServerError(RuntimeError):
+    """The server could not be found, set up or started; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/pdd`` or ``~/.cache/pdd``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pdd"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """The files of the ``tritonserver`` bundled with nvidia-pytriton."""
+
+    binary: Path
+    libs: Path          # the wheel's shared libraries (CUDA runtime, …), needed by the server and the stub
+    python_backend: Path
+    stubs: Path         # one triton_python_backend_stub per Python version: stubs/<X.Y>/
+    version: str        # nvidia-pytriton's version
+
+
+def find_tritonserver() -> TritonInstall:
+    """Locate the bundled server without importing pytriton (whose own numpy pin we do not need)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(f"the Triton server binary comes with nvidia-pytriton: `pip install --no-deps "
+                          f"{PYTRITON_REQUIREMENT}` (--no-deps: it pins numpy<2, which this environment does not "
+                          "need; the server's Python models get their own environment)")
+    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    from importlib.metadata import version
+
+    install = TritonInstall(root / "bin" / "tritonserver", root.parent.parent / "nvidia_pytriton.libs",
+                            root / "backends" / "python", root / "python_backend_stubs",
+                            version("nvidia-pytriton"))
+    for path in (install.binary, install.libs, install.python_backend / "libtriton_python.so", install.stubs):
+        if not path.exists():
+            raise ServerError(f"{path} is missing from the nvidia-pytriton installation; reinstall it "
+                              f"(`pip install --no-deps --force-reinstall {PYTRITON_REQUIREMENT}`)")
+    return install
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive file lock, so parallel test sessions build a cached folder once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _python_version(python: Path) -> str:
+    out = subprocess.run([str(python), "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.strip()
+
+
+def backend_directory(install: TritonInstall, python_version: str) -> Path:
+    """A ``--backend-directory`` whose ``python/`` holds the bundled backend and the stub for ``python_version``."""
+    stub = install.stubs / python_version / "triton_python_backend_stub"
+    if not stub.is_file():
+        have = sorted(p.name for p in install.stubs.iterdir())
+        raise ServerError(f"nvidia-pytriton {install.version} has no Python-backend stub for Python "
+                          f"{python_version} (has {have}); use one of those Python versions")
+    folder = cache_dir() / "triton-backends" / f"pytriton-{install.version}-py{python_version}"
+    with _locked(folder.parent / f".{folder.name}.lock"):
+        if not (folder / "python" / "triton_python_backend_stub").is_file():
+            tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+            shutil.copytree(install.python_backend, tmp / "python", ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+    return folder
+
+
+def python_env(requirements: Sequence[str] = BACKEND_REQUIREMENTS, timeout_s: float = 900) -> Path:
+    """The Python environment for the server's Python models: ``$PDD_TRITON_ENV``, else a cached venv.
+
+    The venv is made with the interpreter running this code (its libpython is the one the stub loads) and
+    ``requirements`` from PyPI, then checked by importing numpy (< 2), onnxruntime and PIL. It is keyed by
+    Python version and requirements, and rebuilt if a previous attempt did not finish.
+    """
+    given = os.environ.get("PDD_TRITON_ENV")
+    if given:
+        env = Path(given)
+        if not (env / "bin" / "python3").exists():
+            raise ServerError(f"PDD_TRITON_ENV={given} has no bin/python3; point it at a virtual environment")
+        return env
+    base = Path(getattr(sys, "_base_executable", sys.executable))
+    key = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:10]
+    env = cache_dir() / "triton-env" / f"py{sys.version_info[0]}.{sys.version_info[1]}-{key}"
+    done = env / ".pdd-complete"
+    with _locked(env.parent / f".{env.name}.lock"):
+        if done.is_file():
+            return env
+        shutil.rmtree(env, ignore_errors=True)
+        steps = [[str(base), "-m", "venv", str(env)],
+                 [str(env / "bin" / "python3"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                  *requirements],
+                 [str(env / "bin" / "python3"), "-c",
+                  "import numpy, onnxruntime, PIL; assert int(numpy.__version__.split('.')[0]) < 2, numpy.__version__"]]
+        for cmd in steps:
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                raise ServerError(f"setting up the server's Python environment timed out: {shlex.join(cmd)}") from None
+            if proc.returncode != 0:
+                raise ServerError(f"setting up the server's Python environment in {env} failed at "
+                                  f"`{shlex.join(cmd)}`:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}\n"
+                                  "It needs PyPI once; offline, set PDD_TRITON_ENV to a venv with "
+                                  f"{' '.join(requirements)}")
+        done.touch()
+    return env
+
+
+def _help_text(binary: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60, env=env)
+    return proc.stdout + proc.stderr
+
+
+class TritonServer:
+    """The bundled ``tritonserver`` on a model repository, as a context manager.
+
+    repo: a repository from :func:`export.triton_repo.build_triton_repo` (python flavour); ports: HTTP,
+    gRPC and Prometheus metrics; host: the address all three listen on (loopback by default); log: a
+    file for the server's output (None: this process's stdout/stderr).
+    """
+
+    def __init__(self, repo: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001,
+                 metrics_port: int = 8002, host: str = "127.0.0.1", log: str | os.PathLike | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.repo = Path(repo).resolve()
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.host = host
+        self.log_path = Path(log) if log is not None else None
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen | None = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment that start the server (sets up the cached folders first)."""
+        flavour = repository_flavour(self.repo)
+        if flavour != "python":
+            raise ServerError(f"{self.repo} serves the {flavour} flavour; the bundled server has only the Python "
+                              f"backend. Run NVIDIA's container instead:\n  {docker_command(self.repo)}")
+        check_repository(self.repo)
+        install = find_tritonserver()
+        if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+            raise ServerError(f"{sys.executable} is built without a shared libpython, which the Python-backend "
+                              "stub loads; use a Python built with --enable-shared (pyenv, python.org, distros)")
+        env_dir = python_env()
+        backends = backend_directory(install, _python_version(env_dir / "bin" / "python3"))
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(install.libs),
+                                                             env.get("LD_LIBRARY_PATH")) if p)
+        # The stub embeds the first python3 on PATH, with its site-packages.
+        env["PATH"] = os.pathsep.join((str(env_dir / "bin"), env.get("PATH", "")))
+        env.pop("PYTHONPATH", None)
+        env.pop("PYTHONHOME", None)
+        cmd = [str(install.binary), f"--model-repository={self.repo}", f"--backend-directory={backends}",
+               f"--http-address={self.host}", f"--http-port={self.http_port}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}"]
+        # Servers from 26.x refuse client shared memory unless asked; 2.51 does not know the flag.
+        if "--allow-client-shm" in _help_text(install.binary, env):
+            cmd.append("--allow-client-shm=true")
+        return cmd + self.extra_args, env
+
+    def start(self, timeout_s: float = 180) -> TritonServer:
+        """Start the server and wait (at most ``timeout_s``) until every model is ready."""
+        cmd, env = self.command()
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "wb")
+        # A session of its own: stopping the server also stops its Python-backend stubs.
+        self.process = subprocess.Popen(cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT
+                                        if self._log_file else None, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self.stop()
+                raise ServerError(f"tritonserver exited with code {code} while starting:\n{self.log_tail()}")
+            with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return self
+            time.sleep(0.25)
+        self.stop()
+        raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        """The end of the server's log file ('' when it logs to the terminal)."""
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        return self.log_path.read_bytes()[-chars:].decode("utf-8", errors="replace")
+
+    def stop(self, timeout_s: float = 30) -> int | None:
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL to the session after ``timeout_s``."""
+        proc, self.process = self.process, None
+        code = None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=timeout_s)
+            code = proc.returncode
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return code
+
+    def wait(self) -> int:
+        """Block until the server exits; its exit status."""
+        if self.process is None:
+            raise ServerError("the server is not running; call start() first")
+        return self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def docker_command(repo: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
+                   tag: str | None = None) -> str:
+    """The ``docker run`` line serving ``repo`` with NVIDIA's container, for the repository's flavour.
+
+    TensorRT: ``--gpus all``, and the tag must be the release whose TensorRT built the engine (left as
+    ``<yy.mm>`` unless given). The Python-backend models need Pillow (and, for the python flavour, ONNX
+    Runtime) with numpy<2, installed at start here; ``deploy/Dockerfile`` bakes them into an image.
+    """
+    repo = Path(repo).resolve()
+    flavour = repository_flavour(repo)
+    packages = '"numpy<2" pillow' + (" onnxruntime" if flavour == "python" else "")
+    gpus = "--gpus all " if flavour == "tensorrt" else ""
+    image = f"{NGC_IMAGE}:{tag or ('<yy.mm>' if flavour == 'tensorrt' else NGC_TAG)}-py3"
+    inner = f"pip install -q {packages} && exec tritonserver --model-repository=/models"
+    return (f"docker run --rm {gpus}--shm-size=1g --ipc=host -p {http_port}:8000 -p {grpc_port}:8001 "
+            f"-p {metrics_port}:8002 -v {shlex.quote(str(repo))}:/models {image} bash -c {shlex.quote(inner)}")
+
+
+def _tensorrt_note(repo: Path) -> str:
+    meta = repo / ENGINE / "1" / "engine.json"
+    if not meta.is_file():
+        return "the container's TensorRT must be the version that built the engine"
+    from export.metadata import read_engine_metadata
+
+    trt = read_engine_metadata(meta).tensorrt_version
+    return (f"the engine was built with TensorRT {trt}: pick the <yy.mm> release whose TensorRT is {trt} "
+            "(NVIDIA's frameworks support matrix); any other refuses the engine")
+
+
+def serve(repo: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
+          host: str = "127.0.0.1") -> int:
+    """Serve ``repo`` with the bundled server until Ctrl-C; return the exit status (0 after Ctrl-C).
+
+    Prints the NGC container's ``docker run`` line first. A repository of the TensorRT or ONNX Runtime
+    flavour needs that container (the bundled server has only the Python backend): returns 2.
+    """
+    repo = Path(repo)
+    flavour = repository_flavour(repo)
+    print(f"In production, serve {repo} ({flavour} flavour) with NVIDIA's container:\n  {docker_command(repo)}",
+          flush=True)
+    if flavour == "tensorrt":
+        print(f"  Note: {_tensorrt_note(repo.resolve())}.", flush=True)
+    if flavour != "python":
+        print(f"pdd serve: the bundled server has only the Python backend and cannot serve the {flavour} flavour; "
+              "run the container above", file=sys.stderr)
+        return 2
+    server = TritonServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host)
+    server.start()
+    print(f"Serving model 'pdd': HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}. "
+          "Ctrl-C stops.", flush=True)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        print("\nstopping the server…", flush=True)
+        return 0
+    finally:
+        server.stop()
