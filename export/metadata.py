@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ENGINE_FILE",
     "ENGINE_FORMAT",
+    "ENGINE_METADATA",
     "ONNX_FORMAT",
     "EngineMetadata",
     "EngineMismatch",
@@ -42,6 +44,8 @@ __all__ = [
 
 ONNX_FORMAT = "pdd-onnx/1"
 ENGINE_FORMAT = "pdd-tensorrt-engine/1"
+ENGINE_FILE = "engine.plan"
+ENGINE_METADATA = "engine.json"
 
 
 class MetadataError(ValueError):
@@ -194,7 +198,7 @@ def read_engine_metadata(path: str | os.PathLike) -> EngineMetadata:
     """Read ``engine.json`` (pass the JSON path, the engine path, or the engine folder)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "engine.json"
+        path = path / ENGINE_METADATA
     elif path.suffix == ".plan":
         path = metadata_path(path)
     return _from_dict(EngineMetadata, _load(path, ENGINE_FORMAT), path)

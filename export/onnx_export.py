@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from export.custom_ops import DOMAIN, HEAD_MAP_STRIDE, HEAD_OP, anomaly_head_op, ss2d_scan_op, translation_table
+from export.custom_ops import DOMAIN, HEAD_MAP_STRIDE, SS2D_OP, anomaly_head_op, ss2d_scan_op, translation_table
 from export.metadata import (
     OnnxMetadata,
     TensorSpec,
@@ -197,16 +198,19 @@ def _onnx_path(out: str | os.PathLike) -> Path:
 
 
 def _tag_stages(model: object) -> None:
-    """Mark nodes computed inside the scan or the head (from their stack traces), drop other metadata."""
-    for node in model.graph:  # onnx_ir graph
+    """Mark the nodes of the head and of SS2D's own arithmetic (δ/B/C projections and the chunked scan),
+    which stay fp32 in an fp16 graph, from the module hierarchy the exporter records; drop other metadata.
+
+    The exporter's stack traces stop at the calling module's ``forward``, so the innermost module is the
+    reliable key: SS2D's Linear, Conv2d and LayerNorm sublayers are not tagged and may run in fp16.
+    """
+    ss2d = f"{SS2D.__module__}.{SS2D.__qualname__}"
+    head = f"{_AnomalyHeadStage.__module__}.{_AnomalyHeadStage.__qualname__}"
+    for node in model.graph:  # an onnx_ir graph
         props = node.metadata_props
-        trace = props.get("pkg.torch.onnx.stack_trace", "")
-        hierarchy = props.get("pkg.torch.onnx.class_hierarchy", "")
-        stage = None
-        if _AnomalyHeadStage.__name__ in hierarchy or "pdd/anomaly.py" in trace:
-            stage = "head"
-        elif "pdd/ssm.py" in trace:
-            stage = "scan"
+        raw = props.get("pkg.torch.onnx.class_hierarchy")
+        modules = ast.literal_eval(raw)[:-1] if raw else []  # the last entry is the aten op
+        stage = "head" if head in modules else "scan" if modules and modules[-1] == ss2d else None
         kept = {k: props[k] for k in _KEPT_NODE_METADATA if k in props}
         props.clear()
         props.update(kept)
@@ -363,9 +367,10 @@ _F32, _F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
 def keep_fp32_for_head_and_scan(node: onnx.NodeProto) -> bool:
     """Nodes that stay fp32 in an fp16 graph: the anomaly head (cosines over ≤2048 channels overflow
-    fp16) and the portable scan (its cumulative sums of δ and exp(A·Δ) need fp32's range)."""
+    fp16) and, in the portable form, SS2D's scan arithmetic (cumulative sums of δ and exp(A·Δ) need fp32's
+    range); the plugin scan reads fp16 and computes in fp32 inside its kernel."""
     if node.domain == DOMAIN:
-        return node.op_type == HEAD_OP
+        return node.op_type != SS2D_OP  # the SS2D kernels read fp16 and compute in fp32; head ops stay fp32
     return any(p.key == STAGE_KEY and p.value in ("head", "scan") for p in node.metadata_props)
 
 
@@ -472,8 +477,12 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool] 
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), name))
             new_types[name] = _F16
 
+    shapes = {v.name: v.type.tensor_type.shape for v in (*g.input, *g.value_info)}
+    for t in g.initializer:
+        shapes.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims)).tensor_type.shape)
     nodes: list[onnx.NodeProto] = []
     casts: dict[tuple[str, int], str] = {}
+    cast_infos: list[onnx.ValueInfoProto] = []
     for ni, n in enumerate(g.node):
         for si, name in enumerate(n.input):
             want = in_req[ni].get(si)
@@ -483,20 +492,31 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool] 
             if key not in casts:
                 casts[key] = f"{name}__{'fp16' if want == _F16 else 'fp32'}"
                 nodes.append(helper.make_node("Cast", [name], [casts[key]], to=want, name=f"{casts[key]}_cast"))
+                info = helper.make_tensor_value_info(casts[key], want, None)
+                if name in shapes:
+                    info.type.tensor_type.shape.CopyFrom(shapes[name])
+                cast_infos.append(info)
             n.input[si] = casts[key]
         if half[ni]:
             _retype_attributes(n)
         nodes.append(n)
     for out in g.output:
-        produced = new_types.get(out.name)
-        if produced == _F16 and out.type.tensor_type.elem_type == _F32:
-            raise ValueError(f"fp16 conversion: graph output {out.name!r} would become fp16; keep its producer "
-                             f"fp32 through keep_fp32")
+        if new_types.get(out.name) == _F16 and out.type.tensor_type.elem_type == _F32:
+            # Outputs keep their declared fp32 type: compute in fp16 under another name, cast back.
+            half_name = f"{out.name}__fp16"
+            for n in nodes:
+                n.output[:] = [half_name if o == out.name else o for o in n.output]
+                n.input[:] = [half_name if i == out.name else i for i in n.input]
+            nodes.append(helper.make_node("Cast", [half_name], [out.name], to=_F32, name=f"{out.name}_cast"))
+            for v in g.value_info:
+                if v.name == out.name:
+                    v.name = half_name
     del g.node[:]
     g.node.extend(nodes)
     for v in g.value_info:
         if v.name in new_types:
             v.type.tensor_type.elem_type = new_types[v.name]
+    g.value_info.extend(cast_infos)
     return m
 
 

@@ -36,6 +36,7 @@ import torch
 
 from export.custom_ops import DOMAIN, register_ort_ops, to_ort_domain
 from export.metadata import (
+    ENGINE_METADATA,
     EngineMetadata,
     EngineMismatch,
     OnnxMetadata,
@@ -49,7 +50,6 @@ from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, load_onnx, weight_shari
 from pdd.ssm import ScanImplUnavailable, resolve_scan_impl
 
 __all__ = [
-    "ENGINE_FILE",
     "OnnxRuntime",
     "Runtime",
     "RuntimeUnavailable",
@@ -60,7 +60,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENGINE_FILE = "engine.plan"
 _ORT_PROVIDERS = {
     "cpu": ("CPUExecutionProvider",),
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -219,9 +218,9 @@ class TensorRTRuntime(Runtime):
         if not torch.cuda.is_available():
             raise RuntimeUnavailable("TensorRT needs a CUDA GPU; none is visible here")
         engine_dir = Path(engine_dir)
-        if not (engine_dir / "engine.json").is_file():
-            raise RuntimeUnavailable(f"no engine metadata at {engine_dir / 'engine.json'}; build the engine with "
-                                     f"python export/build_trt.py")
+        if not (engine_dir / ENGINE_METADATA).is_file():
+            raise RuntimeUnavailable(f"no engine metadata at {engine_dir / ENGINE_METADATA}; build the engine "
+                                     f"with python export/build_trt.py")
         self.metadata: EngineMetadata = read_engine_metadata(engine_dir)
         engine_path = engine_dir / self.metadata.engine_file
         if not engine_path.is_file():
