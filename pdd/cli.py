@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.skip_bad:
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, skip_bad=True))
     result = train(cfg, args.out, resume=args.resume, device=args.device)
-    print(f"best checkpoint: {result.best_checkpoint} (epoch {result.best_epoch}, val loss {result.best_val_loss:.5f})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"best checkpoint: {result.best_checkpoint} "
+              f"(epoch {result.best_epoch}, val loss {result.best_val_loss:.5f})")
     return 0
 
 

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pdd.baselines import RD4ADModel, build_model, rd4ad_loss
-from pdd.checkpoint import atomic_torch_save, read_checkpoint, save_pdd
+from pdd.checkpoint import read_checkpoint, save_pdd
 from pdd.config import ConfigError, DataConfig, PDDConfig
 from pdd.losses import pdd_loss
 from pdd.model import TeacherFeatures
@@ -168,6 +169,21 @@ def _autocast(device: torch.device, enabled: bool):
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return nullcontext()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` the checkpoint ``src`` is now, atomically and, where the file system allows, without a copy.
+
+    A hard link shares the file: the next epoch's ``last.pt`` is a new file renamed over the old name,
+    so ``dst`` keeps this epoch's weights.
+    """
+    tmp = dst.with_name(f".{dst.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -315,14 +331,15 @@ def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, devi
             improved = val is not None and val < best_val
             if improved:
                 best_val, best_epoch = val, epoch
-                save_pdd(model, best_path, epoch=epoch, val_loss=val)
             save_pdd(model, last_path, epoch=epoch, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                      scaler=scaler.state_dict(), best_val_loss=best_val, best_epoch=best_epoch,
                      torch_rng=torch.get_rng_state(), history=history)
+            if improved:
+                _link_or_copy(last_path, best_path)
             _append_jsonl(log_path, record)
             log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
         if dist.is_initialized():
             dist.barrier()
     if _is_main() and not best_path.exists():
-        atomic_torch_save(read_checkpoint(last_path), best_path)
+        _link_or_copy(last_path, best_path)
     return TrainResult(out, best_path, last_path, best_epoch, best_val, len(history), history)

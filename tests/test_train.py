@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -144,8 +145,12 @@ def test_cli_predict_images_dicom_nifti_and_bad_files(tmp_path, synth, capsys):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 def test_ddp_two_processes_on_cpu(tmp_path, synth):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port),
            "-m", "pdd.cli", "train", "--config", "brain-synth", "--data", str(synth), "--out", str(tmp_path / "ddp"),
            *TINY, "train.epochs=1", "train.batch_size=3"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
