@@ -111,10 +111,10 @@ def _trt_attributes() -> list[OpSchema.Attribute]:
     ]
 
 
-def _schemas(domain: str) -> list[OpSchema]:
+def _schemas() -> list[OpSchema]:
     param = OpSchema.FormalParameter
     ss2d = OpSchema(
-        SS2D_OP, domain, 1,
+        SS2D_OP, DOMAIN, 1,
         "Four-route VMamba selective scan (SS2D v0), routes merged back to the image grid; computes in fp32.",
         inputs=[param("x", "T"), param("delta", "T"), param("B", "T"), param("C", "T"),
                 param("A", "tensor(float)"), param("D", "tensor(float)"), param("delta_bias", "tensor(float)")],
@@ -123,7 +123,7 @@ def _schemas(domain: str) -> list[OpSchema]:
         attributes=_trt_attributes(),
     )
     head = OpSchema(
-        HEAD_OP, domain, 1,
+        HEAD_OP, DOMAIN, 1,
         "PDD anomaly head: Σ bilinear-up(1 − cos over channels) of (teacher, student) pairs, Gaussian blur, max.",
         inputs=[param("features", "T", param_option=OpSchema.FormalParameterOption.Variadic, min_arity=2)],
         outputs=[param("anomaly_map", "tensor(float)"), param("pred_score", "tensor(float)")],
@@ -139,15 +139,15 @@ def _schemas(domain: str) -> list[OpSchema]:
 
 
 def register_onnx_schemas() -> None:
-    """Register the ONNX schemas of both ops in domains ``pdd`` and ``ai.onnx.contrib`` (idempotent).
+    """Register the ONNX schemas of both ops in domain ``pdd`` (idempotent).
 
     The exporter needs them to give the custom nodes their outputs; ``onnx.checker`` and shape inference
-    use them too.
+    use them too. Not in ``ai.onnx.contrib`` as well: ``onnx.reference`` (used by constant folding) needs
+    op names unique across domains, and ONNX Runtime's Python ops need no ONNX schema.
     """
-    for domain in (DOMAIN, ORT_DOMAIN):
-        for schema in _schemas(domain):
-            if not onnx.defs.has(schema.name, schema.domain):
-                onnx.defs.register_schema(schema)
+    for schema in _schemas():
+        if not onnx.defs.has(schema.name, schema.domain):
+            onnx.defs.register_schema(schema)
 
 
 def translation_table() -> dict:

@@ -158,9 +158,13 @@ class ExportablePDD(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    def normalise(self, images: Tensor) -> Tensor:
+        """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 ImageNet-normalised."""
+        return (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.preprocess:
-            images = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+            images = self.normalise(images)
         feats = self.model.features(images)
         amap, score = self.head(feats, (images.shape[-2], images.shape[-1]))
         return score, amap
@@ -508,9 +512,11 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool] 
                 n.output[:] = [half_name if o == out.name else o for o in n.output]
                 n.input[:] = [half_name if i == out.name else i for i in n.input]
             nodes.append(helper.make_node("Cast", [half_name], [out.name], to=_F32, name=f"{out.name}_cast"))
-            for v in g.value_info:
-                if v.name == out.name:
-                    v.name = half_name
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(out)
+            info.name = half_name
+            info.type.tensor_type.elem_type = _F16
+            cast_infos.append(info)
     del g.node[:]
     g.node.extend(nodes)
     for v in g.value_info:

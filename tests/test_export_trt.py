@@ -1,0 +1,235 @@
+"""TensorRT path without TensorRT: plugin shape functions, launch parameters from the kernels' AOT records,
+PTX generation, head lowering, the build script's dry run, and engine metadata checks.
+
+Tests that need TensorRT itself (and a CUDA GPU) skip with the reason.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+from test_export_onnx import exported
+
+from export.build_trt import _network_flags, main, parse_batch
+from export.custom_ops import DOMAIN, HEAD_OP, SS2D_OP
+from export.metadata import (
+    EngineMetadata,
+    EngineMismatch,
+    TensorSpec,
+    check_engine_compatible,
+    read_engine_metadata,
+    write_metadata,
+)
+from export.onnx_export import to_fp16
+from export.trt_plugins import (
+    HEAD_BLUR_OP,
+    HEAD_COSINE_OP,
+    head_blur_kernel,
+    head_blur_output_shapes,
+    head_blur_sizes,
+    head_cosine_kernel,
+    head_cosine_output_shapes,
+    head_cosine_sizes,
+    launch_plan,
+    lower_for_tensorrt,
+    plugin_launch_records,
+    ss2d_kernels,
+    ss2d_output_shape,
+    ss2d_sizes,
+)
+
+aot = pytest.importorskip("kernels.aot", reason="PTX generation needs Triton (pip install -e '.[gpu]')")
+
+ROOT = Path(__file__).resolve().parent.parent
+# PDD at 64²: WRN level 1 and its fusion target at 16², level 2 at 8², level 3 at 4²; prior and plain student.
+TEACHERS = [(2, 256, 16, 16), (2, 512, 8, 8), (2, 1024, 4, 4)] * 2
+
+
+@pytest.fixture(scope="module")
+def lowered(small_pdd: torch.nn.Module) -> onnx.ModelProto:
+    return lower_for_tensorrt(onnx.load(str(exported("plugin", small_pdd).path)))
+
+
+def test_shape_functions() -> None:
+    assert ss2d_output_shape((2, 192, 16, 16)) == (2, 192, 16, 16)
+    cos, seed = head_cosine_output_shapes(TEACHERS)
+    assert cos == (2, 2 * (256 + 64 + 16)) and seed == (2,)
+    assert head_blur_output_shapes(cos, 64, 64) == ((2, 64, 64), (2,))
+    with pytest.raises(ValueError, match="rank"):
+        ss2d_output_shape((2, 192, 256))
+
+
+def test_ss2d_tactics_compile_to_ptx_with_the_aot_contract() -> None:
+    for dtype in ("fp32", "fp16"):
+        kernels = ss2d_kernels(dtype, 16)
+        assert len(kernels) >= 2  # TensorRT times one tactic per scan strategy
+        for k in kernels:
+            assert aot.check_contract(k) == []
+            assert f".entry {k.name}" in k.ptx and k.target == "cuda:90"
+            roles = [p.role for p in k.params]
+            assert roles == ["input"] * 7 + ["scalar"] * 3 + ["output"]
+            assert [p.type for p in k.params][:4] == [f"*{dtype}"] * 4
+
+
+def test_launch_plan_follows_the_contract() -> None:
+    x = (3, 384, 8, 8)
+    for k in ss2d_kernels("fp32", 16):
+        plan = launch_plan(k, ss2d_sizes(x))
+        assert plan.grid == aot.eval_grid(k.grid, dim=384, batch=3)
+        assert plan.grid[1] == 3 and plan.block == (32 * k.num_warps, 1, 1)
+        assert plan.scalar_names == ("dim", "height", "width") and plan.scalars == (384, 8, 8)
+        assert plan.shared_mem == k.shared
+    cosine = launch_plan(head_cosine_kernel("fp32", 6), head_cosine_sizes(TEACHERS))
+    assert cosine.scalars == (256, 512, 1024) * 2 + (16, 8, 4) * 2 + (16, 8, 4) * 2
+    assert cosine.grid == (2 * (4 + 1 + 1), 2, 1)  # cdiv(H·W, 64) per level, batch
+    blur = launch_plan(head_blur_kernel(6, 4.0), head_blur_sizes(2, [16, 16, 8, 8, 4, 4] * 2, 64, 64))
+    assert blur.grid == (4, 2, 1) and blur.scalars[-2:] == (64, 64)
+    with pytest.raises(ValueError, match="launch contract"):
+        launch_plan(ss2d_kernels("fp32", 16)[0], {"batch": 1})
+
+
+def test_sigma_is_baked_into_the_blur_ptx() -> None:
+    assert head_blur_kernel(6, 4.0).ptx != head_blur_kernel(6, 2.0).ptx
+
+
+def test_lowering_replaces_the_head_by_two_plugins(lowered: onnx.ModelProto) -> None:
+    ops = [n.op_type for n in lowered.graph.node if n.domain == DOMAIN]
+    assert HEAD_OP not in ops and ops.count(SS2D_OP) == 15
+    assert ops.count(HEAD_COSINE_OP) == ops.count(HEAD_BLUR_OP) == 1
+    blur = next(n for n in lowered.graph.node if n.op_type == HEAD_BLUR_OP)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in blur.attribute}
+    assert attrs["level_sizes"] == [16, 16, 8, 8, 4, 4] * 2 and (attrs["height"], attrs["width"]) == (64, 64)
+    assert attrs["sigma"] == pytest.approx(4.0) and attrs["aot"] == 1
+    score = next(n for n in lowered.graph.node if n.output[0] == "pred_score")
+    assert score.op_type == "ReduceMax" and score.input[0] == "anomaly_map" == blur.output[0]
+    onnx.checker.check_model(lowered)
+
+
+def test_launch_records_scale_with_the_batch(lowered: onnx.ModelProto) -> None:
+    records = plugin_launch_records(lowered, batch=3)
+    assert len(records) == 15 * len(ss2d_kernels("fp32", 16)) + 2
+    assert {r["plugin"] for r in records} == {f"{DOMAIN}::{op}" for op in (SS2D_OP, HEAD_COSINE_OP, HEAD_BLUR_OP)}
+    assert all(r["grid"][1] == 3 for r in records)
+    first = records[0]
+    assert first["scalars"] == {"dim": 192, "height": 16, "width": 16} and first["tactic_id"] == 1  # stage 1 at 64²
+
+
+def test_fp16_network_keeps_the_head_fp32(lowered: onnx.ModelProto) -> None:
+    fp16 = to_fp16(lowered)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*fp16.graph.value_info, *fp16.graph.input)}
+    cosine = next(n for n in fp16.graph.node if n.op_type == HEAD_COSINE_OP)
+    assert {types[i] for i in cosine.input} == {TensorProto.FLOAT}
+    assert {o.type.tensor_type.elem_type for o in fp16.graph.output} == {TensorProto.FLOAT}
+    scan = next(n for n in fp16.graph.node if n.op_type == SS2D_OP)
+    assert types[scan.input[0]] == TensorProto.FLOAT16
+
+
+def test_dry_run_writes_the_build_plan(small_pdd: torch.nn.Module) -> None:
+    out = Path(tempfile.mkdtemp(prefix="pdd-plan-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    onnx_path = exported("plugin", small_pdd).path
+    assert main(["--onnx", str(onnx_path), "--precision", "fp16", "--batch", "1:2:4", "--out", str(out),
+                 "--dry-run"]) == 0
+    plan = json.loads((out / "build-plan.json").read_text())
+    assert plan["precision"] == "fp16" and plan["profile"] == {"min": 1, "opt": 2, "max": 4}
+    assert plan["input_shapes"]["max"] == [4, 3, 64, 64]
+    assert plan["plugins"] == sorted(f"{DOMAIN}::{op}" for op in (SS2D_OP, HEAD_COSINE_OP, HEAD_BLUR_OP))
+    assert all((out / p).is_file() for p in plan["ptx"]) and len(plan["ptx"]) == 4
+    launches = json.loads((out / "plugins.json").read_text())
+    assert launches["batch"] == 2 and all(r["grid"][1] == 2 for r in launches["launches"])
+    assert (out / "network.onnx").is_file() and not (out / "engine.plan").exists()
+
+
+def test_batch_outside_the_exported_range_is_refused(small_pdd: torch.nn.Module, tmp_path: Path) -> None:
+    onnx_path = exported("plugin", small_pdd).path
+    with pytest.raises(ValueError, match=r"exported for batch 1\.\.4"):
+        main(["--onnx", str(onnx_path), "--batch", "1:8:16", "--out", str(tmp_path), "--dry-run"])
+
+
+def test_help_runs_as_a_script_without_tensorrt() -> None:
+    result = subprocess.run([sys.executable, "export/build_trt.py", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--onnx-form" in result.stdout and "--timing-cache" in result.stdout
+
+
+def test_parse_batch() -> None:
+    assert parse_batch("1:8:32") == (1, 8, 32) and parse_batch("4") == (4, 4, 4)
+    for bad in ("0:1:2", "4:2:8", "1:2", "a:b:c"):
+        with pytest.raises(Exception, match="MIN:OPT:MAX"):
+            parse_batch(bad)
+
+
+def test_network_flags_strongly_typed_with_explicit_batch_only_where_it_exists() -> None:
+    trt10 = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=5))
+    trt11 = SimpleNamespace(NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1))
+    assert _network_flags(trt10) == (1 << 5) | 1
+    assert _network_flags(trt11) == 1 << 1
+
+
+def _engine_meta() -> EngineMetadata:
+    spec = TensorSpec("images", "float32", ("batch", 3, 64, 64))
+    return EngineMetadata(
+        engine_file="engine.plan", engine_sha256="e" * 64, precision="fp16", onnx_form="plugin", onnx_sha256="a" * 64,
+        kernels_sha256="k" * 64, plugins=[f"{DOMAIN}::{SS2D_OP}"], tensorrt_version="10.13.0.35",
+        device_name="NVIDIA H200", compute_capability="9.0",
+        profile={"images": {"min": [1, 3, 64, 64], "opt": [2, 3, 64, 64], "max": [4, 3, 64, 64]}},
+        inputs=[spec], outputs=[TensorSpec("pred_score", "float32", ("batch",))], image_size=(64, 64),
+        preprocess=False, normalisation={}, config={"image_size": 64})
+
+
+def test_engine_metadata_round_trip_and_mismatch_refusal(tmp_path: Path) -> None:
+    meta = _engine_meta()
+    write_metadata(tmp_path / "engine.json", meta)
+    loaded = read_engine_metadata(tmp_path)
+    assert loaded == meta
+    here = {"tensorrt_version": "10.13.0.35", "compute_capability": "9.0"}
+    assert check_engine_compatible(loaded, **here, device_name="NVIDIA H200") == []
+    assert "tuned on NVIDIA H200" in check_engine_compatible(loaded, **here, device_name="NVIDIA H100")[0]
+    with pytest.raises(EngineMismatch, match=r"TensorRT 10\.13\.0\.35, this is TensorRT 11\.4\.0"):
+        check_engine_compatible(loaded, tensorrt_version="11.4.0", compute_capability="9.0")
+    with pytest.raises(EngineMismatch, match=r"compute capability 9\.0"):
+        check_engine_compatible(loaded, tensorrt_version="10.13.0.35", compute_capability="8.0")
+    with pytest.raises(EngineMismatch, match="ONNX sha256"):
+        check_engine_compatible(loaded, **here, onnx_sha256="b" * 64)
+    with pytest.raises(EngineMismatch, match="plugin kernels"):
+        check_engine_compatible(loaded, **here, kernels_sha256="c" * 64)
+
+
+def test_plugins_register_with_tensorrt() -> None:
+    trtp = pytest.importorskip("tensorrt.plugin", reason="TensorRT is not installed (its wheels need NVIDIA's index)")
+    from export.trt_plugins import register_plugins
+
+    register_plugins()
+    register_plugins()  # idempotent
+    assert {SS2D_OP, HEAD_COSINE_OP, HEAD_BLUR_OP} <= set(dir(trtp.op.pdd))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_engine_build_and_check_against_onnxruntime_and_torch(small_pdd: torch.nn.Module) -> None:
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (its wheels need NVIDIA's index)")
+    if not torch.cuda.is_available():
+        pytest.skip("building a TensorRT engine needs a CUDA GPU")
+    from export.build_trt import build_engine, check_engine, prepare
+    from export.runtime import TensorRTRuntime
+
+    out = Path(tempfile.mkdtemp(prefix="pdd-engine-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    plan = prepare(out, onnx=exported("plugin", small_pdd).path, precision="fp32", batch=(1, 2, 4))
+    build_engine(plan, timing_cache=out / "timing.cache")
+    assert (out / "timing.cache").is_file()
+    assert check_engine(plan, small_pdd, images=4)
+    with TensorRTRuntime(out) as rt:
+        assert rt.predict(torch.zeros(2, 3, 64, 64).numpy())["anomaly_map"].shape == (2, 64, 64)
