@@ -45,6 +45,7 @@ __all__ = [
     "register_onnx_schemas",
     "register_ort_ops",
     "ss2d_scan_op",
+    "ss2d_shapes",
     "to_ort_domain",
     "translation_table",
 ]
@@ -226,7 +227,7 @@ def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def ss2d_shapes(batch: int, dim: int, height: int, width: int, d_state: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the SS2DScan inputs for one block (used by tests and the plugin shape checks)."""
+    """Shapes of the SS2DScan inputs (x, delta, B, C, A, D, delta_bias) for one block: the op's contract."""
     return {
         "x": (batch, dim, height, width),
         "delta": (batch, SS2D_ROUTES, dim, height, width),
