@@ -347,8 +347,8 @@ def serve(repo: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001,
     """
     repo = Path(repo)
     flavour = repository_flavour(repo)
-    print(f"In production, serve {repo} ({flavour} flavour) with NVIDIA's container:\n  {docker_command(repo)}",
-          flush=True)
+    docker = docker_command(repo, http_port, grpc_port, metrics_port)
+    print(f"In production, serve {repo} ({flavour} flavour) with NVIDIA's container:\n  {docker}", flush=True)
     if flavour == "tensorrt":
         print(f"  Note: {_tensorrt_note(repo.resolve())}.", flush=True)
     if flavour != "python":

@@ -133,8 +133,9 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
     assert [(i.name, list(i.dims)) for i in eng.input] == [("images", [3, 64, 64])]
     assert list(eng.dynamic_batching.preferred_batch_size) == [4, 8]
     assert eng.dynamic_batching.max_queue_delay_microseconds == 500
-    assert [(w.batch_size, list(w.inputs["images"].dims), w.inputs["images"].zero_data) for w in eng.model_warmup] \
-        == [(1, [3, 64, 64], True), (8, [3, 64, 64], True)]
+    warmup = [(1, [3, 64, 64], True)] + ([] if flavour == "python" else [(8, [3, 64, 64], True)])
+    assert [(w.batch_size, list(w.inputs["images"].dims), w.inputs["images"].zero_data)
+            for w in eng.model_warmup] == warmup
     kind = mc.ModelInstanceGroup.Kind.Name(eng.instance_group[0].kind)
     score = next(o for o in eng.output if o.name == "pred_score")
     version = repo / "pdd_engine" / "1"

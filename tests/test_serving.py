@@ -1,0 +1,298 @@
+"""A real Triton Inference Server (the one bundled with nvidia-pytriton) serving the python flavour.
+
+One module-scoped server on free loopback ports, on a repository exported from the small 64² PDD.
+Outputs are compared with the PyTorch model; bad requests must get clear errors while the server keeps
+serving; a bounded concurrent load must finish without errors and match single requests. The server's
+log is printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.client import InferenceError, PDDClient, predict_server_files, run_load
+from export.triton_repo import MAX_SIDE, build_triton_repo
+from pdd.data.readers import to_model_input
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
+
+SIZE = 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _images() -> np.ndarray:
+    """Two 64² uint8 RGB images: smooth blobs on a dark background, one with a bright square."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    base = 0.4 * np.exp(-((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / 0.08)
+    second = base.copy()
+    second[20:30, 34:44] = 1.0
+    return np.stack([np.repeat((img * 255).astype(np.uint8)[..., None], 3, axis=2) for img in (base, second)])
+
+
+def _torch_reference(model, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """PyTorch outputs for uint8 (H, W, C) images, preprocessed exactly like `pdd predict`."""
+    x = torch.stack([to_model_input(i.astype(np.float32) / 255, SIZE) for i in images])
+    with torch.inference_mode():
+        out = model(x)
+    return {"pred_score": out.pred_score.numpy(), "anomaly_map": out.anomaly_map.numpy()}
+
+
+def _grey() -> np.ndarray:
+    """A 96x80 one-channel uint8 image: the server resizes it to 64² and replicates the channel."""
+    return (np.random.default_rng(0).random((96, 80, 1)) * 120 + 40).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def reference(small_pdd):
+    """(images, outputs for images, threshold, outputs for the grey image), one PyTorch forward for all."""
+    images, grey = _images(), _grey()
+    both = _torch_reference(small_pdd, [*images, grey])
+    ref = {k: v[:2] for k, v in both.items()}
+    # Halfway between the two scores, so one image is flagged and the other is not.
+    threshold = float(ref["pred_score"].mean())
+    return images, ref, threshold, {k: v[2:] for k, v in both.items()}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, small_pdd, reference):
+    pytest.importorskip("pytriton", reason="needs the bundled server: pip install --no-deps nvidia-pytriton==0.7.0")
+    threshold = reference[2]
+    return build_triton_repo(tmp_path_factory.mktemp("serving") / "repo", flavour="python", model=small_pdd,
+                             max_batch_size=4, threshold=threshold)
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    from export.serve import TritonServer
+
+    http, grpc, metrics = _free_ports(3)
+    srv = TritonServer(repo, http, grpc, metrics, log=tmp_path_factory.mktemp("server-log") / "tritonserver.log")
+    srv.start(timeout_s=300)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _server_log_on_failure(request):
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed > failed and "server" in request.fixturenames:
+        srv = request.getfixturevalue("server")
+        print(f"\n--- tritonserver log (tail) ---\n{srv.log_tail()}", file=sys.stderr)
+
+
+def _tolerance(ref_map: np.ndarray) -> float:
+    return 1e-4 * float(ref_map.max() - ref_map.min())
+
+
+def _assert_matches(out: dict[str, np.ndarray], ref: dict[str, np.ndarray], threshold: float) -> None:
+    tol = _tolerance(ref["anomaly_map"])
+    np.testing.assert_allclose(out["anomaly_map"], ref["anomaly_map"], atol=tol, rtol=0)
+    np.testing.assert_allclose(out["pred_score"], ref["pred_score"], atol=tol, rtol=0)
+    np.testing.assert_array_equal(out["pred_label"], out["pred_score"] > threshold)
+    np.testing.assert_array_equal(out["pred_mask"], out["anomaly_map"] > threshold)
+
+
+# --- parity ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol, shm", [("http", False), ("grpc", False), ("http", True), ("grpc", True)])
+def test_outputs_match_pytorch(server, reference, protocol, shm):
+    images, ref, threshold, _ = reference
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with PDDClient(url, protocol=protocol, shm=shm) as client:
+        assert client.health() == {"live": True, "ready": True, "model_ready": True}
+        out = client.predict(images)
+        assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
+            "pred_score": ((2,), np.float32), "anomaly_map": ((2, SIZE, SIZE), np.float32),
+            "pred_label": ((2,), np.bool_), "pred_mask": ((2, SIZE, SIZE), np.bool_)}
+        _assert_matches(out, ref, threshold)
+        assert out["pred_label"].tolist() == (ref["pred_score"] > threshold).tolist()
+        assert sorted(out["pred_label"].tolist()) == [False, True]
+        if shm:
+            # A second, smaller request reuses the client's shared-memory regions.
+            _assert_matches(client.predict(images[1]), {k: v[1:] for k, v in ref.items()}, threshold)
+        assert client.threshold() == pytest.approx(threshold)
+
+
+def test_resized_grey_and_encoded_inputs(server, reference):
+    _, _, threshold, ref = reference
+    grey = _grey()
+    with PDDClient(server.grpc_url, protocol="grpc") as client:
+        _assert_matches(client.predict(grey[None]), ref, threshold)
+        png = io.BytesIO()
+        Image.fromarray(grey[..., 0]).save(png, format="PNG")
+        jpeg = io.BytesIO()
+        Image.fromarray(np.repeat(grey, 3, axis=2)).save(jpeg, format="JPEG", quality=95)
+        out = client.predict([png.getvalue(), jpeg.getvalue()])
+    _assert_matches({k: v[:1] for k, v in out.items()}, ref, threshold)
+    # JPEG is lossy: only close.
+    assert abs(out["pred_score"][1] - ref["pred_score"][0]) < 0.05 * float(np.ptp(ref["anomaly_map"]))
+
+
+# --- bad requests -------------------------------------------------------------------------------------
+
+
+def _raw_infer(url: str, name: str, array: np.ndarray, datatype: str, model: str = "pdd") -> str:
+    """Send one raw request; the error message it gets (fails if it succeeds)."""
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    client = th.InferenceServerClient(url, network_timeout=60)
+    try:
+        inp = th.InferInput(name, list(array.shape), datatype)
+        inp.set_data_from_numpy(array)
+        client.infer(model, [inp])
+    except InferenceServerException as exc:
+        return exc.message()
+    finally:
+        client.close()
+    pytest.fail(f"{model} accepted a bad {name} {array.shape} {datatype}")
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, reference):
+    images, ref, threshold, _ = reference
+    url = server.http_url
+    cases = [
+        ("images", images.astype(np.float32), "FP32", "pdd", "data-type is 'FP32'"),
+        ("images", images[..., :1].repeat(4, axis=3), "UINT8", "pdd", "1 (grey) or 3 (RGB) channels"),
+        ("images", images[:, :, :, 0], "UINT8", "pdd", "unexpected shape"),
+        ("images", np.zeros((0, SIZE, SIZE, 3), np.uint8), "UINT8", "pdd", "images"),
+        ("images", np.zeros((1, MAX_SIDE + 1, 4, 3), np.uint8), "UINT8", "pdd", f"largest side accepted is {MAX_SIDE}"),
+        ("images_encoded", np.array([[b"%PDF-1.4 not an image"]], np.object_), "BYTES", "pdd", "not an image file"),
+        ("images", np.full((1, 3, SIZE, SIZE), np.nan, np.float32), "FP32", "pdd_engine", "NaN or infinite"),
+    ]
+    for name, array, datatype, model, phrase in cases:
+        message = _raw_infer(url, name, array, datatype, model)
+        assert phrase in message, (phrase, message)
+        # Each bad request is followed by a good one, which must succeed.
+        with PDDClient(url) as client:
+            _assert_matches(client.predict(images[:1]), {k: v[:1] for k, v in ref.items()}, threshold)
+    with PDDClient(server.grpc_url, protocol="grpc") as client:
+        with pytest.raises(InferenceError, match="damaged image file"):
+            client.predict([b"\x89PNG\r\n\x1a\n truncated"])
+        with pytest.raises(ValueError, match="uint8"):
+            client.predict(images.astype(np.float32))
+        with pytest.raises(ValueError, match="B >= 1"):
+            client.predict(np.zeros((0, SIZE, SIZE, 3), np.uint8))
+        assert client.health()["model_ready"]
+
+
+# --- load -----------------------------------------------------------------------------------------------
+
+
+def test_concurrent_load_has_no_errors_and_matches_single_requests(server, reference):
+    images = reference[0]
+    payloads = [images[0], images[1]]
+    with PDDClient(server.http_url) as client:
+        single = [client.predict(p) for p in payloads]
+    kinds = [(server.http_url, "http", False), (server.grpc_url, "grpc", False),
+             (server.http_url, "http", True), (server.grpc_url, "grpc", True)]
+    made = []
+
+    def factory() -> PDDClient:
+        url, protocol, shm = kinds[len(made) % len(kinds)]
+        made.append(protocol)
+        return PDDClient(url, protocol=protocol, shm=shm)
+
+    stats = run_load(factory, payloads, concurrency=4, requests=5, warmup=0, timeout_s=240, keep_outputs=True)
+    assert stats["errors"] == 0, stats["error_messages"]
+    assert stats["completed"] == 20 and not stats["timed_out"]
+    assert stats["throughput_infer_per_sec"] > 0 and stats["p50_latency_us"] <= stats["p99_latency_us"]
+    # Dynamic batching may group requests; ONNX Runtime's sums then differ in the last bits only.
+    tol = 1e-5 * float(np.ptp(single[0]["anomaly_map"]))
+    for index, out in stats["outputs"]:
+        np.testing.assert_allclose(out["anomaly_map"], single[index]["anomaly_map"], atol=tol, rtol=0)
+        np.testing.assert_allclose(out["pred_score"], single[index]["pred_score"], atol=tol, rtol=0)
+        np.testing.assert_array_equal(out["pred_label"], single[index]["pred_label"])
+
+
+# --- files, metrics, the CLI ----------------------------------------------------------------------------
+
+
+def test_predict_server_files_writes_results_and_heatmaps(server, reference, tmp_path):
+    images, ref, threshold, _ = reference
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    # The second image is grey (three equal channels): saved as a one-channel PNG it scores the same.
+    Image.fromarray(images[0]).save(folder / "a.png")
+    Image.fromarray(images[1][..., 0]).save(folder / "b.png")
+    out = tmp_path / "out"
+    summary = predict_server_files([folder], server.grpc_url, protocol="grpc", shm=True, out_dir=out)
+    assert summary["scored"] == 2 and summary["threshold"] == pytest.approx(threshold)
+    assert json.loads((out / "results.json").read_text()) == summary
+    tol = _tolerance(ref["anomaly_map"])
+    for k, (rec, path) in enumerate(zip(summary["results"], sorted(folder.iterdir()))):
+        assert rec["input"] == str(path) and (out / rec["heatmap"]).is_file()
+        assert abs(rec["score"] - float(ref["pred_score"][k])) <= tol
+        assert rec["anomalous"] == bool(ref["pred_score"][k] > threshold)
+    assert Image.open(out / summary["results"][0]["heatmap"]).size == (SIZE, SIZE)
+
+
+def test_metrics_expose_the_autoscaling_inputs(server, reference):
+    with PDDClient(server.http_url) as client:
+        client.predict(reference[0][:1])
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    for name in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
+        assert any(line.startswith(name + "{") and 'model="pdd_engine"' in line for line in text.splitlines()), name
+
+
+def test_serve_prints_docker_line_and_stops_on_ctrl_c(repo, monkeypatch, capsys):
+    """`pdd serve`'s control flow; the server it starts is the one the fixture above runs for real."""
+    from export import serve as serve_module
+
+    events = []
+
+    class Interrupted(serve_module.TritonServer):
+        def start(self, timeout_s: float = 180) -> serve_module.TritonServer:
+            events.append(("start", self.http_port, self.grpc_port, self.metrics_port, self.host))
+            return self
+
+        def wait(self) -> int:
+            raise KeyboardInterrupt
+
+        def stop(self, timeout_s: float = 30) -> None:
+            events.append("stop")
+
+    monkeypatch.setattr(serve_module, "TritonServer", Interrupted)
+    assert serve_module.serve(repo, 9000, 9001, 9002) == 0
+    assert events[0] == ("start", 9000, 9001, 9002, "127.0.0.1") and "stop" in events
+    out = capsys.readouterr().out
+    assert "docker run --rm --shm-size=1g --ipc=host -p 9000:8000 -p 9001:8001 -p 9002:8002" in out
+    assert "nvcr.io/nvidia/tritonserver:24.10-py3" in out and "Serving model 'pdd'" in out
+
+
+def test_serve_refuses_flavours_the_bundled_server_lacks(repo, tmp_path, capsys):
+    from export.serve import ServerError, TritonServer, serve
+
+    onnx_file = repo / "pdd_engine" / "1" / "model.onnx"
+    ort = build_triton_repo(tmp_path / "ort", flavour="onnxruntime", engine_dir=onnx_file, max_batch_size=4)
+    assert serve(ort, *_free_ports(3)) == 2
+    captured = capsys.readouterr()
+    assert "docker run" in captured.out and "only the Python backend" in captured.err
+    with pytest.raises(ServerError, match="only the Python"):
+        TritonServer(ort).start()
