@@ -181,6 +181,8 @@ class OnnxRuntime(Runtime):
         proto = load_onnx(path)
         if any(n.domain == DOMAIN for n in proto.graph.node):
             options.register_custom_ops_library(register_ort_ops())
+            # The Python ops run on the calling thread; spinning pool threads would only steal its CPU.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             source: Any = to_ort_domain(proto).SerializeToString()
         else:
             source = str(path)

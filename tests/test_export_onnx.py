@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +42,28 @@ from pdd.backbones.vmamba import SS2D
 EXPORT_BATCH = (1, 4)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on the 2 shared cores, OpenMP threads spinning against other jobs make the
+    forward passes ~10x slower than a single thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.cache
 def exported(form: str, model: torch.nn.Module) -> ExportReport:
     """The 64² PDD exported once per form and session (dynamic batch 1..4) into a temporary folder."""
     folder = Path(tempfile.mkdtemp(prefix=f"pdd-onnx-{form}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return export_onnx(model, folder, form=form, batch=EXPORT_BATCH)
+
+
+@functools.cache
+def loaded(path: Path) -> onnx.ModelProto:
+    """An exported file parsed once per session (~460 MB); callers must not modify it."""
+    return onnx.load(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +78,7 @@ def portable_report(small_pdd: torch.nn.Module) -> ExportReport:
 
 @pytest.fixture(scope="module")
 def labelled() -> tuple[np.ndarray, np.ndarray]:
-    return labelled_images(6, 64, seed=0)
+    return labelled_images(4, 64, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +138,7 @@ def test_wrapper_shares_weights_and_leaves_the_model_unchanged(small_pdd: torch.
 
 
 def test_plugin_graph_has_one_node_per_scan_and_one_head(plugin_report: ExportReport) -> None:
-    model = onnx.load(str(plugin_report.path))
+    model = loaded(plugin_report.path)
     onnx.checker.check_model(model)
     scans = [n for n in model.graph.node if n.op_type == SS2D_OP]
     heads = [n for n in model.graph.node if n.op_type == HEAD_OP]
@@ -140,7 +157,7 @@ def test_plugin_graph_has_one_node_per_scan_and_one_head(plugin_report: ExportRe
 
 
 def test_portable_graph_is_standard_ops_with_dynamic_batch(portable_report: ExportReport) -> None:
-    model = onnx.load(str(portable_report.path))
+    model = loaded(portable_report.path)
     assert {n.domain for n in model.graph.node} == {""}
     assert not {"Loop", "Scan", "If"} & set(portable_report.ops)
     assert portable_report.ops["CumSum"] == 30  # two cumulative sums per SS2D block
@@ -221,7 +238,7 @@ def test_fp16_block_keeps_the_scan_fp32_and_stays_close() -> None:
 
 
 def test_fp16_plugin_graph_casts_into_the_head_only(plugin_report: ExportReport) -> None:
-    fp16 = to_fp16(onnx.load(str(plugin_report.path)))
+    fp16 = to_fp16(loaded(plugin_report.path))
     types = {v.name: v.type.tensor_type.elem_type for v in (*fp16.graph.value_info, *fp16.graph.input)}
     types.update({t.name: t.data_type for t in fp16.graph.initializer})
     scan = next(n for n in fp16.graph.node if n.op_type == SS2D_OP)
@@ -233,7 +250,7 @@ def test_fp16_plugin_graph_casts_into_the_head_only(plugin_report: ExportReport)
 
 
 def test_to_ort_domain_moves_nodes_and_keeps_readable_attributes(plugin_report: ExportReport) -> None:
-    moved = to_ort_domain(onnx.load(str(plugin_report.path), load_external_data=False))
+    moved = to_ort_domain(loaded(plugin_report.path))
     custom = [n for n in moved.graph.node if n.domain == ORT_DOMAIN]
     assert len(custom) == 16 and not any(n.domain == DOMAIN for n in moved.graph.node)
     head = next(n for n in custom if n.op_type == HEAD_OP)
@@ -245,7 +262,7 @@ def test_to_ort_domain_moves_nodes_and_keeps_readable_attributes(plugin_report: 
 def test_onnxruntime_parity_with_pytorch(form: str, small_pdd: torch.nn.Module, labelled: tuple,
                                          reference: dict[str, np.ndarray]) -> None:
     images, labels = labelled
-    candidate = OnnxRuntime(exported(form, small_pdd).path, name=f"onnxruntime:cpu:{form}")
+    candidate = OnnxRuntime(exported(form, small_pdd).path, threads=1, name=f"onnxruntime:cpu:{form}")
     parity = compare_predictions(reference, predict_all(candidate, images, batch=2), labels, "torch:chunked",
                                  candidate.name)
     assert parity.ok(), str(parity)

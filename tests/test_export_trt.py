@@ -19,7 +19,7 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto
-from test_export_onnx import exported
+from test_export_onnx import exported, loaded
 
 from export.build_trt import _network_flags, main, parse_batch
 from export.custom_ops import DOMAIN, HEAD_OP, SS2D_OP
@@ -58,7 +58,7 @@ TEACHERS = [(2, 256, 16, 16), (2, 512, 8, 8), (2, 1024, 4, 4)] * 2
 
 @pytest.fixture(scope="module")
 def lowered(small_pdd: torch.nn.Module) -> onnx.ModelProto:
-    return lower_for_tensorrt(onnx.load(str(exported("plugin", small_pdd).path)))
+    return lower_for_tensorrt(loaded(exported("plugin", small_pdd).path))
 
 
 def test_shape_functions() -> None:

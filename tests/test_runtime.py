@@ -3,6 +3,7 @@ custom-op nodes), PyTorch eager, and the parity helpers."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,16 @@ from export.runtime import OnnxRuntime, RuntimeUnavailable, TorchRuntime, make_r
 from pdd.anomaly import anomaly_head_ref
 from pdd.backbones.vmamba import SS2D
 from pdd.ssm import ss2d_scan
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on the 2 shared cores, OpenMP threads spinning against other jobs make the
+    forward passes ~10x slower than a single thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _save(graph: onnx.GraphProto, path: Path, domains: dict[str, int] | None = None) -> Path:
