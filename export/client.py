@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,11 +48,22 @@ class _Region:
         self.handle = shm.create_shared_memory_region(name, f"/{name}", byte_size)
         client.register_system_shared_memory(name, f"/{name}", byte_size)
 
-    def release(self) -> None:
+    def release(self, wait_s: float = 5.0) -> None:
+        """Unregister from the server, then unlink; waits (at most ``wait_s``) while the server holds it."""
         import tritonclient.utils.shared_memory as shm
+        from tritonclient.utils import InferenceServerException
 
+        deadline = time.monotonic() + wait_s
         try:
-            self.client.unregister_system_shared_memory(self.name)
+            while True:
+                try:
+                    self.client.unregister_system_shared_memory(self.name)
+                    return
+                except InferenceServerException as exc:
+                    # An ensemble releases a request's regions a moment after its response has been sent.
+                    if "in use" not in (exc.message() or "") or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         finally:
             shm.destroy_shared_memory_region(self.handle)
 
@@ -216,11 +228,15 @@ class PDDClient:
     def close(self) -> None:
         """Unregister and free shared memory, close the connection."""
         regions, self._regions = list(self._regions.values()), {}
-        try:
-            for region in regions:
+        failures = []
+        for region in regions:
+            try:
                 region.release()
-        finally:
-            self.client.close()
+            except Exception as exc:  # free the other regions and the connection first
+                failures.append(f"{region.name}: {exc}")
+        self.client.close()
+        if failures:
+            raise InferenceError(f"{self.url}: could not release shared memory: {'; '.join(failures)}")
 
     def __enter__(self) -> PDDClient:
         return self
@@ -278,7 +294,8 @@ def predict_server_files(inputs: Sequence[str | os.PathLike], url: str, protocol
 
         window = tuple(dicom_window) if dicom_window else None
         for item in _items(files, nifti_axis, window, skip_bad, skipped):
-            if batch and (len(batch) == limit or _to_uint8(item.image).shape != _to_uint8(batch[0].image).shape):
+            # One request holds images of one size only.
+            if batch and (len(batch) == limit or item.image.shape != batch[0].image.shape):
                 flush()
             batch.append(item)
         if batch:
@@ -326,6 +343,11 @@ def run_load(client_factory: Callable[[], PDDClient], images: Sequence[np.ndarra
             return 1 if payload.ndim == 3 else int(payload.shape[0])
         return len(payload)
 
+    def start_together() -> None:
+        # A worker stuck in set-up must not hold the others (or the caller) beyond the time limit.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            ready.wait(timeout=timeout_s)
+
     def worker(w: int) -> None:
         client = None
         try:
@@ -336,7 +358,7 @@ def run_load(client_factory: Callable[[], PDDClient], images: Sequence[np.ndarra
             with lock:
                 errors.append(f"worker {w} set-up: {exc}")
         finally:
-            ready.wait()
+            start_together()
         try:
             if client is None:
                 return
@@ -361,12 +383,16 @@ def run_load(client_factory: Callable[[], PDDClient], images: Sequence[np.ndarra
                         outputs.append((index, pred))
         finally:
             if client is not None:
-                client.close()
+                try:
+                    client.close()
+                except InferenceError as exc:
+                    with lock:
+                        errors.append(f"worker {w} close: {exc}")
 
     threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
     for t in threads:
         t.start()
-    ready.wait()
+    start_together()
     start = time.perf_counter()
     deadline[0] = time.monotonic() + timeout_s
     for t in threads:

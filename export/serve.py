@@ -35,6 +35,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ NGC_IMAGE = "nvcr.io/nvidia/tritonserver"
 # The NGC release of Triton 2.51, the server bundled with nvidia-pytriton 0.7.0 that the tests run.
 NGC_TAG = "24.10"
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
+# Seconds Triton waits for in-flight requests when asked to stop.
+_EXIT_TIMEOUT_S = 10
 
 
 class ServerError(RuntimeError):
@@ -144,6 +147,7 @@ def backend_directory(install: TritonInstall, python_version: str) -> Path:
 def python_env(requirements: Sequence[str] = BACKEND_REQUIREMENTS, timeout_s: float = 900) -> Path:
     """The Python environment for the server's Python models: ``$PDD_TRITON_ENV``, else a cached venv.
 
+    ``$PDD_TRITON_ENV`` must be a venv of the same Python version as the interpreter running this code.
     The venv is made with the interpreter running this code (its libpython is the one the stub loads) and
     ``requirements`` from PyPI, then checked by importing numpy (< 2), onnxruntime and PIL. It is keyed by
     Python version and requirements, and rebuilt if a previous attempt did not finish.
@@ -153,6 +157,10 @@ def python_env(requirements: Sequence[str] = BACKEND_REQUIREMENTS, timeout_s: fl
         env = Path(given)
         if not (env / "bin" / "python3").exists():
             raise ServerError(f"PDD_TRITON_ENV={given} has no bin/python3; point it at a virtual environment")
+        here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        if _python_version(env / "bin" / "python3") != here:
+            raise ServerError(f"PDD_TRITON_ENV={given} runs another Python than this one ({here}); the stub loads "
+                              f"this interpreter's libpython, so make the venv with {sys.executable}")
         return env
     base = Path(getattr(sys, "_base_executable", sys.executable))
     key = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:10]
@@ -204,6 +212,8 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.process: subprocess.Popen | None = None
         self._log_file: IO[bytes] | None = None
+        # The Python backend's /dev/shm regions get this prefix, so a killed server's leftovers can be removed.
+        self._shm_prefix = f"pdd_triton_{uuid.uuid4().hex[:12]}_"
 
     @property
     def http_url(self) -> str:
@@ -241,7 +251,9 @@ class TritonServer:
         cmd = [str(install.binary), f"--model-repository={self.repo}", f"--backend-directory={backends}",
                f"--http-address={self.host}", f"--http-port={self.http_port}",
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}"]
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+               f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+               f"--exit-timeout-secs={_EXIT_TIMEOUT_S}"]
         # Servers from 26.x refuse client shared memory unless asked; 2.51 does not know the flag.
         if "--allow-client-shm" in _help_text(install.binary, env):
             cmd.append("--allow-client-shm=true")
@@ -277,7 +289,7 @@ class TritonServer:
             return ""
         return self.log_path.read_bytes()[-chars:].decode("utf-8", errors="replace")
 
-    def stop(self, timeout_s: float = 30) -> int | None:
+    def stop(self, timeout_s: float = 2 * _EXIT_TIMEOUT_S) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL to the session after ``timeout_s``."""
         proc, self.process = self.process, None
         code = None
@@ -291,6 +303,9 @@ class TritonServer:
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=timeout_s)
             code = proc.returncode
+            # A server that had to be killed leaves its stubs' shared memory behind.
+            for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+                leftover.unlink(missing_ok=True)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

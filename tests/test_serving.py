@@ -12,6 +12,7 @@ import io
 import json
 import socket
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -296,3 +297,56 @@ def test_serve_refuses_flavours_the_bundled_server_lacks(repo, tmp_path, capsys)
     assert "docker run" in captured.out and "only the Python backend" in captured.err
     with pytest.raises(ServerError, match="only the Python"):
         TritonServer(ort).start()
+
+
+# --- the load generator and the environment set-up, without a server ---------------------------------------
+
+
+class _FakeClient:
+    """Answers after ``delay`` seconds; refuses every request whose image holds the value 13."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.closed = delay, False
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        time.sleep(self.delay)
+        if (images == 13).any():
+            raise InferenceError("refused")
+        return {"pred_score": np.array([float(images.mean())], np.float32)}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_run_load_counts_errors_and_keeps_outputs():
+    images = [np.full((4, 4, 1), v, np.uint8) for v in (1, 2, 13)]
+    clients = []
+
+    def factory() -> _FakeClient:
+        clients.append(_FakeClient(0.001))
+        return clients[-1]
+
+    stats = run_load(factory, images, concurrency=2, requests=3, warmup=0, keep_outputs=True)
+    # Worker w sends images (3w + i) % 3: each worker meets the refused image once.
+    assert (stats["requests"], stats["completed"], stats["errors"]) == (6, 4, 2)
+    assert stats["error_messages"] == ["refused", "refused"] and not stats["timed_out"]
+    assert sorted(i for i, _ in stats["outputs"]) == [0, 0, 1, 1]
+    assert all(out["pred_score"][0] == images[i].mean() for i, out in stats["outputs"])
+    assert 0 < stats["p50_latency_us"] <= stats["p90_latency_us"] <= stats["p99_latency_us"]
+    assert stats["throughput_infer_per_sec"] > 0 and all(c.closed for c in clients)
+
+
+def test_run_load_stops_issuing_at_the_time_limit():
+    t0 = time.monotonic()
+    stats = run_load(lambda: _FakeClient(0.2), [np.zeros((4, 4, 1), np.uint8)], concurrency=2, requests=1000,
+                     warmup=0, timeout_s=0.5)
+    assert time.monotonic() - t0 < 5 and stats["timed_out"] and stats["errors"] == 0
+    assert 2 <= stats["completed"] <= 12
+
+
+def test_backend_environment_override_is_checked(tmp_path, monkeypatch):
+    from export.serve import ServerError, python_env
+
+    monkeypatch.setenv("PDD_TRITON_ENV", str(tmp_path))
+    with pytest.raises(ServerError, match="has no bin/python3"):
+        python_env()
