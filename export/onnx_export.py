@@ -36,9 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
+from onnxscript.optimizer import fold_constants_ir
 from torch import Tensor, nn
 
 from export.custom_ops import DOMAIN, HEAD_MAP_STRIDE, SS2D_OP, anomaly_head_op, ss2d_scan_op, translation_table
@@ -201,7 +204,7 @@ def _onnx_path(out: str | os.PathLike) -> Path:
     return out if out.suffix == ".onnx" else out / "model.onnx"
 
 
-def _tag_stages(model: object) -> None:
+def _tag_stages(model: ir.Model) -> None:
     """Mark the nodes of the head and of SS2D's own arithmetic (δ/B/C projections and the chunked scan),
     which stay fp32 in an fp16 graph, from the module hierarchy the exporter records; drop other metadata.
 
@@ -210,7 +213,7 @@ def _tag_stages(model: object) -> None:
     """
     ss2d = f"{SS2D.__module__}.{SS2D.__qualname__}"
     head = f"{_AnomalyHeadStage.__module__}.{_AnomalyHeadStage.__qualname__}"
-    for node in model.graph:  # an onnx_ir graph
+    for node in model.graph:
         props = node.metadata_props
         raw = props.get("pkg.torch.onnx.class_hierarchy")
         modules = ast.literal_eval(raw)[:-1] if raw else []  # the last entry is the aten op
@@ -222,31 +225,27 @@ def _tag_stages(model: object) -> None:
             props[STAGE_KEY] = stage
 
 
-def _fold(model: object) -> None:
+def _fold(model: ir.Model) -> None:
     """Constant folding and cleanup, without onnxscript's pattern rewriter.
 
     The exporter's ``optimize=True`` spends most of its time in pattern rewrites (~50 s on PDD here) for
     fusions TensorRT and ONNX Runtime do themselves; folding shape arithmetic is what cuts the node count.
     """
-    import onnx_ir as ir
-    import onnx_ir.passes.common as common
-    from onnxscript.optimizer import fold_constants_ir
-
-    common.InlinePass()(model)
+    ir_passes.InlinePass()(model)
     for _ in range(2):
         result = fold_constants_ir(model, onnx_shape_inference=True)
-        common.RemoveUnusedNodesPass()(model)
+        ir_passes.RemoveUnusedNodesPass()(model)
         if not result.modified:
             break
     ir.passes.Sequential(
-        common.RemoveUnusedFunctionsPass(),
-        common.RemoveUnusedOpsetsPass(),
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common.DeduplicateInitializersPass(),
-        common.CommonSubexpressionEliminationPass(),
-        common.RemoveUnusedNodesPass(),
-        common.OutputFixPass(),
-        common.NameFixPass(),
+        ir_passes.RemoveUnusedFunctionsPass(),
+        ir_passes.RemoveUnusedOpsetsPass(),
+        ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        ir_passes.DeduplicateInitializersPass(),
+        ir_passes.CommonSubexpressionEliminationPass(),
+        ir_passes.RemoveUnusedNodesPass(),
+        ir_passes.OutputFixPass(),
+        ir_passes.NameFixPass(),
     )(model)
 
 
@@ -318,8 +317,6 @@ def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable"
         ir_model = program.model
         _tag_stages(ir_model)
         _fold(ir_model)
-    import onnx_ir as ir
-
     proto = ir.serde.serialize_model(ir_model)
     proto.producer_name = "pdd"
     proto.doc_string = f"PDD anomaly detection, {form} form: {INPUT_NAME} -> {', '.join(OUTPUT_NAMES)}"

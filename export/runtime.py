@@ -137,7 +137,8 @@ class TorchRuntime(Runtime):
         current = next(model.parameters()).device
         # Moving a weight-sharing copy would move the caller's weights too: copy them when the device differs.
         self.model = (weight_sharing_copy(model) if current == dev else copy.deepcopy(model).to(dev)).eval()
-        self.model.set_scan_impl(scan_impl)
+        if hasattr(self.model, "set_scan_impl"):  # PDD; the RD4AD baseline has no scan
+            self.model.set_scan_impl(scan_impl)
         self._forward = torch.compile(self.model) if compile else self.model
         self.name = f"torch:{scan_impl}" + (":compile" if compile else "")
         self.device = str(dev)

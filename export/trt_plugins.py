@@ -414,7 +414,7 @@ def register_plugins() -> None:
     @trtp.autotune(ss2d_id)
     def ss2d_autotune(x, delta, B, C, A, D, delta_bias, outputs):
         # Tactic i+1 is scan strategy i (sequential: many programs; chunked: fewer dependent steps).
-        tactics = list(range(1, len(ss2d_kernels("fp32", 16)) + 1))
+        tactics = list(range(1, len(_aot().selective_scan.STRATEGIES) + 1))
         return [trtp.AutoTuneCombination(", ".join([t] * 4 + ["FP32"] * 3 + [t]), "LINEAR", tactics)
                 for t in ("FP32", "FP16")]
 
