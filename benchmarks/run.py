@@ -443,12 +443,12 @@ class Bench:
             entry["latency"].append({"batch": batch, "warmup": warmup, "first_call_ms": None if first is None else
                                      first * 1e3, "timing": "wall, predict()", **stats,
                                      "throughput_img_s": batch / stats["median_ms"] * 1e3})
-            compute = self._compute_fn(rt, name, precision, batch) if cuda else None
+            compute = self._compute_fn(rt, name, precision, batch) if cuda and not slow else None
             if compute is not None:
                 stats = latency_stats(time_cuda_events(compute, warmup, repeats))
                 entry["compute"].append({"batch": batch, "warmup": warmup, "timing": "CUDA events, device-resident",
                                          **stats, "throughput_img_s": batch / stats["median_ms"] * 1e3})
-        if cuda and not entry["compute"]:
+        if cuda and not entry["compute"] and not slow:
             entry["notes"].append("compute time not separated from predict() for this runtime")
         if not slow:
             for i in range(n):
@@ -1057,14 +1057,17 @@ def _workdir() -> Iterator[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns the results dict (also written to ``--out``)."""
+    """Run the benchmark; returns the results dict (also written to ``--out``).
+
+    ``results.json`` is rewritten after every runtime (with ``"complete": false``), so a run stopped by a
+    time limit still leaves what it measured.
+    """
     args = parse_args(argv)
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("export").setLevel(logging.WARNING)
     with _workdir() as work:
         artifacts = args.artifacts or work / "artifacts"
         model, weights = _build_model(args)
@@ -1076,7 +1079,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for form in forms:
                 print(f"{form}: {bench.onnx(form)}", flush=True)
             return {"artifacts": str(artifacts), "forms": forms}
-        entries: list[dict[str, Any]] = []
+        result: dict[str, Any] = {
+            "schema": 1, "complete": False, "command": command, "environment": env,
+            "load_average": {"before": env.pop("load_average"), "after": None},
+            "config": {"image_size": args.image_size, "batch": args.batch, "concurrency": args.concurrency,
+                       "precision": args.precision, "repeats": args.repeats, "warmup": args.warmup,
+                       "reference_repeats": args.reference_repeats, "requests": args.requests,
+                       "accuracy_images": args.accuracy_images, "device": args.device, "quick": args.quick,
+                       "threads": args.threads, "runtimes": args.runtimes, "images": bench_images.source,
+                       "weights": weights},
+            "runtimes": [], "targets": [], "notes": [], "plots": [],
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+
+        def record(entry: dict[str, Any]) -> None:
+            if entry["status"] != "ok":
+                print(f"  {entry['status']}: {entry['reason']}", flush=True)
+            result["runtimes"].append(entry)
+            atomic_write_text(args.out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
+
         inprocess = [n for n in args.runtimes if n not in SERVER]
         # The reference first, so every other runtime gets its accuracy columns.
         ordered = ([REFERENCE] if REFERENCE in inprocess else []) + [n for n in inprocess if n != REFERENCE]
@@ -1086,33 +1107,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for name in ordered:
             for precision in precisions:
                 print(f"{name} {precision}", flush=True)
-                entry = bench.measure(name, precision)
-                if entry["status"] != "ok":
-                    print(f"  {entry['status']}: {entry['reason']}", flush=True)
-                entries.append(entry)
+                record(bench.measure(name, precision))
                 if name == REFERENCE and precision == "fp32" and bench.reference is None:
                     bench.ensure_reference()
         servers = [n for n in args.runtimes if n in SERVER]
         if servers:
-            entries += bench.serve(servers)
-    notes = [bench.reference_note] if bench.reference_note else []
-    result = {
-        "schema": 1,
-        "command": command,
-        "environment": env,
-        "load_average": {"before": env.pop("load_average"), "after": list(os.getloadavg())},
-        "config": {"image_size": args.image_size, "batch": args.batch, "concurrency": args.concurrency,
-                   "precision": args.precision, "repeats": args.repeats, "warmup": args.warmup,
-                   "reference_repeats": args.reference_repeats, "requests": args.requests,
-                   "accuracy_images": args.accuracy_images, "device": args.device, "quick": args.quick,
-                   "threads": args.threads,
-                   "runtimes": args.runtimes, "images": bench_images.source, "weights": weights},
-        "runtimes": entries,
-        "targets": targets(entries, args.image_size),
-        "notes": notes,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
+            for entry in bench.serve(servers):
+                record(entry)
+    result["notes"] = [bench.reference_note] if bench.reference_note else []
+    result["load_average"]["after"] = list(os.getloadavg())
+    result["targets"] = targets(result["runtimes"], args.image_size)
     result["plots"] = plots(result, args.out)
+    result["complete"] = True
     atomic_write_text(args.out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
     atomic_write_text(args.out / "results.md", markdown(result))
     print(f"\nwrote {args.out / 'results.json'}, results.md and {', '.join(result['plots']) or 'no plots'}\n")

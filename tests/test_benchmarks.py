@@ -181,3 +181,17 @@ def test_quick_run_end_to_end(bench, tmp_path: Path) -> None:
     assert "| torch:chunked | fp32 |" in md and "Skipped or failed" in md and "Targets" in md
     for png in ("latency.png", "throughput.png", "stages.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_check_records_every_step(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The GPU script's bookkeeping, on any machine: the machine step alone, its summary and archive."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path), "--steps", "machine", "--budget-s", "60"]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| machine | ok |" in summary and "- torch: " in summary and "- tensorrt: " in summary
+    assert (tmp_path / "logs.tar.gz").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.tar.gz", "summary.md"]
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", str(tmp_path), "--steps", "machine,warp-drive"])
