@@ -56,7 +56,6 @@ __all__ = ["BuildError", "BuildPlan", "build_engine", "check_engine", "main", "p
 log = logging.getLogger("export.build_trt")
 
 PRECISIONS = ("fp32", "fp16")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "pdd" / "configs"
 
 
 class BuildError(RuntimeError):
@@ -103,18 +102,12 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 def _load_model(checkpoint: Path | None, config: str | None) -> Any:
     from pdd.baselines import build_model
     from pdd.checkpoint import load_pdd
-    from pdd.config import ConfigError, PDDConfig
+    from pdd.cli import resolve_config
 
     if checkpoint is not None:
         return load_pdd(checkpoint, scan_impl="chunked").eval()
-    path = Path(config)
-    if not path.is_file():
-        path = CONFIG_DIR / f"{config}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"--config {config!r} is neither a file nor a built-in config; built-in: {names}")
-    cfg = PDDConfig.from_yaml(path).replace(scan_impl="chunked")
-    log.warning("building from config %s without a checkpoint: trainable parts are freshly initialised", path)
+    cfg = resolve_config(config).replace(scan_impl="chunked")
+    log.warning("building from config %r without a checkpoint: trainable parts are freshly initialised", config)
     return build_model(cfg).eval()
 
 

@@ -157,6 +157,13 @@ def test_batch_outside_the_exported_range_is_refused(small_pdd: torch.nn.Module,
         main(["--onnx", str(onnx_path), "--batch", "1:8:16", "--out", str(tmp_path), "--dry-run"])
 
 
+def test_unknown_config_name_is_refused_with_the_known_ones(tmp_path: Path) -> None:
+    from pdd.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"built-in: .*headct"):
+        main(["--config", "no-such-config", "--out", str(tmp_path), "--dry-run"])
+
+
 def test_help_runs_as_a_script_without_tensorrt() -> None:
     result = subprocess.run([sys.executable, "export/build_trt.py", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
