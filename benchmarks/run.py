@@ -34,7 +34,7 @@ layer assigned to a stage by the ONNX node names it was built from.
 The server is the ``tritonserver`` bundled with nvidia-pytriton serving the portable ONNX with ONNX
 Runtime in its Python backend (export/serve.py); load comes from the closed-loop generator
 :func:`export.client.run_load` (perf_analyzer's fields: throughput infer/s, p50/p90/p95/p99 latency µs,
-plus the engine's server-side queue and compute times from the metrics endpoint), and from
+plus the engine's server-side queue and compute times from Triton's statistics), and from
 ``perf_analyzer`` too when it is on PATH.
 
 Writes ``results.json`` (with versions, device, CPU count, load average before and after, command),
@@ -61,7 +61,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,11 +111,6 @@ SLOW = "torch:reference"
 _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                   "tensorrt": "TensorrtExecutionProvider"}
 _FINGERPRINT = "model-fingerprint.txt"
-# The engine's server-side times (Triton's Prometheus counters, µs summed over requests), named as perf_analyzer does.
-_SERVER_METRICS = {"nv_inference_queue_duration_us": "server_queue_us",
-                   "nv_inference_compute_input_duration_us": "server_compute_input_us",
-                   "nv_inference_compute_infer_duration_us": "server_compute_infer_us",
-                   "nv_inference_compute_output_duration_us": "server_compute_output_us"}
 _PERF_ANALYZER_FIELDS = {"Inferences/Second": "throughput_infer_per_sec", "p50 latency": "p50_latency_us",
                          "p90 latency": "p90_latency_us", "p95 latency": "p95_latency_us",
                          "p99 latency": "p99_latency_us", "Avg latency": "avg_latency_us",
@@ -173,6 +167,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--runtimes", type=_runtimes, default=list(RUNTIMES),
                     help="'all' (default), 'cpu', 'gpu' or comma-separated names (see above)")
     ap.add_argument("--batch", type=_ints, help=f"batch sizes (default {FULL['batch']}, quick {QUICK['batch']})")
+    ap.add_argument("--server-batch", type=_ints, help="batch sizes of the server requests (default: --batch)")
     ap.add_argument("--concurrency", type=_ints, help="server client concurrency (default "
                                                       f"{FULL['concurrency']}, quick {QUICK['concurrency']})")
     ap.add_argument("--image-size", type=int, help="square input size, a multiple of 32 (default 256, quick 64)")
@@ -202,6 +197,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.requests is None:
         args.requests = args.repeats
+    if args.server_batch is None:
+        args.server_batch = args.batch
     if args.image_size < 32 or args.image_size % 32:
         ap.error(f"--image-size must be a positive multiple of 32, got {args.image_size}")
     if min(args.repeats, args.reference_repeats, args.requests) < 1 or args.warmup < 0:
@@ -267,7 +264,7 @@ class Bench:
         self.artifacts, self.work = artifacts, work
         self.device = args.device
         self.size = args.image_size
-        self.max_batch = max(args.batch)
+        self.max_batch = max(*args.batch, *args.server_batch)
         self._fingerprint: str | None = None
         self._models: dict[str, torch.nn.Module] = {"cpu": model}
         self._onnx_errors: dict[str, str] = {}
@@ -358,9 +355,10 @@ class Bench:
             if precision != "fp32":
                 raise RuntimeUnavailable("ONNX Runtime runs the exported fp32 graph; the typed fp16 graph is built "
                                          "for TensorRT (export/build_trt.py)")
-            if package_version("onnxruntime") is None and package_version("onnxruntime-gpu") is None:
-                raise RuntimeUnavailable("onnxruntime is not installed (pip install -e '.[export]')")
-            import onnxruntime
+            try:
+                import onnxruntime
+            except ImportError:
+                raise RuntimeUnavailable("onnxruntime is not installed (pip install -e '.[export]')") from None
 
             if _ORT_PROVIDERS[provider] not in onnxruntime.get_available_providers():
                 raise RuntimeUnavailable(f"this ONNX Runtime has no {_ORT_PROVIDERS[provider]} (available: "
@@ -369,11 +367,10 @@ class Bench:
                 raise RuntimeUnavailable("the plugin form runs its custom ops through onnxruntime-extensions, "
                                          "which is not installed")
             return make_runtime(name, onnx_path=self.onnx(form), threads=self.args.threads)
-        if package_version("tensorrt") is None:
-            with contextlib.suppress(ImportError):
-                import tensorrt  # noqa: F401  (NVIDIA's containers install it without pip metadata)
-            if "tensorrt" not in sys.modules:
-                raise RuntimeUnavailable("TensorRT is not installed here")
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise RuntimeUnavailable("TensorRT is not installed here") from None
         if not torch.cuda.is_available():
             raise RuntimeUnavailable("TensorRT needs a CUDA GPU; none is visible here")
         return make_runtime(f"tensorrt:{precision}", engine_dir=self.engine_dir(rest[0], precision))
@@ -411,7 +408,6 @@ class Bench:
     def _measure(self, rt: Runtime, name: str, precision: str, entry: dict[str, Any]) -> None:
         args, images = self.args, self.images
         cuda = rt.device.startswith("cuda")
-        sync = torch.cuda.synchronize if cuda else None
         slow = name == SLOW
         batches = [1] if slow else list(args.batch)
         if slow:
@@ -423,31 +419,15 @@ class Bench:
         seen: dict[int, tuple[float, np.ndarray]] = {}
         n = len(images)
         for batch in batches:
-            calls = itertools.count()
-
-            def call(batch: int = batch, calls: Iterator[int] = calls) -> None:
-                # Consecutive calls take consecutive images, so timed batch-1 calls also cover the accuracy set.
-                i = next(calls)
-                with self._autocast(name, precision):
-                    out = rt.predict(batch_of(images.normalised, i * batch, batch))
-                if batch == 1:
-                    seen[i % n] = (float(out["pred_score"][0]), out["anomaly_map"][0])
-
-            print(f"  {name} {precision} batch {batch}: {warmup} warm-up + {repeats} timed", flush=True)
-            first = None
-            if warmup:
-                start = time.perf_counter()
-                call()
-                first = time.perf_counter() - start
-            stats = latency_stats(time_calls(call, max(warmup - 1, 0), repeats, sync))
-            entry["latency"].append({"batch": batch, "warmup": warmup, "first_call_ms": None if first is None else
-                                     first * 1e3, "timing": "wall, predict()", **stats,
-                                     "throughput_img_s": batch / stats["median_ms"] * 1e3})
-            compute = self._compute_fn(rt, name, precision, batch) if cuda and not slow else None
-            if compute is not None:
-                stats = latency_stats(time_cuda_events(compute, warmup, repeats))
-                entry["compute"].append({"batch": batch, "warmup": warmup, "timing": "CUDA events, device-resident",
-                                         **stats, "throughput_img_s": batch / stats["median_ms"] * 1e3})
+            try:
+                self._time_batch(rt, name, precision, batch, warmup, repeats, seen, entry, compute=cuda and not slow)
+            except Exception as exc:  # e.g. out of memory at the largest batch: the other batches still count
+                log.debug("%s batch %d failed", name, batch, exc_info=True)
+                entry["skipped_batches"].append({"batch": batch, "reason": f"failed: {_error_text(exc)}"})
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        if not entry["latency"]:
+            raise RuntimeError(f"every batch size failed; {entry['skipped_batches'][-1]['reason']}")
         if cuda and not entry["compute"] and not slow:
             entry["notes"].append("compute time not separated from predict() for this runtime")
         if not slow:
@@ -467,6 +447,36 @@ class Bench:
             entry["stages"] = self._torch_stages(rt, name, precision, stage_batch, cuda)
         elif name.startswith("tensorrt"):
             entry["stages"] = self._tensorrt_stages(rt, stage_batch)
+
+    def _time_batch(self, rt: Runtime, name: str, precision: str, batch: int, warmup: int, repeats: int,
+                    seen: dict[int, tuple[float, np.ndarray]], entry: dict[str, Any], compute: bool) -> None:
+        """Latency rows (and on CUDA device-resident compute rows) of one batch size; batch-1 outputs into ``seen``."""
+        images, n = self.images, len(self.images)
+        sync = torch.cuda.synchronize if rt.device.startswith("cuda") else None
+        calls = itertools.count()
+
+        def call() -> None:
+            # Consecutive calls take consecutive images, so timed batch-1 calls also cover the accuracy set.
+            i = next(calls)
+            with self._autocast(name, precision):
+                out = rt.predict(batch_of(images.normalised, i * batch, batch))
+            if batch == 1:
+                seen[i % n] = (float(out["pred_score"][0]), out["anomaly_map"][0])
+
+        print(f"  {name} {precision} batch {batch}: {warmup} warm-up + {repeats} timed", flush=True)
+        first = None
+        if warmup:
+            start = time.perf_counter()
+            call()
+            first = (time.perf_counter() - start) * 1e3
+        stats = latency_stats(time_calls(call, max(warmup - 1, 0), repeats, sync))
+        entry["latency"].append({"batch": batch, "warmup": warmup, "first_call_ms": first, "timing": "wall, predict()",
+                                 **stats, "throughput_img_s": batch / stats["median_ms"] * 1e3})
+        fn = self._compute_fn(rt, name, precision, batch) if compute else None
+        if fn is not None:
+            stats = latency_stats(time_cuda_events(fn, warmup, repeats))
+            entry["compute"].append({"batch": batch, "warmup": warmup, "timing": "CUDA events, device-resident",
+                                     **stats, "throughput_img_s": batch / stats["median_ms"] * 1e3})
 
     def accuracy(self, pred: dict[str, np.ndarray], order: list[int]) -> dict[str, Any] | None:
         """Accuracy of ``pred`` (the images ``order``) against the reference, None when there is none."""
@@ -604,6 +614,7 @@ class Bench:
         return server
 
     def _load(self, server: Any, entry: dict[str, Any]) -> None:
+        from benchmarks.serve_bench import server_step_stats
         from export.client import PDDClient, run_load
 
         protocol = "http" if entry["runtime"] == "server:http" else "grpc"
@@ -617,18 +628,18 @@ class Bench:
         seen: dict[int, tuple[float, np.ndarray]] = {}
         perf = shutil.which("perf_analyzer")
         entry["perf_analyzer"] = [] if perf else "not on PATH"
-        for batch in self.args.batch:
+        for batch in self.args.server_batch:
             payloads = [batch_of(pixels, k * batch, batch) for k in range(n)]
             for conc in self.args.concurrency:
                 print(f"  {entry['runtime']} batch {batch} concurrency {conc}", flush=True)
-                before = _scrape_metrics(server.metrics_url)
+                before = server_step_stats(server.grpc_url)
                 stats = run_load(factory, payloads, conc, self.args.requests, warmup=1, timeout_s=1800.0,
                                  keep_outputs=batch == 1)
-                after = _scrape_metrics(server.metrics_url)
+                after = server_step_stats(server.grpc_url)
                 for index, pred in stats.pop("outputs", []):
                     seen[index] = (float(pred["pred_score"][0]), pred["anomaly_map"][0])
                 entry["latency"].append({"batch": batch, "concurrency": conc, "tool": "run_load", **stats,
-                                         **_server_times(before, after)})
+                                         **_server_split(before, after)})
                 if perf:
                     entry["perf_analyzer"].append(_perf_analyzer(perf, url, protocol, shm, batch, conc, pixels,
                                                                  self.args.requests, self.work))
@@ -687,31 +698,13 @@ def _set_engine_threads(repo: Path, threads: int) -> None:
                     encoding="utf-8")
 
 
-def _scrape_metrics(url: str) -> dict[str, float]:
-    """Triton's Prometheus counters of the engine model (``pdd_engine``); {} when unreachable."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or 'model="pdd_engine"' not in line:
-            continue
-        metric, _, value = line.rpartition(" ")
-        key = metric.split("{", 1)[0]
-        if key in _SERVER_METRICS or key == "nv_inference_request_success":
-            out[key] = out.get(key, 0.0) + float(value)
-    return out
-
-
-def _server_times(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Mean per-request server-side times of the engine between two scrapes (perf_analyzer's names)."""
-    key = "nv_inference_request_success"
-    count = after.get(key, 0.0) - before.get(key, 0.0)
+def _server_split(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """Mean per-request server-side times of the engine between two statistics snapshots, in µs."""
+    count = after["count"] - before["count"]
     if count <= 0:
         return {}
-    return {name: (after[m] - before.get(m, 0.0)) / count for m, name in _SERVER_METRICS.items() if m in after}
+    return {f"server_{phase}_us": (after[f"{phase}_ns"] - before[f"{phase}_ns"]) / count / 1e3
+            for phase in ("queue", "compute_input", "compute_infer", "compute_output")}
 
 
 def _perf_analyzer(exe: str, url: str, protocol: str, shm: bool, batch: int, concurrency: int, pixels: np.ndarray,
@@ -767,7 +760,7 @@ def targets(entries: list[dict[str, Any]], image_size: int) -> list[dict[str, An
             f"{_median_ms(ref['latency'], 1):.0f} ms (medians){note}")
     else:
         add("CPU batch 1: best runtime vs PyTorch eager, reference scan", ">= 10x", None, None,
-            "not measured here: needs torch:reference and another runtime at batch 1 on the CPU")
+            "needs torch:reference and another runtime at batch 1 on the CPU")
     ort, chunked = _ok(entries, "onnxruntime:cpu:portable"), _ok(entries, REFERENCE, device="cpu")
     if ort and chunked and _median_ms(ort["latency"], 1) and _median_ms(chunked["latency"], 1):
         ratio = _median_ms(chunked["latency"], 1) / _median_ms(ort["latency"], 1)
@@ -775,7 +768,7 @@ def targets(entries: list[dict[str, Any]], image_size: int) -> list[dict[str, An
             f"{_median_ms(ort['latency'], 1):.0f} ms vs {_median_ms(chunked['latency'], 1):.0f} ms (medians){note}")
     else:
         add("CPU batch 1: ONNX Runtime portable vs PyTorch eager chunked", ">= 1x", None, None,
-            "not measured here: needs onnxruntime:cpu:portable and torch:chunked at batch 1 on the CPU")
+            "needs onnxruntime:cpu:portable and torch:chunked at batch 1 on the CPU")
     eager = _ok(entries, REFERENCE, device="cuda")
     trts = [e for e in (_ok(entries, n, "fp16") for n in TENSORRT) if e]
     throughput = {id(e): next((r["throughput_img_s"] for r in e["latency"] if r["batch"] == 32), None)
@@ -789,7 +782,7 @@ def targets(entries: list[dict[str, Any]], image_size: int) -> list[dict[str, An
             f"{note}")
     else:
         add("GPU batch 32: TensorRT fp16 vs PyTorch eager fp32 throughput", ">= 3x", None, None,
-            "not measured here: needs a GPU with TensorRT fp16 engines and torch:chunked on CUDA at batch 32")
+            "needs a GPU with TensorRT fp16 engines and torch:chunked on CUDA at batch 32")
     served = [r for n in SERVER if (e := _ok(entries, n)) for r in e["latency"]
               if r["batch"] == 1 and r["concurrency"] == 1 and r["completed"]]
     if served and ort and _median_ms(ort["latency"], 1):
@@ -801,7 +794,7 @@ def targets(entries: list[dict[str, Any]], image_size: int) -> list[dict[str, An
             f"target is stated for a GPU server with TensorRT, which the bundled server cannot host{note}")
     else:
         add("Served p99 at batch 1 vs engine-only latency", "<= 1.5x", None, None,
-            "not measured here: needs the Triton server and the engine it serves (onnxruntime:cpu:portable) "
+            "needs the Triton server and the engine it serves (onnxruntime:cpu:portable) "
             "measured at batch 1")
     return out
 
@@ -864,8 +857,9 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{_fmt(r['p99_ms'], '.3f')} | {_fmt(r['throughput_img_s'], '.1f')} |" for e, r in compute]
     served = [e for e in entries if e["device"] == "server" and e["status"] == "ok"]
     if served:
-        lines += ["", "Triton server (closed-loop load, perf_analyzer's fields; server times: the engine model's "
-                      "per-request means from the metrics endpoint):", "",
+        lines += ["", "Triton server (closed-loop load from export.client.run_load, perf_analyzer's fields; shm = gRPC "
+                      "with system shared memory; server times: the engine step's per-request means from Triton's "
+                      "statistics, warm-up requests included):", "",
                   "| runtime | batch | concurrency | requests | errors | infer/s | p50 µs | p90 µs | p95 µs | p99 µs | "
                   "queue µs | compute infer µs | max abs err | ΔAUROC |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -878,8 +872,20 @@ def markdown(result: dict[str, Any]) -> str:
                          _fmt(r.get("server_queue_us"), ".0f"), _fmt(r.get("server_compute_infer_us"), ".0f"),
                          _fmt(acc.get("map_max_abs_error"), ".2e"), _fmt(acc.get("auroc_diff"), "+.4f")]
                 lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-            if isinstance(e.get("perf_analyzer"), str):
-                lines.append(f"| {e['runtime']} | perf_analyzer: {e['perf_analyzer']} |" + " |" * 12)
+        measured = [(e, r) for e in served if isinstance(e.get("perf_analyzer"), list) for r in e["perf_analyzer"]]
+        if measured:
+            lines += ["", "perf_analyzer on the same server and images:", "",
+                      "| runtime | batch | concurrency | infer/s | p50 µs | p90 µs | p95 µs | p99 µs | queue µs | "
+                      "compute infer µs | error |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            for e, r in measured:
+                cells = [e["runtime"], r["batch"], r["concurrency"], _fmt(r.get("throughput_infer_per_sec"), ".2f"),
+                         *(_fmt(r.get(f"p{q}_latency_us"), ".0f") for q in PERCENTILES),
+                         _fmt(r.get("server_queue_us"), ".0f"), _fmt(r.get("server_compute_infer_us"), ".0f"),
+                         (r.get("error") or "").replace("|", "\\|").replace("\n", " ")[:200]]
+                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        else:
+            lines += ["", "perf_analyzer is not on PATH here (not installable from PyPI; it ships in NVIDIA's "
+                          "tritonserver SDK container): the server was measured with run_load only."]
     staged = [e for e in entries if e["status"] == "ok" and e["stages"]]
     if staged:
         lines += ["", "Per-stage time (ms; each stage alone, so the sum differs a little from the whole):", "",
@@ -944,30 +950,29 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
         plt.close(fig)
         written.append("latency.png")
     servers = [e for e in entries if e["device"] == "server"]
-    if inproc or servers:
-        fig, axes = plt.subplots(1, 2 if servers else 1, figsize=(12 if servers else 7, 4.5), squeeze=False)
-        ax = axes[0][0]
-        for e in inproc:
-            rs = sorted(e["latency"], key=lambda r: r["batch"])
-            ax.plot([r["batch"] for r in rs], [r["throughput_img_s"] for r in rs], marker="o",
-                    label=f"{e['runtime']} {e['precision']}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("images / s")
-        ax.set_title("In-process throughput against batch size")
-        ax.legend(fontsize=7)
-        if servers:
-            ax = axes[0][1]
-            for e in servers:
-                for b in sorted({r["batch"] for r in e["latency"]}):
-                    rs = sorted((r for r in e["latency"] if r["batch"] == b), key=lambda r: r["concurrency"])
-                    ax.plot([r["concurrency"] for r in rs], [r["throughput_infer_per_sec"] for r in rs], marker="o",
-                            label=f"{e['runtime']} batch {b}")
+    panels = [p for p, present in (("in-process", inproc), ("server", servers)) if present]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+        for ax, panel in zip(axes[0], panels):
+            if panel == "in-process":
+                for e in inproc:
+                    rs = sorted(e["latency"], key=lambda r: r["batch"])
+                    ax.plot([r["batch"] for r in rs], [r["throughput_img_s"] for r in rs], marker="o",
+                            label=f"{e['runtime']} {e['precision']}")
+                ax.set_xlabel("batch size")
+                ax.set_ylabel("images / s")
+                ax.set_yscale("log")
+                ax.set_title("In-process throughput against batch size")
+            else:
+                for e in servers:
+                    for b in sorted({r["batch"] for r in e["latency"]}):
+                        rs = sorted((r for r in e["latency"] if r["batch"] == b), key=lambda r: r["concurrency"])
+                        ax.plot([r["concurrency"] for r in rs], [r["throughput_infer_per_sec"] for r in rs],
+                                marker="o", label=f"{e['runtime']} batch {b}")
+                ax.set_xlabel("client concurrency")
+                ax.set_ylabel("infer / s")
+                ax.set_title("Triton server throughput")
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("client concurrency")
-            ax.set_ylabel("infer / s")
-            ax.set_title("Triton server throughput")
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "throughput.png", dpi=120)
@@ -1082,7 +1087,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = {
             "schema": 1, "complete": False, "command": command, "environment": env,
             "load_average": {"before": env.pop("load_average"), "after": None},
-            "config": {"image_size": args.image_size, "batch": args.batch, "concurrency": args.concurrency,
+            "config": {"image_size": args.image_size, "batch": args.batch, "server_batch": args.server_batch,
+                       "concurrency": args.concurrency,
                        "precision": args.precision, "repeats": args.repeats, "warmup": args.warmup,
                        "reference_repeats": args.reference_repeats, "requests": args.requests,
                        "accuracy_images": args.accuracy_images, "device": args.device, "quick": args.quick,

@@ -115,7 +115,7 @@ def test_targets_from_measured_medians(bench) -> None:
     ort = by_name["CPU batch 1: ONNX Runtime portable vs PyTorch eager chunked"]
     assert ort["value"] == pytest.approx(1.6) and ort["met"] is True
     gpu = by_name["GPU batch 32: TensorRT fp16 vs PyTorch eager fp32 throughput"]
-    assert gpu["met"] is None and gpu["detail"].startswith("not measured here")
+    assert gpu["met"] is None and gpu["detail"].startswith("needs")
     served = by_name["Served p99 at batch 1 vs engine-only latency"]
     assert served["met"] is None
 
@@ -145,8 +145,8 @@ def test_quick_run_end_to_end(bench, tmp_path: Path) -> None:
     """--quick on the CPU: PyTorch chunked and reference scan measured, GPU runtimes listed as skipped."""
     run, common = bench
     out = tmp_path / "results"
-    result = run.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out), "--runtimes",
-                       "torch:chunked,torch:reference,torch:triton,tensorrt:plugin"])
+    result = run.main(["--quick", "--repeats", "1", "--device", "cpu", "--threads", "1", "--out", str(out),
+                       "--runtimes", "torch:chunked,torch:reference,torch:triton,tensorrt:plugin"])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["runtimes"] == json.loads(json.dumps(result["runtimes"], default=str))
     env = on_disk["environment"]
