@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, this folder comes first on sys.path; the repository root must (for export, pdd, kernels).
+sys.path.insert(0, str(ROOT))
 STEPS = ("machine", "kernel-tests", "kernel-bench", "onnx-export", "tensorrt", "benchmark", "benchmark-compile")
 GPU_RUNTIMES = ("torch:chunked", "torch:triton", "torch:reference", "onnxruntime:cuda:portable",
                 "onnxruntime:tensorrt:portable", "tensorrt:plugin", "tensorrt:portable")
@@ -204,7 +206,6 @@ def _parity(results: dict[str, Any]) -> list[str]:
 
 def summary(checker: Checker, facts: dict[str, str], results_dir: Path) -> str:
     """summary.md: steps, machine facts, parity verdicts, the benchmark's and kernels' short tables."""
-    sys.path.insert(0, str(ROOT))
     used = checker.budget_s - checker.remaining()
     lines = ["# GPU check", "", f"Budget {checker.budget_s:.0f} s, used {used:.0f} s.", "",
              "| step | status | seconds | log |", "|---|---|---:|---|"]

@@ -255,73 +255,83 @@ def _median_ms(rows: list[dict[str, Any]], batch: int) -> float | None:
 # --- the benchmark --------------------------------------------------------------------------------------
 
 
-class Bench:
-    """One benchmark run: the model, the images, the artifacts and the reference predictions."""
+class Artifacts:
+    """ONNX exports and TensorRT engines of one model in a folder, tied to its weights by a fingerprint.
 
-    def __init__(self, args: argparse.Namespace, model: torch.nn.Module, images: BenchImages, artifacts: Path,
-                 work: Path) -> None:
-        self.args, self.model, self.images = args, model, images
-        self.artifacts, self.work = artifacts, work
-        self.device = args.device
-        self.size = args.image_size
-        self.max_batch = max(*args.batch, *args.server_batch)
+    Layout: ``onnx-<form>/model.onnx`` (+ ``model.json``), ``tensorrt-<form>-<precision>/`` (from
+    export/build_trt.py) and ``model-fingerprint.txt``. An export is reused when it matches the fingerprint,
+    the image size and the batch range.
+    """
+
+    def __init__(self, folder: Path, model: torch.nn.Module, image_size: int, max_batch: int) -> None:
+        self.folder, self.model, self.size, self.max_batch = folder, model, image_size, max_batch
         self._fingerprint: str | None = None
-        self._models: dict[str, torch.nn.Module] = {"cpu": model}
-        self._onnx_errors: dict[str, str] = {}
-        self.reference: dict[str, np.ndarray] | None = None
-        self.reference_note: str | None = None
-
-    # artifacts
+        self._errors: dict[str, str] = {}
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
 
+    def _stamped(self) -> bool:
+        stamp = self.folder / _FINGERPRINT
+        return stamp.is_file() and stamp.read_text().strip() == self.fingerprint()
+
     def onnx(self, form: str) -> Path:
-        """``<artifacts>/onnx-<form>/model.onnx`` for this model, size and batch range (exported unless reusable)."""
+        """``onnx-<form>/model.onnx`` for this model, size and batch range (exported unless reusable)."""
         from export.metadata import read_onnx_metadata
         from export.onnx_export import export_onnx
 
-        if form in self._onnx_errors:
-            raise RuntimeFailed(self._onnx_errors[form])
-        path = self.artifacts / f"onnx-{form}" / "model.onnx"
-        stamp = self.artifacts / _FINGERPRINT
-        if path.is_file() and path.with_suffix(".json").is_file() and stamp.is_file():
+        if form in self._errors:
+            raise RuntimeFailed(self._errors[form])
+        path = self.folder / f"onnx-{form}" / "model.onnx"
+        if path.is_file() and path.with_suffix(".json").is_file() and self._stamped():
             meta = read_onnx_metadata(path)
-            if (stamp.read_text().strip() == self.fingerprint() and tuple(meta.image_size) == (self.size, self.size)
-                    and meta.batch[0] <= 1 and meta.batch[1] >= self.max_batch and not meta.preprocess):
+            if (tuple(meta.image_size) == (self.size, self.size) and meta.batch[0] <= 1
+                    and meta.batch[1] >= self.max_batch and not meta.preprocess):
                 return path
         print(f"exporting the {form} ONNX form ({self.size}², batch 1..{self.max_batch}) …", flush=True)
         start = time.perf_counter()
         try:
             export_onnx(self.model, path.parent, form=form, batch=(1, max(self.max_batch, 2)), image_size=self.size)
         except Exception as exc:  # one failed export skips its runtimes, not the benchmark
-            self._onnx_errors[form] = f"ONNX export of the {form} form failed: {_error_text(exc)}"
-            raise RuntimeFailed(self._onnx_errors[form]) from exc
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stamp, self.fingerprint() + "\n")
+            self._errors[form] = f"ONNX export of the {form} form failed: {_error_text(exc)}"
+            raise RuntimeFailed(self._errors[form]) from exc
+        atomic_write_text(self.folder / _FINGERPRINT, self.fingerprint() + "\n")
         print(f"  exported in {time.perf_counter() - start:.0f} s", flush=True)
         return path
 
     def engine_dir(self, form: str, precision: str) -> Path:
-        """``<artifacts>/tensorrt-<form>-<precision>``, checked against this run's ONNX export."""
+        """``tensorrt-<form>-<precision>``, checked to be built from this folder's export of this model."""
         from export.metadata import read_engine_metadata, read_onnx_metadata
 
-        folder = self.artifacts / f"tensorrt-{form}-{precision}"
-        build = (f"python export/build_trt.py --onnx {self.artifacts}/onnx-{form}/model.onnx --precision {precision} "
+        folder = self.folder / f"tensorrt-{form}-{precision}"
+        build = (f"python export/build_trt.py --onnx {self.folder}/onnx-{form}/model.onnx --precision {precision} "
                  f"--batch 1:{self.max_batch}:{self.max_batch} --out {folder}")
         if not (folder / "engine.json").is_file():
             raise RuntimeUnavailable(f"no {precision} engine of the {form} form at {folder}; build it with "
-                                     f"`python benchmarks/run.py --prepare-only --artifacts {self.artifacts}` then "
+                                     f"`python benchmarks/run.py --prepare-only --artifacts {self.folder}` then "
                                      f"`{build}`")
-        source = self.artifacts / f"onnx-{form}" / "model.json"
-        stamp = self.artifacts / _FINGERPRINT
-        if not source.is_file() or not stamp.is_file() or stamp.read_text().strip() != self.fingerprint():
+        source = self.folder / f"onnx-{form}" / "model.json"
+        if not source.is_file() or not self._stamped():
             raise RuntimeUnavailable(f"{folder} was not built from an export of this run's model; rebuild: `{build}`")
         if read_engine_metadata(folder).onnx_sha256 != read_onnx_metadata(source).sha256:
             raise RuntimeUnavailable(f"{folder} was built from another ONNX file than {source}; rebuild: `{build}`")
         return folder
+
+
+class Bench:
+    """One benchmark run: the model, the images, the artifacts and the reference predictions."""
+
+    def __init__(self, args: argparse.Namespace, model: torch.nn.Module, images: BenchImages, artifacts: Artifacts,
+                 work: Path) -> None:
+        self.args, self.model, self.images = args, model, images
+        self.artifacts, self.work = artifacts, work
+        self.device = args.device
+        self.size = args.image_size
+        self._models: dict[str, torch.nn.Module] = {"cpu": model}
+        self.reference: dict[str, np.ndarray] | None = None
+        self.reference_note: str | None = None
 
     def model_on(self, device: str) -> torch.nn.Module:
         """The model on ``device`` (one copy per device, shared by the PyTorch runtimes there)."""
@@ -366,14 +376,14 @@ class Bench:
             if form == "plugin" and package_version("onnxruntime-extensions") is None:
                 raise RuntimeUnavailable("the plugin form runs its custom ops through onnxruntime-extensions, "
                                          "which is not installed")
-            return make_runtime(name, onnx_path=self.onnx(form), threads=self.args.threads)
+            return make_runtime(name, onnx_path=self.artifacts.onnx(form), threads=self.args.threads)
         try:
             import tensorrt  # noqa: F401
         except ImportError:
             raise RuntimeUnavailable("TensorRT is not installed here") from None
         if not torch.cuda.is_available():
             raise RuntimeUnavailable("TensorRT needs a CUDA GPU; none is visible here")
-        return make_runtime(f"tensorrt:{precision}", engine_dir=self.engine_dir(rest[0], precision))
+        return make_runtime(f"tensorrt:{precision}", engine_dir=self.artifacts.engine_dir(rest[0], precision))
 
     def _autocast(self, name: str, precision: str) -> contextlib.AbstractContextManager:
         if name.startswith("torch") and precision == "fp16":
@@ -544,14 +554,15 @@ class Bench:
             def report_layer_time(self, layer_name: str, ms: float) -> None:
                 self.ms.setdefault(layer_name, []).append(ms)
 
-        buffers = _TrtBuffers(rt, batch_of(self.images.normalised, 0, batch), own_context=True)
+        # The runtime's own context: it is closed after this, so the profiler left on it does no harm.
+        buffers = _TrtBuffers(rt, batch_of(self.images.normalised, 0, batch))
         profiler = LayerTimes()
         buffers.context.profiler = profiler
         for _ in range(self.args.repeats):
             buffers.run()
             torch.cuda.synchronize()
         per_layer = {k: float(np.mean(v)) for k, v in profiler.ms.items()}
-        network = self.artifacts / f"tensorrt-{rt.metadata.onnx_form}-{rt.metadata.precision}" / "network.onnx"
+        network = self.artifacts.folder / f"tensorrt-{rt.metadata.onnx_form}-{rt.metadata.precision}" / "network.onnx"
         stages = group_layer_times(per_layer, onnx_node_stages(network)) if network.is_file() else {}
         top = sorted(per_layer.items(), key=lambda kv: -kv[1])[:10]
         return {"batch": batch, "method": "TensorRT IProfiler, mean per layer, grouped by ONNX node stage",
@@ -598,10 +609,10 @@ class Bench:
             find_tritonserver()
         except ServerError as exc:
             raise RuntimeUnavailable(str(exc)) from None
-        onnx = self.onnx("portable")
+        onnx = self.artifacts.onnx("portable")
         print("starting the Triton server (python flavour) …", flush=True)
         repo = build_triton_repo(self.work / "triton-repo", flavour="python", engine_dir=onnx.parent,
-                                 max_batch_size=self.max_batch, image_size=self.size)
+                                 max_batch_size=self.artifacts.max_batch, image_size=self.size)
         if self.args.threads:
             _set_engine_threads(repo, self.args.threads)
         http, grpc, metrics = _free_ports(3)
@@ -659,13 +670,13 @@ class Bench:
 class _TrtBuffers:
     """A TensorRT execution on device-resident input and output buffers (no host copies)."""
 
-    def __init__(self, rt: Any, images: np.ndarray, own_context: bool = False) -> None:
+    def __init__(self, rt: Any, images: np.ndarray) -> None:
         import tensorrt as trt
 
         from export.onnx_export import INPUT_NAME
 
         engine = rt.engine
-        self.context = engine.create_execution_context() if own_context else rt.context
+        self.context = rt.context
 
         def dtype(name: str) -> torch.dtype:
             return getattr(torch, np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name)
@@ -1074,16 +1085,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = environment()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with _workdir() as work:
-        artifacts = args.artifacts or work / "artifacts"
         model, weights = _build_model(args)
-        bench_images = _load_images(args, work)
-        bench = Bench(args, model, bench_images, artifacts, work)
+        artifacts = Artifacts(args.artifacts or work / "artifacts", model, args.image_size,
+                              max(*args.batch, *args.server_batch))
+        artifacts.folder.mkdir(parents=True, exist_ok=True)
         if args.prepare_only:
             forms = sorted({n.split(":")[-1] for n in args.runtimes if n.startswith(("onnxruntime", "tensorrt"))}
                            | ({"portable"} if any(n in SERVER for n in args.runtimes) else set()))
             for form in forms:
-                print(f"{form}: {bench.onnx(form)}", flush=True)
-            return {"artifacts": str(artifacts), "forms": forms}
+                print(f"{form}: {artifacts.onnx(form)}", flush=True)
+            return {"artifacts": str(artifacts.folder), "forms": forms}
+        bench_images = _load_images(args, work)
+        bench = Bench(args, model, bench_images, artifacts, work)
         result: dict[str, Any] = {
             "schema": 1, "complete": False, "command": command, "environment": env,
             "load_average": {"before": env.pop("load_average"), "after": None},
