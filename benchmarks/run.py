@@ -832,7 +832,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cfg['weights']}.  ",
         f"torch {env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime'] or '–'}, triton "
         f"{env['versions']['triton'] or '–'}, tensorrt {env['versions']['tensorrt'] or '–'}; {env['cpu_count']} "
-        f"CPU cores, {env['torch_threads']} torch threads"
+        f"CPU cores, torch threads: {env['torch_threads']}"
         + (f" (--threads {cfg['threads']}: PyTorch, ONNX Runtime and the served ONNX Runtime).  " if cfg["threads"]
            else ".  "),
         f"Load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load['before'])}, after "
@@ -842,7 +842,8 @@ def markdown(result: dict[str, Any]) -> str:
            > 0.5 * (env["cpu_count"] or 1) else "."),
         "",
         f"Latency: wall time of `predict()` (host arrays in and out), {cfg['warmup']} warm-up and {cfg['repeats']} "
-        "timed calls per case (the reference scan: see notes); throughput = batch / median. Accuracy against "
+        "timed calls per case (the reference scan: see notes; with few calls, p90–p99 interpolate between the "
+        "slowest ones); throughput = batch / median. Accuracy against "
         f"{REFERENCE} fp32 on {cfg['accuracy_images']} labelled images: max |Δ map| (absolute and over the "
         "reference maps' range) and image-AUROC difference.",
         "",
