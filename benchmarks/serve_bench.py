@@ -124,9 +124,10 @@ def _markdown(result: dict[str, Any]) -> str:
         f"Command: `{result['command']}`",
         "",
         f"Model: {result['model']}; repository flavour `python` (ONNX Runtime {env['onnxruntime_in_server']} inside "
-        f"Triton {env['triton_server']}'s Python backend), `max_batch_size` {result['max_batch_size']}, dynamic "
-        f"batching. Input: brain-synth test images, uint8 {result['image_size']}x{result['image_size']}x1, one "
-        f"image per request, {len(result['images'])} images cycled. Closed loop: each client sends its next "
+        f"Triton {env['triton_server']}'s Python backend, one image per ONNX Runtime call on CPU), "
+        f"`max_batch_size` {result['max_batch_size']}, dynamic batching. Input: brain-synth test images, uint8 "
+        f"{result['image_size']}x{result['image_size']}x1, one image per request, {len(result['images'])} "
+        "images cycled. Closed loop: each client sends its next "
         "request when the previous answer arrives, after one untimed warm-up request.",
         "",
         f"Machine: {env['cpus']} CPUs ({env['processor']}), load average {env['loadavg_start']} at the start and "
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--transports", nargs="+", default=["http", "grpc", "grpc+shm"], choices=sorted(TRANSPORTS))
     ap.add_argument("--requests", type=int, default=8, help="timed requests per client")
     ap.add_argument("--images", type=int, default=8, help="brain-synth test images to cycle")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per run before no new request starts")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per run before no new request starts")
+    ap.add_argument("--request-timeout", type=float, default=600, help="seconds one request may take")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "serve-cpu")
     args = ap.parse_args(argv)
@@ -202,8 +204,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for conc in args.concurrency:
                     before = server_step_stats(server.grpc_url)
                     log.info("%s, concurrency %d, %d requests per client", name, conc, args.requests)
-                    stats = run_load(lambda p=protocol, s=shm: PDDClient(urls[p], protocol=p, shm=s), images, conc,
-                                     args.requests, warmup=1, timeout_s=args.timeout)
+                    def factory(p: str = protocol, s: bool = shm) -> PDDClient:
+                        return PDDClient(urls[p], protocol=p, shm=s, timeout_s=args.request_timeout)
+
+                    stats = run_load(factory, images, conc, args.requests, warmup=1, timeout_s=args.timeout)
                     stats.update(_server_split(before, server_step_stats(server.grpc_url)))
                     runs.append({"transport": name, **stats})
                     log.info("  %.3f infer/s, p50 %.0f µs, p99 %.0f µs, %d errors", stats["throughput_infer_per_sec"],

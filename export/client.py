@@ -109,16 +109,18 @@ class PDDClient:
                                  f"{exc.message()}") from None
         return cfg
 
-    def _output_dims(self) -> dict[str, tuple[int, ...]]:
+    def _ensemble(self) -> dict[str, Any]:
         if self._config is None:
             self._config = self.model_config()
-        return {o["name"]: tuple(int(d) for d in o["dims"]) for o in self._config["output"]}
+        return self._config
+
+    def _output_dims(self) -> dict[str, tuple[int, ...]]:
+        # gRPC's JSON spells int64 dims as strings.
+        return {o["name"]: tuple(int(d) for d in o["dims"]) for o in self._ensemble()["output"]}
 
     def max_batch_size(self) -> int:
         """The ensemble's ``max_batch_size``."""
-        if self._config is None:
-            self._config = self.model_config()
-        return int(self._config.get("max_batch_size", 1))
+        return int(self._ensemble().get("max_batch_size", 1))
 
     def threshold(self) -> float | None:
         """The served anomaly threshold (postprocess parameter), None when the server flags nothing (inf)."""
@@ -214,7 +216,7 @@ class PDDClient:
             else:
                 result = self.client.infer(self.model_name, [inp], outputs=outputs)
         except InferenceServerException as exc:
-            raise InferenceError(f"{self.url} ({self.protocol}) refused the request: {exc.message()}") from None
+            raise InferenceError(f"{self.url} ({self.protocol}): request failed: {exc.message()}") from None
         arrays = {}
         if self.shm:
             for name, dtype, shape, start, _ in layout:

@@ -225,7 +225,11 @@ def _engine_config(art: EngineArtifact, flavour: str, max_batch_size: int, insta
         # Our model.py emits the score as (B, 1) itself.
         cfg.output.append(_tensor(mc.ModelOutput, "pred_score", _TYPES[score.dtype], [1]))
         cfg.backend = "python"
-        _set_params(cfg, onnx_file="model.onnx", input_name=art.input.name, intra_op_threads="0")
+        # On CPU: one image per ONNX Runtime call and no memory arena, to bound the stub's memory (~2 GiB
+        # per 256² image); batching buys little there, as the graph is compute-bound.
+        on_cpu = kind == "cpu"
+        _set_params(cfg, onnx_file="model.onnx", input_name=art.input.name, intra_op_threads="0",
+                    run_batch="1" if on_cpu else str(max_batch_size), cpu_mem_arena="0" if on_cpu else "1")
     else:
         # The network's score is (B,); Triton needs at least one dimension after the batch one.
         cfg.output.append(_tensor(mc.ModelOutput, "pred_score", _TYPES[score.dtype], [1],

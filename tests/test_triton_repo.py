@@ -153,6 +153,9 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
         assert eng.backend == "python" and kind == "KIND_CPU" and not score.HasField("reshape")
         assert (version / "model.py").read_text() == (TEMPLATES / "ort_engine.py").read_text()
         assert eng.parameters["input_name"].string_value == "images"
+        # CPU: one image per ONNX Runtime call, no arena (bounded memory).
+        assert eng.parameters["run_batch"].string_value == "1"
+        assert eng.parameters["cpu_mem_arena"].string_value == "0"
     else:
         # The network's (B,) score is exposed as (B, 1).
         assert score.HasField("reshape") and list(score.reshape.shape) == []
@@ -415,8 +418,10 @@ def test_postprocess_thresholds(tmp_path, backend_model):
     assert not resp.outputs["pred_label"].any() and not resp.outputs["pred_mask"].any()
 
 
-def test_ort_engine_batches_requests_and_isolates_bad_ones(tmp_path, onnx_dir, backend_model):
-    repo = build_triton_repo(tmp_path / "repo", engine_dir=onnx_dir)
+@pytest.mark.parametrize("kind, run_batch", [("cpu", "1"), ("auto", "8")])
+def test_ort_engine_batches_requests_and_isolates_bad_ones(tmp_path, onnx_dir, backend_model, kind, run_batch):
+    repo = build_triton_repo(tmp_path / "repo", engine_dir=onnx_dir, instance_kind=kind)
+    assert parse_config(repo / "pdd_engine" / "config.pbtxt").parameters["run_batch"].string_value == run_batch
     _, model = backend_model("ort_engine", repo, "pdd_engine")
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((2, 3, 64, 64), np.float32), rng.standard_normal((1, 3, 64, 64), np.float32)

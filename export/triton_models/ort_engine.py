@@ -7,9 +7,12 @@ Input: the ONNX's image input (name from ``config.pbtxt``) FP32 (B, 3, S, S), Im
 Outputs: ``pred_score`` FP32 (B, 1) (Triton's batched form of the ONNX's (B,)) and ``anomaly_map``
 FP32 (B, S, S).
 
-All requests of a dynamic batch run as one ONNX Runtime call; a request holding NaN or infinite
-values gets an error response and is left out of that call. Parameters from ``config.pbtxt``:
-``onnx_file`` (beside this file), ``input_name``, ``intra_op_threads`` (0: ONNX Runtime's default).
+The requests of a dynamic batch run together, in ONNX Runtime calls of at most ``run_batch`` images:
+PDD's portable graph needs about 2 GiB per 256² image on CPU, so the CPU flavour runs one image at a
+time unless told otherwise. A request holding NaN or infinite values gets an error response and is
+left out. Parameters from ``config.pbtxt``: ``onnx_file`` (beside this file), ``input_name``,
+``intra_op_threads`` (0: ONNX Runtime's default), ``run_batch``, ``cpu_mem_arena`` ("0": return memory
+to the system after each call instead of keeping ONNX Runtime's arena at its peak).
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ class TritonPythonModel:
                 f"{path} is missing: the model repository was committed without weights; regenerate it with "
                 "`pdd export triton-repo --checkpoint CKPT --flavour python --out REPO`")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        options.intra_op_num_threads = int(params["intra_op_threads"])
+        options.enable_cpu_mem_arena = params["cpu_mem_arena"] == "1"
+        self.run_batch = int(params["run_batch"])
         providers = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
@@ -62,9 +67,12 @@ class TritonPythonModel:
                 batches.append(x)
                 owners.append(i)
         if batches:
+            x = np.concatenate(batches)
             try:
-                score, amap = self.session.run(["pred_score", "anomaly_map"],
-                                               {self.input_name: np.concatenate(batches)})
+                runs = [self.session.run(["pred_score", "anomaly_map"], {self.input_name: x[i:i + self.run_batch]})
+                        for i in range(0, len(x), self.run_batch)]
+                score = np.concatenate([r[0] for r in runs])
+                amap = np.concatenate([r[1] for r in runs])
             except Exception as exc:  # answer every request rather than fail the model
                 for i in owners:
                     responses[i] = error_response(f"ONNX Runtime failed: {type(exc).__name__}: {exc}")
