@@ -25,6 +25,16 @@ network alone on device-resident buffers (CUDA events), for PyTorch eager and Te
 scan takes one Python step per position (seconds per image on a CPU): it runs at batch 1 only, with
 ``--reference-repeats`` repeats and one warm-up, and its accuracy is taken from those calls' outputs.
 
+Precision: fp32 everywhere; fp16 is PyTorch under CUDA autocast and TensorRT's typed fp16 engines (ONNX
+Runtime and the server run the fp32 graph; other combinations are listed as skipped). ``--threads`` sets
+the CPU threads of PyTorch and ONNX Runtime (the served one too): on a CPU shared with other processes,
+1 thread avoids the collapse of oversubscribed thread pools.
+
+TensorRT engines are read from ``--artifacts``: ``run.py --prepare-only --artifacts DIR`` exports the ONNX
+forms (``DIR/onnx-<form>``), ``python export/build_trt.py --onnx DIR/onnx-<form>/model.onnx --precision P
+--out DIR/tensorrt-<form>-<P>`` builds each engine, and a later ``run.py --artifacts DIR`` uses them after
+checking they come from the same weights (benchmarks/gpu_check.py does all of it).
+
 Accuracy: every runtime's maps and scores on the labelled images are compared with PyTorch fp32 eager with
 the chunked scan, on the same device: max map error (absolute and over the reference maps' range) and
 image-AUROC difference. Per-stage time (WRN teacher, VMamba teacher, adapters and students, anomaly head):
@@ -558,9 +568,13 @@ class Bench:
         buffers = _TrtBuffers(rt, batch_of(self.images.normalised, 0, batch))
         profiler = LayerTimes()
         buffers.context.profiler = profiler
+        # By default each enqueue reports its layers itself; otherwise the report has to be asked for.
+        deferred = not getattr(buffers.context, "enqueue_emits_profile", True)
         for _ in range(self.args.repeats):
             buffers.run()
             torch.cuda.synchronize()
+            if deferred:
+                buffers.context.report_to_profiler()
         per_layer = {k: float(np.mean(v)) for k, v in profiler.ms.items()}
         network = self.artifacts.folder / f"tensorrt-{rt.metadata.onnx_form}-{rt.metadata.precision}" / "network.onnx"
         stages = group_layer_times(per_layer, onnx_node_stages(network)) if network.is_file() else {}
