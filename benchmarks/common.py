@@ -330,6 +330,9 @@ def environment() -> dict[str, Any]:
             pass
     if torch.cuda.is_available():
         cc = torch.cuda.get_device_capability()
+        # PyTorch's fp32 convolutions use TF32 on Ampere and later unless disabled: it bounds fp32 accuracy.
         env["cuda"] = {"device": torch.cuda.get_device_name(), "compute_capability": f"{cc[0]}.{cc[1]}",
-                       "cuda_runtime": torch.version.cuda, "device_count": torch.cuda.device_count()}
+                       "cuda_runtime": torch.version.cuda, "device_count": torch.cuda.device_count(),
+                       "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                       "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     return env
