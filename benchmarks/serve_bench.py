@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.client import PDDClient, run_load
 from export.serve import TritonServer, python_env
-from export.triton_repo import ENGINE, build_triton_repo
+from export.triton_repo import ENGINE, ENSEMBLE, build_triton_repo
 from pdd.config import atomic_write_text
 
 __all__ = ["TRANSPORTS", "main", "run_load", "server_step_stats"]
@@ -84,17 +84,24 @@ def server_step_stats(url: str, model: str = ENGINE) -> dict[str, int]:
     with PDDClient(url, protocol="grpc") as client:
         stats = client.client.get_inference_statistics(model, as_json=True)["model_stats"][0]
     out = {"count": int(stats["inference_stats"]["success"].get("count", 0)),
+           "success_ns": int(stats["inference_stats"]["success"].get("ns", 0)),
            "executions": int(stats.get("execution_count", 0))}
     for field in _STAT_FIELDS:
         out[f"{field}_ns"] = int(stats["inference_stats"][field].get("ns", 0))
     return out
 
 
-def _server_split(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
-    n = after["count"] - before["count"]
-    split = {f"server_{f}_us": (after[f"{f}_ns"] - before[f"{f}_ns"]) / max(n, 1) / 1e3 for f in _STAT_FIELDS}
+def _server_split(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Per-request server times between two snapshots {model: stats} of the ensemble and the engine."""
+    eng_b, eng_a = before[ENGINE], after[ENGINE]
+    n = eng_a["count"] - eng_b["count"]
+    split = {f"server_{f}_us": (eng_a[f"{f}_ns"] - eng_b[f"{f}_ns"]) / max(n, 1) / 1e3 for f in _STAT_FIELDS}
     split["server_requests"] = n
-    split["server_batches"] = after["executions"] - before["executions"]
+    split["server_batches"] = eng_a["executions"] - eng_b["executions"]
+    ens_b, ens_a = before[ENSEMBLE], after[ENSEMBLE]
+    # Whole request inside the server (preprocess, queue, engine, postprocess), from arrival to response.
+    answered = max(ens_a["count"] - ens_b["count"], 1)
+    split["server_request_us"] = (ens_a["success_ns"] - ens_b["success_ns"]) / answered / 1e3
     return split
 
 
@@ -135,20 +142,24 @@ def _markdown(result: dict[str, Any]) -> str:
         "numbers are pessimistic and noisy; compare rows within this table.",
         "",
         "| transport | concurrency | requests | errors | throughput (infer/s) | p50 latency (µs) | p90 (µs) "
-        "| p95 (µs) | p99 (µs) | server queue (µs) | compute input (µs) | compute infer (µs) | compute output (µs) "
-        "| batches |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p95 (µs) | p99 (µs) | server request (µs) | client overhead (µs) | server queue (µs) "
+        "| compute input (µs) | compute infer (µs) | compute output (µs) | batches |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         lines.append(
             f"| {r['transport']} | {r['concurrency']} | {r['completed']} | {r['errors']} "
             f"| {r['throughput_infer_per_sec']:.3f} | {r['p50_latency_us']:,.0f} | {r['p90_latency_us']:,.0f} "
-            f"| {r['p95_latency_us']:,.0f} | {r['p99_latency_us']:,.0f} | {r['server_queue_us']:,.0f} "
+            f"| {r['p95_latency_us']:,.0f} | {r['p99_latency_us']:,.0f} | {r['server_request_us']:,.0f} "
+            f"| {r['client_overhead_us']:,.0f} | {r['server_queue_us']:,.0f} "
             f"| {r['server_compute_input_us']:,.0f} | {r['server_compute_infer_us']:,.0f} "
             f"| {r['server_compute_output_us']:,.0f} | {r['server_batches']} |")
     pa = result["perf_analyzer"]
-    lines += ["", "Server columns: Triton's statistics for the `pdd_engine` step, per request (a dynamic batch's "
-              "time is counted for each request in it); `batches` is how many ONNX Runtime runs served them.", ""]
+    lines += ["", "Server columns, from Triton's statistics (warm-up requests included): `server request` is the "
+              "ensemble's average time from a request's arrival to its response; `client overhead` = average "
+              "client latency − server request, i.e. what the transport adds (serialisation, copies, sockets "
+              "or shared memory). Queue and compute columns are the `pdd_engine` step's, per request (a dynamic "
+              "batch's time counts for each request in it); `batches` is how many times the engine ran.", ""]
     lines.append(f"perf_analyzer: {pa['command']} (exit {pa['returncode']})" if pa["available"] else
                  f"perf_analyzer: {pa['note']}.")
     return "\n".join(lines) + "\n"
@@ -202,13 +213,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in args.transports:
                 protocol, shm = TRANSPORTS[name]
                 for conc in args.concurrency:
-                    before = server_step_stats(server.grpc_url)
+                    before = {m: server_step_stats(server.grpc_url, m) for m in (ENSEMBLE, ENGINE)}
                     log.info("%s, concurrency %d, %d requests per client", name, conc, args.requests)
                     def factory(p: str = protocol, s: bool = shm) -> PDDClient:
                         return PDDClient(urls[p], protocol=p, shm=s, timeout_s=args.request_timeout)
 
                     stats = run_load(factory, images, conc, args.requests, warmup=1, timeout_s=args.timeout)
-                    stats.update(_server_split(before, server_step_stats(server.grpc_url)))
+                    stats.update(_server_split(before, {m: server_step_stats(server.grpc_url, m)
+                                                        for m in (ENSEMBLE, ENGINE)}))
+                    # What the transport and the client add: serialisation, copies, the network stack.
+                    stats["client_overhead_us"] = stats["avg_latency_us"] - stats["server_request_us"]
                     runs.append({"transport": name, **stats})
                     log.info("  %.3f infer/s, p50 %.0f µs, p99 %.0f µs, %d errors", stats["throughput_infer_per_sec"],
                              stats["p50_latency_us"], stats["p99_latency_us"], stats["errors"])
