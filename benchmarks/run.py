@@ -857,24 +857,25 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Latency: wall time of `predict()` (host arrays in and out), {cfg['warmup']} warm-up and {cfg['repeats']} "
         "timed calls per case (the reference scan: see notes; with few calls, p90–p99 interpolate between the "
-        "slowest ones); throughput = batch / median. Accuracy against "
+        "slowest ones); the first warm-up call is shown apart (it includes torch.compile's compilation); "
+        "throughput = batch / median. Accuracy against "
         f"{REFERENCE} fp32 on {cfg['accuracy_images']} labelled images: max |Δ map| (absolute and over the "
         "reference maps' range) and image-AUROC difference.",
         "",
-        "| runtime | precision | device | batch | median ms | p50 | p90 | p95 | p99 | img/s | max abs err | "
-        "rel err | ΔAUROC |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| runtime | precision | device | batch | 1st call ms | median ms | p50 | p90 | p95 | p99 | img/s | "
+        "max abs err | rel err | ΔAUROC |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in entries:
         if e["status"] != "ok" or e["device"] == "server":
             continue
         acc = e["accuracy"] or {}
         for r in e["latency"]:
-            lines.append(f"| {e['runtime']} | {e['precision']} | {e['device']} | {r['batch']} | "
-                         f"{_fmt(r['median_ms'])} | {_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | {_fmt(r['p95_ms'])} | "
-                         f"{_fmt(r['p99_ms'])} | {_fmt(r['throughput_img_s'], '.2f')} | "
-                         f"{_fmt(acc.get('map_max_abs_error'), '.2e')} | {_fmt(acc.get('map_max_rel_error'), '.2e')} | "
-                         f"{_fmt(acc.get('auroc_diff'), '+.4f')} |")
+            cells = [e["runtime"], e["precision"], e["device"], r["batch"], _fmt(r.get("first_call_ms")),
+                     _fmt(r["median_ms"]), *(_fmt(r[f"p{q}_ms"]) for q in PERCENTILES),
+                     _fmt(r["throughput_img_s"], ".2f"), _fmt(acc.get("map_max_abs_error"), ".2e"),
+                     _fmt(acc.get("map_max_rel_error"), ".2e"), _fmt(acc.get("auroc_diff"), "+.4f")]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     compute = [(e, r) for e in entries if e["status"] == "ok" for r in e["compute"]]
     if compute:
         lines += ["", "Device-resident compute (CUDA events, the network alone):", "",
