@@ -105,6 +105,27 @@ def _server_split(before: dict[str, dict[str, int]], after: dict[str, dict[str, 
     return split
 
 
+def _measure(server: TritonServer, transport: str, concurrency: int, images: list[np.ndarray],
+             args: argparse.Namespace) -> dict[str, Any]:
+    """One closed-loop run, with the server's statistics over exactly its timed requests."""
+    protocol, shm = TRANSPORTS[transport]
+    url = server.http_url if protocol == "http" else server.grpc_url
+    before: dict[str, dict[str, int]] = {}
+
+    def snapshot() -> None:
+        before.update({m: server_step_stats(server.grpc_url, m) for m in (ENSEMBLE, ENGINE)})
+
+    log.info("%s, concurrency %d, %d requests per client", transport, concurrency, args.requests)
+    stats = run_load(lambda: PDDClient(url, protocol=protocol, shm=shm, timeout_s=args.request_timeout), images,
+                     concurrency, args.requests, warmup=1, timeout_s=args.timeout, on_start=snapshot)
+    stats.update(_server_split(before, {m: server_step_stats(server.grpc_url, m) for m in (ENSEMBLE, ENGINE)}))
+    # What the transport and the client add: serialisation, copies, the network stack.
+    stats["client_overhead_us"] = stats["avg_latency_us"] - stats["server_request_us"]
+    log.info("  %.3f infer/s, p50 %.0f µs, p99 %.0f µs, %d errors", stats["throughput_infer_per_sec"],
+             stats["p50_latency_us"], stats["p99_latency_us"], stats["errors"])
+    return {"transport": transport, **stats}
+
+
 def _perf_analyzer(url: str, image: np.ndarray, concurrency: list[int], workdir: Path) -> dict[str, Any]:
     """Run perf_analyzer over gRPC on one real image when it is installed; else say it is absent."""
     exe = shutil.which("perf_analyzer")
@@ -155,7 +176,7 @@ def _markdown(result: dict[str, Any]) -> str:
             f"| {r['server_compute_input_us']:,.0f} | {r['server_compute_infer_us']:,.0f} "
             f"| {r['server_compute_output_us']:,.0f} | {r['server_batches']} |")
     pa = result["perf_analyzer"]
-    lines += ["", "Server columns, from Triton's statistics (warm-up requests included): `server request` is the "
+    lines += ["", "Server columns, from Triton's statistics over the timed requests: `server request` is the "
               "ensemble's average time from a request's arrival to its response; `client overhead` = average "
               "client latency − server request, i.e. what the transport adds (serialisation, copies, sockets "
               "or shared memory). Queue and compute columns are the `pdd_engine` step's, per request (a dynamic "
@@ -206,26 +227,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         http, grpc, metrics = _free_ports(3)
         loadavg_start = os.getloadavg()
         with TritonServer(repo, http, grpc, metrics, log=work / "tritonserver.log") as server:
-            urls = {"http": server.http_url, "grpc": server.grpc_url}
             with PDDClient(server.http_url) as client:
                 meta = client.client.get_server_metadata()
-            runs = []
-            for name in args.transports:
-                protocol, shm = TRANSPORTS[name]
-                for conc in args.concurrency:
-                    before = {m: server_step_stats(server.grpc_url, m) for m in (ENSEMBLE, ENGINE)}
-                    log.info("%s, concurrency %d, %d requests per client", name, conc, args.requests)
-                    def factory(p: str = protocol, s: bool = shm) -> PDDClient:
-                        return PDDClient(urls[p], protocol=p, shm=s, timeout_s=args.request_timeout)
-
-                    stats = run_load(factory, images, conc, args.requests, warmup=1, timeout_s=args.timeout)
-                    stats.update(_server_split(before, {m: server_step_stats(server.grpc_url, m)
-                                                        for m in (ENSEMBLE, ENGINE)}))
-                    # What the transport and the client add: serialisation, copies, the network stack.
-                    stats["client_overhead_us"] = stats["avg_latency_us"] - stats["server_request_us"]
-                    runs.append({"transport": name, **stats})
-                    log.info("  %.3f infer/s, p50 %.0f µs, p99 %.0f µs, %d errors", stats["throughput_infer_per_sec"],
-                             stats["p50_latency_us"], stats["p99_latency_us"], stats["errors"])
+            runs = [_measure(server, name, conc, images, args) for name in args.transports
+                    for conc in args.concurrency]
             perf = _perf_analyzer(server.grpc_url, images[0], args.concurrency, work)
         ort_version = subprocess.run([str(python_env() / "bin" / "python3"), "-c",
                                       "import onnxruntime; print(onnxruntime.__version__)"],

@@ -318,12 +318,13 @@ def _percentile_us(latencies_s: Sequence[float], q: float) -> float:
 
 def run_load(client_factory: Callable[[], PDDClient], images: Sequence[np.ndarray | Sequence[bytes]],
              concurrency: int, requests: int, *, warmup: int = 1, timeout_s: float = 300.0,
-             keep_outputs: bool = False) -> dict[str, Any]:
+             keep_outputs: bool = False, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
     """Closed-loop load: ``concurrency`` workers, each with its own client, send ``requests`` requests each.
 
     Worker w's request i carries ``images[(w * requests + i) % len(images)]`` (anything
     :meth:`PDDClient.predict` takes; a uint8 (H, W, C) image is a batch of 1). Each worker first sends
-    ``warmup`` untimed requests. No request starts after ``timeout_s``.
+    ``warmup`` untimed requests; ``on_start`` (e.g. a snapshot of the server's statistics) runs once after
+    every warm-up and before any timed request. No request starts after ``timeout_s``.
 
     Returns ``throughput_infer_per_sec`` (images answered / wall time), ``avg/p50/p90/p95/p99_latency_us``,
     counts (``requests``, ``completed``, ``errors``), the first ``error_messages``, ``timed_out``, and with
@@ -337,7 +338,7 @@ def run_load(client_factory: Callable[[], PDDClient], images: Sequence[np.ndarra
     errors: list[str] = []
     outputs: list[tuple[int, dict[str, np.ndarray]]] = []
     counts = {"issued": 0, "inferences": 0}
-    ready = threading.Barrier(concurrency + 1)
+    ready = threading.Barrier(concurrency + 1, action=on_start)
     deadline = [math.inf]
 
     def batch_of(payload: Any) -> int:
