@@ -306,9 +306,10 @@ class _FakeClient:
     """Answers after ``delay`` seconds; refuses every request whose image holds the value 13."""
 
     def __init__(self, delay: float) -> None:
-        self.delay, self.closed = delay, False
+        self.delay, self.closed, self.calls = delay, False, 0
 
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        self.calls += 1
         time.sleep(self.delay)
         if (images == 13).any():
             raise InferenceError("refused")
@@ -326,7 +327,11 @@ def test_run_load_counts_errors_and_keeps_outputs():
         clients.append(_FakeClient(0.001))
         return clients[-1]
 
-    stats = run_load(factory, images, concurrency=2, requests=3, warmup=0, keep_outputs=True)
+    started = []
+    stats = run_load(factory, images, concurrency=2, requests=3, warmup=1, keep_outputs=True,
+                     on_start=lambda: started.append(sum(c.calls for c in clients)))
+    # on_start ran once, after the two warm-up requests and before any timed one.
+    assert started == [2]
     # Worker w sends images (3w + i) % 3: each worker meets the refused image once.
     assert (stats["requests"], stats["completed"], stats["errors"]) == (6, 4, 2)
     assert stats["error_messages"] == ["refused", "refused"] and not stats["timed_out"]
