@@ -1,6 +1,6 @@
 """CPU latency of one image through the VMamba teacher and the whole PDD, reference vs chunked scan.
 
-    python benchmarks/cpu_latency.py [--image-size 256] [--repeats 5] [--ref-repeats 3] [--out benchmarks/results]
+    python benchmarks/cpu_latency.py [--image-size 256] [--repeats 5] [--ref-repeats 3] [--threads N] [--out DIR]
 
 Writes ``cpu-latency.json`` and ``cpu-latency.md`` (medians over repeats, after one warm-up run, both
 scan paths measured in the same process, one after the other).
@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of the fast paths")
     ap.add_argument("--ref-repeats", type=int, default=3, help="timed runs of the (slow) reference scan")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (1 is steadier on a shared machine)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.getLogger("pdd.model").setLevel(logging.ERROR)
 
     torch.manual_seed(0)
