@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdd.checkpoint import load_pdd  # noqa: E402
-from pdd.cli import resolve_config  # noqa: E402
-from pdd.config import apply_overrides, atomic_write_text  # noqa: E402
-from pdd.data import generate_brain_synth  # noqa: E402
-from pdd.evaluate import evaluate, metrics_table  # noqa: E402
-from pdd.train import open_dataset, train  # noqa: E402
+from pdd.checkpoint import load_pdd
+from pdd.cli import resolve_config
+from pdd.config import apply_overrides, atomic_write_text
+from pdd.data import generate_brain_synth
+from pdd.evaluate import evaluate, metrics_table
+from pdd.train import open_dataset, train
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Feature cache: the same PDD epochs with and without cached teacher features.
     speed = {}
     for cache in ("none", "memory"):
-        cfg = apply_overrides(resolve_config("brain-synth"), [*common, "train.epochs=2", f"train.feature_cache={cache}"])
+        overrides = [*common, "train.epochs=2", f"train.feature_cache={cache}"]
+        cfg = apply_overrides(resolve_config("brain-synth"), overrides)
         run = train(cfg, work / f"cache-{cache}", device=device)
         speed[cache] = {"epoch_seconds": [h["seconds"] for h in run.history],
                         "cache_seconds": run.history[0].get("feature_cache_seconds", 0.0)}
