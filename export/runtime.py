@@ -179,8 +179,9 @@ class OnnxRuntime(Runtime):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        proto = load_onnx(path)
-        if any(n.domain == DOMAIN for n in proto.graph.node):
+        # Only a graph with custom nodes needs parsing here (its copy is moved to the Python ops' domain).
+        proto = None if self.metadata and not self.metadata.custom_ops else load_onnx(path)
+        if proto is not None and any(n.domain == DOMAIN for n in proto.graph.node):
             options.register_custom_ops_library(register_ort_ops())
             # The Python ops run on the calling thread; spinning pool threads would only steal its CPU.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
