@@ -15,11 +15,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pdd.config import atomic_write_bytes
 
 __all__ = [
     "ENGINE_FILE",
@@ -120,29 +121,6 @@ class EngineMetadata:
 def metadata_path(artifact: str | os.PathLike) -> Path:
     """``model.onnx`` -> ``model.json``; ``engine.plan`` -> ``engine.json``."""
     return Path(artifact).with_suffix(".json")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` through a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_metadata(path: str | os.PathLike, meta: OnnxMetadata | EngineMetadata) -> Path:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from pdd.backbones.weights import WeightsError, check_and_load, load_checkpoint_file
-from pdd.config import ConfigError, PDDConfig
+from pdd.config import ConfigError, PDDConfig, atomic_file
 
 __all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "load_pdd", "read_checkpoint", "save_pdd"]
 
@@ -23,18 +21,8 @@ CHECKPOINT_FORMAT = "pdd-checkpoint/1"
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def save_pdd(model: torch.nn.Module, path: str | os.PathLike, **extra: Any) -> None:

@@ -10,11 +10,13 @@ YAML on disk mirrors the dataclasses; unknown keys are errors, not silently igno
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "ConfigError", "DataConfig", "LossConfig", "PDDConfig", "TrainConfig", "apply_overrides", "atomic_write_text",
+    "ConfigError", "DataConfig", "LossConfig", "PDDConfig", "TrainConfig", "apply_overrides", "atomic_file",
+    "atomic_write_bytes", "atomic_write_text",
 ]
 
 SCAN_CHOICES = ("auto", "reference", "chunked", "triton", "mamba_ssm")
@@ -33,18 +36,39 @@ class ConfigError(ValueError):
     """A configuration value or file is invalid."""
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[typing.BinaryIO]:
+    """Binary file object whose content replaces ``path`` only when the block ends without error.
+
+    Written to a temporary file in the same folder, fsynced, then renamed: a kill never leaves a
+    half-written file and never damages the previous one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_file`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @dataclass(frozen=True)
