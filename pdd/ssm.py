@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -212,19 +213,21 @@ def _safe_chunk_size(delta: Tensor, A: Tensor, chunk: int) -> int:
     """Largest power-of-two chunk ≤ ``chunk`` whose in-chunk decay exponents stay finite.
 
     Inside a chunk the state is written as exp(A·Δ_t)·cumsum(exp(−A·Δ_s)·x_s), Δ the running sum of δ
-    measured from the chunk's middle, so |A| times the δ summed over a chunk must stay inside the float
-    range. Real VMamba weights sit far below it; extreme δ·|A| gets smaller chunks.
+    measured from the chunk's reference step (its middle), so |A|·|Δ_t| must stay inside the float
+    range (80 in float32: e^80 ≈ 5.5e34) for every step of every chunk. Real VMamba weights sit far
+    below it; extreme δ·|A| gets smaller chunks. NaN or inf in δ or A is refused here.
     """
     limit = _EXP_LIMIT[delta.dtype]
     a_max = A.abs().amax(dim=1)                                    # per channel
-    if not bool(torch.isfinite(a_max).all()) or not bool(torch.isfinite(delta).all()):
-        raise ValueError("selective_scan: delta or A contains NaN or inf")
-    while chunk > 1:
-        padded = F.pad(delta, (0, (-delta.shape[-1]) % chunk))
-        if not padded.numel():
-            break
-        window = padded.unflatten(-1, (-1, chunk)).sum(-1).amax(dim=-1)   # (batch, dim)
-        if (window * a_max).amax().item() <= limit:
+    while delta.shape[-1]:
+        windows = F.pad(delta, (0, (-delta.shape[-1]) % chunk)).unflatten(-1, (-1, chunk))
+        cum = windows.cumsum(-1)
+        ref = (chunk - 1) // 2
+        reach = (cum - cum[..., ref:ref + 1]).abs_().amax(dim=(-2, -1))   # max |Δ_t − Δ_ref|: (batch, dim)
+        worst = (reach * a_max).amax().item()
+        if not math.isfinite(worst):  # a NaN or inf anywhere in δ or A ends up here
+            raise ValueError("selective_scan: delta or A contains NaN or inf")
+        if worst <= limit or chunk == 1:
             break
         chunk //= 2
     return chunk
@@ -240,13 +243,12 @@ def _scan_over_chunks(decay: Tensor, inc: Tensor) -> Tensor:
     return inc
 
 
-def _chunked_core(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
-                  inplace: bool) -> tuple[Tensor, Tensor]:
-    """u, dl: (b, G, dg, L); A: (G, dg, N); B, C: (b, G, N, L); L a multiple of ``chunk``.
+def _chunked_core(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """Whole-sequence graph: u, dl (b, G, dg, L); A (G, dg, N); B, C (b, G, N, L); L a multiple of ``chunk``.
 
-    Works in the layout (b, G, dg, N, chunks, T) so that B and C broadcast without copies. With
-    ``inplace`` (no autograd) the big temporaries are updated in place, which saves memory traffic.
-    Returns y (b, G, dg, L) and the last state (b, G, dg, N).
+    Works in the layout (b, G, dg, N, chunks, T) so that B and C broadcast without copies; one fixed
+    graph of standard ops (what tracing, export and autograd see). Returns y (b, G, dg, L) and the
+    last state (b, G, dg, N).
     """
     b, g, dg, length = u.shape
     n = A.shape[-1]
@@ -255,38 +257,75 @@ def _chunked_core(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk:
     dl = dl.reshape(b, g, dg, 1, nc, chunk)
     cum = torch.cumsum(dl, dim=-1)                                 # Δ_t within each chunk
     mid = cum[..., ref:ref + 1]                                    # Δ at the chunk's reference step
-    E = A[None, :, :, :, None, None] * (cum - mid)                 # A(Δ_t − Δ_ref): (b, G, dg, N, nc, T)
-    E = E.exp_() if inplace else E.exp()
+    E = torch.exp(A[None, :, :, :, None, None] * (cum - mid))      # exp(A(Δ_t − Δ_ref)): (b, G, dg, N, nc, T)
     Bc = B.reshape(b, g, 1, n, nc, chunk)
     Cc = C.reshape(b, g, 1, n, nc, chunk)
     x = (dl * u.reshape(b, g, dg, 1, nc, chunk)) * Bc              # δ_t B_t u_t
-    # Σ_{s≤t} exp(−A(Δ_s − Δ_ref)) x_s
-    acc = x.div_(E).cumsum_(-1) if inplace else torch.cumsum(x / E, dim=-1)
+    acc = torch.cumsum(x / E, dim=-1)                              # Σ_{s≤t} exp(−A(Δ_s − Δ_ref)) x_s
     A5 = A[None, :, :, :, None]                                    # (1, G, dg, N, 1)
     local_end = E[..., -1] * acc[..., -1]                          # chunk end state from a zero start
     ends = _scan_over_chunks(torch.exp(A5 * cum[..., -1]), local_end)  # (b, G, dg, N, nc)
     carry = torch.cat([torch.zeros_like(ends[..., :1]), ends[..., :-1]], dim=-1)
     entering = (torch.exp(A5 * mid[..., 0]) * carry).unsqueeze(-1)   # state entering each chunk
-    h = acc.add_(entering).mul_(E) if inplace else (acc + entering) * E
-    y = (h.mul_(Cc) if inplace else h * Cc).sum(3)
+    y = ((acc + entering) * E * Cc).sum(3)
     return y.reshape(b, g, dg, length), ends[..., -1]
 
 
-def _channel_block(batch: int, groups: int, per_group: int, length: int, n: int) -> int:
-    """Channels per group handled at once, so each temporary stays cache-sized on CPU (~1M values)."""
-    per_channel = batch * groups * length * n
-    return max(1, min(per_group, (1 << 20) // max(per_channel, 1)))
+def _chunked_eager(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int,
+                   elements: int = 1 << 17) -> tuple[Tensor, Tensor]:
+    """Same contract as :func:`_chunked_core`, for eager inference (no autograd, no tracing).
+
+    Walks the chunks in order, carrying the state (b, G, dg, N) from one chunk to the next, so there
+    is no scan across chunks at all. Each step updates a cache-sized tile of about ``elements``
+    values (a block of channels × one chunk) in two reused buffers: eight passes over the tile.
+    """
+    b, g, dg, length = u.shape
+    n = A.shape[-1]
+    nc = length // chunk
+    ref = (chunk - 1) // 2
+
+    def by_chunk(t: Tensor) -> Tensor:  # (..., nc·T) -> (nc, ..., T), a view
+        return t.unflatten(-1, (nc, chunk)).movedim(-2, 0)
+
+    dl = by_chunk(dl).contiguous()                                  # (nc, b, G, dg, T), contiguous per chunk
+    xs = dl * by_chunk(u)                                           # δ_t u_t, laid out like dl
+    cum = dl.cumsum(-1)
+    rel = cum - cum[..., ref:ref + 1]                               # Δ_t − Δ_ref
+    A5 = A[None, :, :, :, None]                                     # (1, G, dg, N, 1)
+    to_ref = torch.exp(A * cum[..., ref, None])                     # decay from chunk start to ref: (nc, b, G, dg, N)
+    Bc = by_chunk(B).unsqueeze(3).contiguous()                      # (nc, b, G, 1, N, T)
+    Cc = by_chunk(C).unsqueeze(3).contiguous()
+    y = u.new_empty(b, g, dg, nc, chunk)
+    last = u.new_zeros(b, g, dg, n)
+    block = max(1, min(dg, elements // max(1, b * g * n * chunk)))
+    E_buf = u.new_empty(b, g, block, n, chunk)
+    h_buf = torch.empty_like(E_buf)
+    for start in range(0, dg, block):
+        ch = slice(start, min(dg, start + block))
+        E, h = E_buf[:, :, :ch.stop - start], h_buf[:, :, :ch.stop - start]
+        state = last[:, :, ch]
+        for c in range(nc):
+            torch.mul(A5[:, :, ch], rel[c, :, :, ch, None], out=E).exp_()            # exp(A(Δ_t − Δ_ref))
+            torch.mul(Bc[c], xs[c, :, :, ch, None], out=h).div_(E).cumsum_(-1)
+            if c:
+                h.add_((to_ref[c, :, :, ch] * state).unsqueeze(-1))                 # the entering state
+            h.mul_(E)                                                               # the states h_t
+            state.copy_(h[..., -1])
+            torch.sum(h.mul_(Cc[c]), 3, out=y[:, :, ch, c])
+    return y.reshape(b, g, dg, length), last
 
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                            z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                            return_last_state: bool = False, chunk_size: int = 64) -> Tensor | tuple[Tensor, Tensor]:
-    """Chunked pure-PyTorch scan: in-chunk cumulative sums, then a log-depth scan across chunks.
+    """Chunked pure-PyTorch scan: cumulative sums inside chunks of ``chunk_size`` positions.
 
-    Same arguments, dtypes and results as :func:`selective_scan_ref`. In eager mode the chunk shrinks
-    (logged) when δ·|A| is so large that the in-chunk exponentials would overflow, and without autograd
-    channels are processed in cache-sized blocks. Under tracing or export one graph of fixed chunk
-    ``min(chunk_size, TRACE_CHUNK_SIZE)`` is built, exact while |A|·Σδ over a chunk stays below ~80.
+    Same arguments, dtypes and results as :func:`selective_scan_ref`. Eager inference (no autograd)
+    walks the chunks in order over cache-sized tiles (:func:`_chunked_eager`); with autograd, and
+    under tracing or export, one whole-sequence graph joins the chunks by a log-depth scan
+    (:func:`_chunked_core`), of fixed chunk ``min(chunk_size, TRACE_CHUNK_SIZE)`` when traced. In
+    eager mode the chunk shrinks (logged) when δ·|A| is so large that the in-chunk exponentials would
+    overflow; the traced graph is exact while |A|·Σδ over a chunk stays below ~80.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
@@ -309,28 +348,22 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     if chunk != chunk_size:
         log.debug("selective_scan chunked: δ·|A| too large for chunk %d, using chunk %d", chunk_size, chunk)
     pad = (-length) % chunk
-    # Padding with δ = 0 leaves the state untouched, so the last state is unchanged too.
-    up = F.pad(uc, (0, pad)).reshape(batch, groups, per_group, -1)
-    dp = F.pad(dl, (0, pad)).reshape(batch, groups, per_group, -1)
-    Bp, Cp = F.pad(Bg, (0, pad)), F.pad(Cg, (0, pad))
+
+    def padded(t: Tensor) -> Tensor:  # δ = 0 on padding leaves the state, so the last state too, untouched
+        return F.pad(t, (0, pad)) if pad else t
+
+    up = padded(uc).reshape(batch, groups, per_group, -1)
+    dp = padded(dl).reshape(batch, groups, per_group, -1)
     Ag = Ac.reshape(groups, per_group, n)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
-    fast = not (tracing or needs_grad)
-    block = _channel_block(batch, groups, per_group, length + pad, n) if fast else per_group
-    ys, states = [], []
-    for start in range(0, per_group, block):
-        sl = slice(start, start + block)
-        y_blk, s_blk = _chunked_core(up[:, :, sl], dp[:, :, sl], Ag[:, sl], Bp, Cp, chunk, inplace=fast)
-        ys.append(y_blk)
-        states.append(s_blk)
-    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
+    if tracing or needs_grad or length == 0:
+        y, state = _chunked_core(up, dp, Ag, padded(Bg), padded(Cg), chunk)
+    else:
+        y, state = _chunked_eager(up, dp, Ag, padded(Bg), padded(Cg), chunk)
     y = y.reshape(batch, dim, -1)[..., :length]
     out = _finish(y, uc, D, z, u.dtype)
-    if not return_last_state:
-        return out
-    state = states[0] if len(states) == 1 else torch.cat(states, dim=2)
-    return out, state.reshape(batch, dim, n)
+    return (out, state.reshape(batch, dim, n)) if return_last_state else out
 
 
 register_scan_impl("reference", selective_scan_ref)

@@ -7,6 +7,8 @@ import torch
 
 from pdd.ssm import (
     ScanImplUnavailable,
+    _chunked_core,
+    _chunked_eager,
     cross_merge,
     cross_scan,
     resolve_scan_impl,
@@ -74,13 +76,21 @@ def test_chunked_gradients_match_reference():
         torch.testing.assert_close(ins[k].grad, ins_ref[k].grad, rtol=1e-6, atol=1e-6, msg=f"gradient of {k}")
 
 
-def test_chunked_no_grad_blocked_path_matches():
-    """Without autograd the chunked path works in channel blocks and in place: same numbers."""
-    x = make_inputs(batch=1, dim=40, length=300, n=16, groups=4, dtype=torch.float32)
-    with_grad = selective_scan_chunked(**x, delta_softplus=True)
-    with torch.no_grad():
-        without = selective_scan_chunked(**x, delta_softplus=True)
-    torch.testing.assert_close(without, with_grad, rtol=0, atol=1e-5)
+@pytest.mark.parametrize("elements", [64, 1 << 18])
+@pytest.mark.parametrize("chunk", [1, 8, 64])
+def test_both_chunked_paths_equal_reference(chunk, elements):
+    """The eager chunk walk (tiles of a few channels, or all) and the whole-sequence graph that tracing
+    and autograd use: same numbers as the recurrence, last state included, with B/C groups."""
+    batch, groups, per_group, n, length = 2, 3, 5, 16, 128
+    x = make_inputs(batch=batch, dim=groups * per_group, length=length, n=n, groups=groups)
+    ref_y, ref_state = selective_scan_ref(**{**x, "D": None, "z": None}, delta_softplus=True,
+                                          return_last_state=True)
+    dl = torch.nn.functional.softplus(x["delta"] + x["delta_bias"][:, None])
+    args = (x["u"].reshape(batch, groups, per_group, length), dl.reshape(batch, groups, per_group, length),
+            x["A"].reshape(groups, per_group, n), x["B"], x["C"], chunk)
+    for name, (y, state) in (("eager", _chunked_eager(*args, elements=elements)), ("graph", _chunked_core(*args))):
+        torch.testing.assert_close(y.reshape(batch, -1, length), ref_y, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(state.reshape(batch, -1, n), ref_state, rtol=0, atol=1e-6, msg=name)
 
 
 def test_chunked_shrinks_chunk_for_large_decay():
