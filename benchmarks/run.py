@@ -273,8 +273,10 @@ class Artifacts:
     the image size and the batch range.
     """
 
-    def __init__(self, folder: Path, model: torch.nn.Module, image_size: int, max_batch: int) -> None:
+    def __init__(self, folder: Path, model: torch.nn.Module, image_size: int, max_batch: int,
+                 scan_graph: str = "sequential") -> None:
         self.folder, self.model, self.size, self.max_batch = folder, model, image_size, max_batch
+        self.scan_graph = scan_graph  # how portable scans join their chunks: sequential on CPU, parallel on GPU
         self._fingerprint: str | None = None
         self._errors: dict[str, str] = {}
 
@@ -298,12 +300,15 @@ class Artifacts:
         if path.is_file() and path.with_suffix(".json").is_file() and self._stamped():
             meta = read_onnx_metadata(path)
             if (tuple(meta.image_size) == (self.size, self.size) and meta.batch[0] <= 1
-                    and meta.batch[1] >= self.max_batch and not meta.preprocess):
+                    and meta.batch[1] >= self.max_batch and not meta.preprocess
+                    and (form != "portable" or meta.scan_graph == self.scan_graph)):
                 return path
-        print(f"exporting the {form} ONNX form ({self.size}², batch 1..{self.max_batch}) …", flush=True)
+        print(f"exporting the {form} ONNX form ({self.size}², batch 1..{self.max_batch}"
+              f"{f', {self.scan_graph} scans' if form == 'portable' else ''}) …", flush=True)
         start = time.perf_counter()
         try:
-            export_onnx(self.model, path.parent, form=form, batch=(1, max(self.max_batch, 2)), image_size=self.size)
+            export_onnx(self.model, path.parent, form=form, batch=(1, max(self.max_batch, 2)), image_size=self.size,
+                        scan_graph=self.scan_graph)
         except Exception as exc:  # one failed export skips its runtimes, not the benchmark
             self._errors[form] = f"ONNX export of the {form} form failed: {_error_text(exc)}"
             raise RuntimeFailed(self._errors[form]) from exc
@@ -1103,7 +1108,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with _workdir() as work:
         model, weights = _build_model(args)
         artifacts = Artifacts(args.artifacts or work / "artifacts", model, args.image_size,
-                              max(*args.batch, *args.server_batch))
+                              max(*args.batch, *args.server_batch),
+                              scan_graph="parallel" if args.device == "cuda" else "sequential")
         artifacts.folder.mkdir(parents=True, exist_ok=True)
         if args.prepare_only:
             forms = sorted({n.split(":")[-1] for n in args.runtimes if n.startswith(("onnxruntime", "tensorrt"))}

@@ -125,8 +125,9 @@ def prepare(out: Path, *, model: Any = None, onnx: Path | None = None, form: str
         if model is None:
             raise ValueError("prepare() needs a model to export or an existing onnx file")
         kwargs = {"opset": opset} if opset else {}
+        # On the GPU the portable scans join their chunks by a parallel log-depth scan.
         export_onnx(model, out / "onnx", form=form, batch=(lo, hi), image_size=image_size, preprocess=preprocess,
-                    **kwargs)
+                    scan_graph="parallel", **kwargs)
         onnx = out / "onnx" / "model.onnx"
     meta = read_onnx_metadata(onnx)
     if not (meta.batch[0] <= lo and hi <= meta.batch[1]):

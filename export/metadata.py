@@ -87,6 +87,8 @@ class OnnxMetadata:
     custom_ops: list[str]
     precision: str = "fp32"
     versions: dict[str, str] = field(default_factory=dict)
+    # How the portable form's scans join their chunks ("sequential" or "parallel"); "plugin" for custom ops.
+    scan_graph: str = "parallel"
     # Set by calibration on normal images; serving turns scores into decisions with it.
     anomaly_threshold: float | None = None
     format: str = ONNX_FORMAT

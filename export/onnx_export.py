@@ -3,8 +3,11 @@
 Two forms, one wrapper (:class:`ExportablePDD`):
 
 - ``portable``: standard ONNX ops only. Each SS2D scan is the chunked formulation of
-  :func:`pdd.ssm.selective_scan_chunked` (CumSum, Exp, Mul, Concat: no Loop over L, no unrolling), so
-  ONNX Runtime, TensorRT without plugins and OpenVINO run it; the node count grows with log2(L), not L.
+  :func:`pdd.ssm.selective_scan_chunked` (no Loop, no per-step unrolling), so ONNX Runtime, TensorRT
+  without plugins and OpenVINO run it. ``scan_graph="sequential"`` (default; CPU runtimes) walks the
+  chunks in order, about a dozen nodes per chunk of 16 positions, with chunk-sized temporaries;
+  ``"parallel"`` (GPUs: what build_trt.py exports) handles all chunks at once and joins them by a
+  log-depth scan, so its node count grows with log2(L) but its temporaries with the whole sequence.
 - ``plugin``: every SS2D scan is one ``pdd::SS2DScan`` node and the head one ``pdd::AnomalyHead`` node
   (see :mod:`export.custom_ops`), the shape TensorRT's AOT plugins (:mod:`export.trt_plugins`) fill.
 
@@ -58,6 +61,7 @@ from pdd.anomaly import anomaly_head_ref
 from pdd.backbones.vmamba import SS2D
 from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
 from pdd.model import PDDFeatures, PDDModel
+from pdd.ssm import TRACE_SCAN_GRAPHS, traced_scan_graph
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -282,16 +286,22 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable", batch: tuple[int, int] = (1, 32),
-                image_size: int | None = None, preprocess: bool = False, opset: int = DEFAULT_OPSET) -> ExportReport:
+                image_size: int | None = None, preprocess: bool = False, opset: int = DEFAULT_OPSET,
+                scan_graph: str = "sequential") -> ExportReport:
     """Export PDD's eval pipeline to ``path`` (a ``.onnx`` file, or a folder that gets ``model.onnx``).
 
     form: ``"portable"`` (standard ops) or ``"plugin"`` (custom SS2D and head nodes); batch: (min, max) of
     the dynamic batch dimension (equal values give a static batch); image_size: square input size,
-    default the model's config; preprocess: take uint8 (B, H, W, 3) images and normalise in the graph.
+    default the model's config; preprocess: take uint8 (B, H, W, 3) images and normalise in the graph;
+    scan_graph (portable form): ``"sequential"`` walks the chunks of each scan in order, chunk-sized
+    temporaries (best for CPU runtimes), ``"parallel"`` joins them by a log-depth scan (best for GPUs,
+    TensorRT); see :func:`pdd.ssm.traced_scan_graph`.
     Writes ``<name>.onnx`` and ``<name>.json`` atomically and returns an :class:`ExportReport`.
     """
     if form not in FORMS:
         raise ValueError(f"unknown ONNX form {form!r}; expected one of {FORMS}")
+    if scan_graph not in TRACE_SCAN_GRAPHS:
+        raise ValueError(f"unknown scan_graph {scan_graph!r}; expected one of {TRACE_SCAN_GRAPHS}")
     lo, hi = batch
     if not 1 <= lo <= hi:
         raise ValueError(f"batch range must satisfy 1 <= min <= max, got {batch}")
@@ -308,7 +318,7 @@ def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable"
     else:
         example = torch.zeros(example_batch, 3, size, size)
     dynamic = {"images": {0: torch.export.Dim("batch", min=lo, max=hi)}} if hi > lo else None
-    with torch.no_grad(), _quiet("onnx_ir", "onnxscript"):
+    with torch.no_grad(), _quiet("onnx_ir", "onnxscript"), traced_scan_graph(scan_graph):
         program = torch.onnx.export(
             wrapper, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
             opset_version=opset, dynamic_shapes=dynamic, optimize=False,
@@ -333,6 +343,7 @@ def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable"
         normalisation={"scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                        "in_graph": preprocess},
         config=cfg, custom_ops=sorted(k for k in ops if k.startswith(f"{DOMAIN}::")),
+        scan_graph=scan_graph if form == "portable" else "plugin",
         versions={**versions("torch", "onnx", "onnxscript"), "pdd": _pdd_version()},
     )
     meta_file = write_metadata(metadata_path(path), meta)

@@ -173,7 +173,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     model = load_model(args, "cpu")
     lo, _, hi = args.batch.partition(":")
     report = export_onnx(model, args.out, form=args.form, batch=(int(lo), int(hi or lo)),
-                         image_size=args.image_size or model.cfg.image_size, preprocess=args.preprocess)
+                         image_size=args.image_size or model.cfg.image_size, preprocess=args.preprocess,
+                         scan_graph=args.scan_graph)
     print(report)
     return 0
 
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1:32", help="MIN:MAX dynamic batch range")
     p.add_argument("--image-size", type=int)
     p.add_argument("--preprocess", action="store_true", help="uint8 HWC images in, normalisation in the graph")
+    p.add_argument("--scan-graph", choices=["sequential", "parallel"], default="sequential",
+                   help="portable form: scans walk their chunks in order (CPU runtimes) or join them by a "
+                        "log-depth scan (GPUs, TensorRT)")
     p.set_defaults(fn=cmd_export_onnx)
     p = exp.add_parser("triton-repo", help="generate a Triton Inference Server model repository")
     _model_args(p)

@@ -30,10 +30,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,7 @@ __all__ = [
     "selective_scan_chunked",
     "selective_scan_ref",
     "ss2d_scan",
+    "traced_scan_graph",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ SCAN_IMPLS = ("reference", "chunked", "triton", "mamba_ssm")
 # Chunk length of traced/exported graphs, which cannot adapt to the data: 16 steps keep |A|·Σδ over a
 # chunk far inside float32's exponent range for trained VMamba weights.
 TRACE_CHUNK_SIZE = 16
+# How a traced chunked scan joins its chunks (see traced_scan_graph).
+TRACE_SCAN_GRAPHS = ("parallel", "sequential")
+_trace_graph = ["parallel"]
 # Largest |exponent| the chunked path lets exp() see. float32 overflows past e^88.7.
 _EXP_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
 
@@ -315,6 +320,60 @@ def _chunked_eager(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
     return y.reshape(b, g, dg, length), last
 
 
+def _chunked_sequential(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """Same contract as :func:`_chunked_core`, as a graph of standard ops that walks the chunks in order.
+
+    The eager walk of :func:`_chunked_eager` written without in-place updates, for export: one step of
+    about a dozen ops per chunk (the graph grows with L / chunk, not with L), each on one chunk of all
+    channels, so temporaries stay chunk-sized at any batch. The in-chunk cumulative sum is a product
+    with a constant upper-triangular matrix, a GEMM that CPU runtimes do fast.
+    """
+    b, g, dg, length = u.shape
+    nc = length // chunk
+    ref = (chunk - 1) // 2
+
+    def by_chunk(t: Tensor) -> Tensor:  # (..., nc·T) -> (nc, ..., T)
+        return t.unflatten(-1, (nc, chunk)).movedim(-2, 0)
+
+    dl = by_chunk(dl)
+    xs = dl * by_chunk(u)                                           # δ_t u_t: (nc, b, G, dg, T)
+    cum = dl.cumsum(-1)
+    rel = cum - cum[..., ref:ref + 1]                               # Δ_t − Δ_ref
+    to_ref = torch.exp(A * cum[..., ref, None])                     # decay from chunk start to ref: (nc, b, G, dg, N)
+    A5 = A[None, :, :, :, None]                                     # (1, G, dg, N, 1)
+    upper = torch.ones(chunk, chunk, dtype=u.dtype, device=u.device).triu()   # x @ upper = cumsum(x, -1)
+    steps = zip(rel.unbind(0), xs.unbind(0), by_chunk(B).unbind(0), by_chunk(C).unbind(0), to_ref.unbind(0))
+    ys, state = [], None
+    for rel_c, xs_c, B_c, C_c, to_ref_c in steps:
+        E = torch.exp(A5 * rel_c.unsqueeze(3))                      # (b, G, dg, N, T)
+        h = torch.matmul(B_c.unsqueeze(2) * xs_c.unsqueeze(3) / E, upper)
+        if state is not None:
+            h = h + (to_ref_c * state).unsqueeze(-1)
+        h = h * E
+        state = h[..., -1]
+        ys.append((h * C_c.unsqueeze(2)).sum(3))
+    return torch.stack(ys, dim=3).reshape(b, g, dg, length), state
+
+
+@contextlib.contextmanager
+def traced_scan_graph(kind: str) -> Iterator[None]:
+    """Choose the graph a traced (exported, compiled) chunked scan builds inside this block.
+
+    ``"parallel"`` (default): the whole sequence at once, chunks joined by a log-depth scan; suits
+    GPUs (TensorRT), but its temporaries hold every chunk of every channel. ``"sequential"``: the
+    chunks in order, one chunk-sized step each (:func:`_chunked_sequential`); suits CPU runtimes, and
+    its memory does not grow with L. Both are standard ops and give the same numbers.
+    """
+    if kind not in TRACE_SCAN_GRAPHS:
+        raise ValueError(f"unknown traced scan graph {kind!r}; expected one of {TRACE_SCAN_GRAPHS}")
+    previous = _trace_graph[0]
+    _trace_graph[0] = kind
+    try:
+        yield
+    finally:
+        _trace_graph[0] = previous
+
+
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                            z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                            return_last_state: bool = False, chunk_size: int = 64) -> Tensor | tuple[Tensor, Tensor]:
@@ -357,7 +416,9 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     Ag = Ac.reshape(groups, per_group, n)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
-    if tracing or needs_grad or length == 0:
+    if tracing and length and _trace_graph[0] == "sequential":
+        y, state = _chunked_sequential(up, dp, Ag, padded(Bg), padded(Cg), chunk)
+    elif tracing or needs_grad or length == 0:
         y, state = _chunked_core(up, dp, Ag, padded(Bg), padded(Cg), chunk)
     else:
         y, state = _chunked_eager(up, dp, Ag, padded(Bg), padded(Cg), chunk)

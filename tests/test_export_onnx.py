@@ -38,6 +38,7 @@ from export.onnx_export import (
 from export.parity import compare_predictions, labelled_images, predict_all
 from export.runtime import OnnxRuntime, TorchRuntime
 from pdd.backbones.vmamba import SS2D
+from pdd.ssm import traced_scan_graph
 
 EXPORT_BATCH = (1, 4)
 
@@ -87,13 +88,14 @@ def reference(small_pdd: torch.nn.Module, labelled: tuple) -> dict[str, np.ndarr
     return predict_all(TorchRuntime(small_pdd, "chunked"), labelled[0], batch=2)
 
 
-def _export_block(size: int, dim: int = 32) -> onnx.ModelProto:
+def _export_block(size: int, dim: int = 32, scan_graph: str = "parallel") -> onnx.ModelProto:
     """One SS2D block (portable scan) exported and folded like the full model."""
     import onnx_ir as ir
 
     torch.manual_seed(0)
     block = SS2D(dim).eval()
-    program = torch.onnx.export(block, (torch.randn(1, size, size, dim),), dynamo=True, optimize=False)
+    with traced_scan_graph(scan_graph):
+        program = torch.onnx.export(block, (torch.randn(1, size, size, dim),), dynamo=True, optimize=False)
     _tag_stages(program.model)
     _fold(program.model)
     return ir.serde.serialize_model(program.model)
@@ -160,8 +162,9 @@ def test_portable_graph_is_standard_ops_with_dynamic_batch(portable_report: Expo
     model = loaded(portable_report.path)
     assert {n.domain for n in model.graph.node} == {""}
     assert not {"Loop", "Scan", "If"} & set(portable_report.ops)
-    assert portable_report.ops["CumSum"] == 30  # two cumulative sums per SS2D block
-    assert 1000 < portable_report.nodes < 4000
+    # Sequential scans (the default): one CumSum (of δ) per SS2D block; in-chunk sums are MatMuls.
+    assert portable_report.ops["CumSum"] == 15
+    assert 1000 < portable_report.nodes < 6000
     dims = lambda v: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]  # noqa: E731
     (images,) = model.graph.input
     assert images.name == "images" and dims(images)[1:] == [3, 64, 64] and isinstance(dims(images)[0], str)
@@ -177,6 +180,27 @@ def test_portable_node_count_does_not_grow_per_scan_step() -> None:
     # doubling of the chunk count (a log-depth scan across chunks).
     assert 0 <= grown <= 30, (len(small.graph.node), len(large.graph.node))
     assert op_counts(large)["CumSum"] == op_counts(small)["CumSum"] == 2
+
+
+def test_sequential_graph_grows_per_chunk_not_per_step() -> None:
+    small, large = (_export_block(size, scan_graph="sequential") for size in (8, 16))  # 4 and 16 chunks of 16
+    grown = len(large.graph.node) - len(small.graph.node)
+    assert 12 * 5 <= grown <= 12 * 30, (len(small.graph.node), len(large.graph.node))  # 5..30 nodes per chunk
+    assert {n.domain for n in large.graph.node} == {""} and not {"Loop", "Scan", "If"} & set(op_counts(large))
+
+
+@pytest.mark.parametrize("scan_graph", ["sequential", "parallel"])
+def test_both_scan_graphs_run_in_onnxruntime_like_pytorch(scan_graph: str) -> None:
+    torch.manual_seed(0)
+    block = SS2D(32).eval()
+    x = torch.randn(2, 16, 12, 32)  # non-square: L = 192, 12 chunks of 16
+    with torch.no_grad():
+        expect = block(x).numpy()
+        with traced_scan_graph(scan_graph):
+            program = torch.onnx.export(block, (x,), dynamo=True, optimize=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
 
 
 def test_metadata_beside_the_onnx(plugin_report: ExportReport) -> None:

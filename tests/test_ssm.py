@@ -9,6 +9,7 @@ from pdd.ssm import (
     ScanImplUnavailable,
     _chunked_core,
     _chunked_eager,
+    _chunked_sequential,
     cross_merge,
     cross_scan,
     resolve_scan_impl,
@@ -79,8 +80,8 @@ def test_chunked_gradients_match_reference():
 @pytest.mark.parametrize("elements", [64, 1 << 18])
 @pytest.mark.parametrize("chunk", [1, 8, 64])
 def test_both_chunked_paths_equal_reference(chunk, elements):
-    """The eager chunk walk (tiles of a few channels, or all) and the whole-sequence graph that tracing
-    and autograd use: same numbers as the recurrence, last state included, with B/C groups."""
+    """The eager chunk walk (tiles of a few channels, or all) and the two graphs tracing builds (whole
+    sequence, as autograd uses too; chunk by chunk): the recurrence's numbers, last state included."""
     batch, groups, per_group, n, length = 2, 3, 5, 16, 128
     x = make_inputs(batch=batch, dim=groups * per_group, length=length, n=n, groups=groups)
     ref_y, ref_state = selective_scan_ref(**{**x, "D": None, "z": None}, delta_softplus=True,
@@ -88,7 +89,9 @@ def test_both_chunked_paths_equal_reference(chunk, elements):
     dl = torch.nn.functional.softplus(x["delta"] + x["delta_bias"][:, None])
     args = (x["u"].reshape(batch, groups, per_group, length), dl.reshape(batch, groups, per_group, length),
             x["A"].reshape(groups, per_group, n), x["B"], x["C"], chunk)
-    for name, (y, state) in (("eager", _chunked_eager(*args, elements=elements)), ("graph", _chunked_core(*args))):
+    paths = (("eager", _chunked_eager(*args, elements=elements)), ("parallel graph", _chunked_core(*args)),
+             ("sequential graph", _chunked_sequential(*args)))
+    for name, (y, state) in paths:
         torch.testing.assert_close(y.reshape(batch, -1, length), ref_y, rtol=0, atol=1e-6, msg=name)
         torch.testing.assert_close(state.reshape(batch, -1, n), ref_state, rtol=0, atol=1e-6, msg=name)
 
