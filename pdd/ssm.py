@@ -325,34 +325,38 @@ def _chunked_sequential(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, 
 
     The eager walk of :func:`_chunked_eager` written without in-place updates, for export: one step of
     about a dozen ops per chunk (the graph grows with L / chunk, not with L), each on one chunk of all
-    channels, so temporaries stay chunk-sized at any batch. The in-chunk cumulative sum is a product
-    with a constant upper-triangular matrix, a GEMM that CPU runtimes do fast.
+    channels, so temporaries stay chunk-sized at any batch. Channels are the innermost axis, so every
+    broadcast runs over long contiguous spans; the in-chunk cumulative sum is a GEMM with a constant
+    lower-triangular matrix and the read-out Σ_n C·h a batched GEMV, both fast on CPU runtimes.
     """
-    b, g, dg, length = u.shape
+    dg, length = u.shape[2:]
+    n = A.shape[-1]
     nc = length // chunk
     ref = (chunk - 1) // 2
 
-    def by_chunk(t: Tensor) -> Tensor:  # (..., nc·T) -> (nc, ..., T)
-        return t.unflatten(-1, (nc, chunk)).movedim(-2, 0)
+    def by_chunk(t: Tensor) -> Tensor:  # (b, G, X, nc·T) -> (nc, b, G, T, X)
+        return t.unflatten(-1, (nc, chunk)).permute(3, 0, 1, 4, 2)
 
     dl = by_chunk(dl)
-    xs = dl * by_chunk(u)                                           # δ_t u_t: (nc, b, G, dg, T)
-    cum = dl.cumsum(-1)
-    rel = cum - cum[..., ref:ref + 1]                               # Δ_t − Δ_ref
-    to_ref = torch.exp(A * cum[..., ref, None])                     # decay from chunk start to ref: (nc, b, G, dg, N)
-    A5 = A[None, :, :, :, None]                                     # (1, G, dg, N, 1)
-    upper = torch.ones(chunk, chunk, dtype=u.dtype, device=u.device).triu()   # x @ upper = cumsum(x, -1)
+    xs = dl * by_chunk(u)                                           # δ_t u_t: (nc, b, G, T, dg)
+    cum = dl.cumsum(3)
+    rel = cum - cum[:, :, :, ref:ref + 1]                           # Δ_t − Δ_ref
+    At = A.transpose(1, 2)                                          # (G, N, dg)
+    to_ref = torch.exp(At * cum[:, :, :, ref].unsqueeze(-2))        # decay from chunk start to ref: (nc, b, G, N, dg)
+    lower = torch.ones(chunk, chunk, dtype=u.dtype, device=u.device).tril()   # lower @ x = cumsum(x) over T
     steps = zip(rel.unbind(0), xs.unbind(0), by_chunk(B).unbind(0), by_chunk(C).unbind(0), to_ref.unbind(0))
     ys, state = [], None
     for rel_c, xs_c, B_c, C_c, to_ref_c in steps:
-        E = torch.exp(A5 * rel_c.unsqueeze(3))                      # (b, G, dg, N, T)
-        h = torch.matmul(B_c.unsqueeze(2) * xs_c.unsqueeze(3) / E, upper)
+        E = torch.exp(At[None, :, None] * rel_c.unsqueeze(3))       # (b, G, T, N, dg)
+        x = B_c.unsqueeze(-1) * xs_c.unsqueeze(3) / E
+        h = torch.matmul(lower, x.flatten(3)).unflatten(3, (n, dg))
         if state is not None:
-            h = h + (to_ref_c * state).unsqueeze(-1)
-        h = h * E
-        state = h[..., -1]
-        ys.append((h * C_c.unsqueeze(2)).sum(3))
-    return torch.stack(ys, dim=3).reshape(b, g, dg, length), state
+            h = h + (to_ref_c * state).unsqueeze(2)
+        h = h * E                                                   # the states h_t
+        state = h[:, :, -1]                                         # (b, G, N, dg)
+        ys.append(torch.matmul(C_c.unsqueeze(3), h).squeeze(3))     # Σ_n C_t h_t: (b, G, T, dg)
+    y = torch.stack(ys, dim=2).flatten(2, 3).transpose(2, 3)        # (b, G, dg, L)
+    return y, state.transpose(2, 3)
 
 
 @contextlib.contextmanager
