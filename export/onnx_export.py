@@ -105,12 +105,9 @@ class _PluginSS2D(SS2D):
     def forward(self, x: Tensor) -> Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
-        proj = torch.einsum("bdhw,kcd->bkchw", x, self.x_proj_weight)
-        dt_r, Bs, Cs = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.einsum("bkrhw,kdr->bkdhw", dt_r, self.dt_projs_weight)
+        delta, Bs, Cs = self.projections(x)
         A = -torch.exp(self.A_logs.float())
-        y = ss2d_scan_op(x.contiguous(), delta.contiguous(), Bs.contiguous(), Cs.contiguous(), A,
-                         self.Ds.float(), self.dt_projs_bias.float().reshape(-1))
+        y = ss2d_scan_op(x.contiguous(), delta, Bs, Cs, A, self.Ds.float(), self.dt_projs_bias.float().reshape(-1))
         y = self.out_norm(y.permute(0, 2, 3, 1))
         return self.out_proj(y * F.silu(z))
 

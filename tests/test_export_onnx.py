@@ -269,8 +269,8 @@ def test_fp16_plugin_graph_casts_into_the_head_only(plugin_report: ExportReport)
     assert [types[i] for i in scan.input] == [TensorProto.FLOAT16] * 4 + [TensorProto.FLOAT] * 3
     head = next(n for n in fp16.graph.node if n.op_type == HEAD_OP)
     assert all(types[i] == TensorProto.FLOAT for i in head.input)
-    halves = sum(t.data_type == TensorProto.FLOAT16 for t in fp16.graph.initializer)
-    assert halves > 0.8 * len(fp16.graph.initializer)
+    floats = [t.data_type for t in fp16.graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)]
+    assert floats.count(TensorProto.FLOAT16) > 0.8 * len(floats)  # weights halved; the scan's A, D, bias stay fp32
 
 
 def test_to_ort_domain_moves_nodes_and_keeps_readable_attributes(plugin_report: ExportReport) -> None:

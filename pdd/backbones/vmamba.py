@@ -93,16 +93,26 @@ class SS2D(nn.Module):
         self.A_logs.copy_(s4d_real.repeat(SS2D_ROUTES * self.d_inner, 1))
         self.Ds.fill_(1.0)
 
+    def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Scan inputs of the four routes from x (B, d_inner, H, W): δ before bias (B, 4, d_inner, H, W),
+        B and C (B, 4, N, H, W), all in spatial order (they are pointwise; the scan reads them per route).
+
+        Two matrix products (what einsum "bdhw,kcd->bkchw" and "bkrhw,kdr->bkdhw" compute), which
+        export as MatMul nodes rather than Einsum.
+        """
+        height, width = x.shape[-2:]
+        proj = torch.matmul(self.x_proj_weight.flatten(0, 1), x.flatten(2))     # (B, 4·(R + 2N), L)
+        dt_r, Bs, Cs = proj.unflatten(1, (SS2D_ROUTES, -1)).split([self.dt_rank, self.d_state, self.d_state], dim=2)
+        delta = torch.matmul(self.dt_projs_weight, dt_r)                          # (B, 4, d_inner, L)
+        return tuple(t.unflatten(-1, (height, width)).contiguous() for t in (delta, Bs, Cs))
+
     def forward(self, x: Tensor) -> Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))                          # (B, d_inner, H, W)
-        # Projections are pointwise, so compute them in spatial order; the scan reads them per route.
-        proj = torch.einsum("bdhw,kcd->bkchw", x, self.x_proj_weight)            # (B, 4, R + 2N, H, W)
-        dt_r, Bs, Cs = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.einsum("bkrhw,kdr->bkdhw", dt_r, self.dt_projs_weight)     # (B, 4, d_inner, H, W)
+        delta, Bs, Cs = self.projections(x)
         A = -torch.exp(self.A_logs.float())
-        y = ss2d_scan(x, delta, Bs.contiguous(), Cs.contiguous(), A, self.Ds.float(),
-                      self.dt_projs_bias.float().reshape(-1), impl=self.scan_impl)
+        y = ss2d_scan(x, delta, Bs, Cs, A, self.Ds.float(), self.dt_projs_bias.float().reshape(-1),
+                      impl=self.scan_impl)
         y = self.out_norm(y.permute(0, 2, 3, 1))                                 # (B, H, W, d_inner)
         return self.out_proj(y * F.silu(z))
 
