@@ -119,6 +119,19 @@ def test_targets_from_measured_medians(bench) -> None:
     served = by_name["Served p99 at batch 1 vs engine-only latency"]
     assert served["met"] is None
 
+    # Alternating (paired) measurements, when present, decide the CPU verdicts; the sequential ratio is quoted.
+    paired = [{"a": "torch:reference", "b": "onnxruntime:cpu:portable", "status": "ok", "a_ms": 9000.0,
+               "b_ms": 1000.0, "ratio": 9.0, "rounds": 2},
+              {"a": "torch:chunked", "b": "onnxruntime:cpu:portable", "status": "ok", "a_ms": 700.0,
+               "b_ms": 800.0, "ratio": 0.875, "rounds": 6}]
+    by_name = {t["target"]: t for t in run.targets(entries, 256, paired)}
+    best = by_name["CPU batch 1: best runtime vs PyTorch eager, reference scan"]
+    assert best["value"] == pytest.approx(9.0) and best["met"] is False and "20.00x" in best["detail"]
+    ort = by_name["CPU batch 1: ONNX Runtime portable vs PyTorch eager chunked"]
+    assert ort["value"] == pytest.approx(0.875) and ort["met"] is False and "alternating" in ort["detail"]
+    assert run._target_pairs(entries, 6) == [("torch:reference", "onnxruntime:cpu:portable", 1),
+                                              ("torch:chunked", "onnxruntime:cpu:portable", 6)]
+
     gpu_entries = [_entry("torch:chunked", "cuda", {32: 400.0}),
                    _entry("tensorrt:plugin", "cuda:0", {32: 100.0}, "fp16"),
                    _entry("tensorrt:portable", "cuda:0", {32: 160.0}, "fp16")]
@@ -176,6 +189,10 @@ def test_quick_run_end_to_end(bench, tmp_path: Path) -> None:
     assert entries["tensorrt:plugin"]["status"] == "skipped"  # no engine was built for this run
     assert "build_trt.py" in entries["tensorrt:plugin"]["reason"] or "TensorRT" in entries["tensorrt:plugin"]["reason"]
     assert len(on_disk["targets"]) == 4 and all(t["met"] in (True, False, None) for t in on_disk["targets"])
+    (pair,) = on_disk["paired"]  # reference vs the best other CPU runtime, in alternation
+    assert (pair["a"], pair["b"], pair["status"]) == ("torch:reference", "torch:chunked", "ok")
+    assert len(pair["times_ms"]["torch:reference"]) == len(pair["times_ms"]["torch:chunked"]) == pair["rounds"]
+    assert pair["ratio"] == pytest.approx(pair["a_ms"] / pair["b_ms"])
 
     md = (out / "results.md").read_text()
     assert "| torch:chunked | fp32 |" in md and "Skipped or failed" in md and "Targets" in md
