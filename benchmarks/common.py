@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import re
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -168,6 +169,18 @@ class BenchImages:
 
     def __len__(self) -> int:
         return int(self.labels.size)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` TCP ports free on 127.0.0.1 right now (for a server started next)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def batch_of(array: np.ndarray, start: int, size: int) -> np.ndarray:

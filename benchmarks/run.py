@@ -66,7 +66,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -90,6 +89,7 @@ from benchmarks.common import (
     brain_synth_images,
     environment,
     folder_images,
+    free_ports,
     group_layer_times,
     latency_stats,
     onnx_node_stages,
@@ -238,17 +238,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _entry(name: str, precision: str, device: str) -> dict[str, Any]:
@@ -670,7 +659,7 @@ class Bench:
                                  max_batch_size=self.artifacts.max_batch, image_size=self.size)
         if self.args.threads:
             _set_engine_threads(repo, self.args.threads)
-        http, grpc, metrics = _free_ports(3)
+        http, grpc, metrics = free_ports(3)
         server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
                               log=self.work / "tritonserver.log")
         try:

@@ -22,7 +22,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import free_ports
 from export.client import PDDClient, run_load
 from export.serve import TritonServer, python_env
 from export.triton_repo import ENGINE, ENSEMBLE, build_triton_repo
@@ -47,17 +47,6 @@ log = logging.getLogger("serve_bench")
 TRANSPORTS = {"http": ("http", False), "grpc": ("grpc", False), "grpc+shm": ("grpc", True),
               "http+shm": ("http", True)}
 _STAT_FIELDS = ("queue", "compute_input", "compute_infer", "compute_output")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _brain_synth_images(size: int, count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
@@ -224,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      max_batch_size=args.max_batch_size)
             del model
         images, names = _brain_synth_images(args.image_size, args.images, args.seed)
-        http, grpc, metrics = _free_ports(3)
+        http, grpc, metrics = free_ports(3)
         loadavg_start = os.getloadavg()
         with TritonServer(repo, http, grpc, metrics, log=work / "tritonserver.log") as server:
             with PDDClient(server.http_url) as client:

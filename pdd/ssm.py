@@ -35,6 +35,7 @@ import importlib
 import logging
 import math
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ SCAN_IMPLS = ("reference", "chunked", "triton", "mamba_ssm")
 TRACE_CHUNK_SIZE = 16
 # How a traced chunked scan joins its chunks (see traced_scan_graph).
 TRACE_SCAN_GRAPHS = ("parallel", "sequential")
-_trace_graph = ["parallel"]
+_trace_graph: ContextVar[str] = ContextVar("pdd_traced_scan_graph", default="parallel")
 # Largest |exponent| the chunked path lets exp() see. float32 overflows past e^88.7.
 _EXP_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
 
@@ -380,12 +381,11 @@ def traced_scan_graph(kind: str) -> Iterator[None]:
     """
     if kind not in TRACE_SCAN_GRAPHS:
         raise ValueError(f"unknown traced scan graph {kind!r}; expected one of {TRACE_SCAN_GRAPHS}")
-    previous = _trace_graph[0]
-    _trace_graph[0] = kind
+    token = _trace_graph.set(kind)
     try:
         yield
     finally:
-        _trace_graph[0] = previous
+        _trace_graph.reset(token)
 
 
 def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -433,7 +433,7 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     Ag = Ac.reshape(groups, per_group, n)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
-    if tracing and length and _trace_graph[0] == "sequential":
+    if tracing and length and _trace_graph.get() == "sequential":
         y, state = _chunked_sequential(up, dp, Ag, padded(Bg), padded(Cg), chunk)
     elif tracing or needs_grad or length == 0:
         y, state = _chunked_core(up, dp, Ag, padded(Bg), padded(Cg), chunk)

@@ -12,7 +12,6 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +42,8 @@ from pdd.ssm import traced_scan_graph
 EXPORT_BATCH = (1, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on the 2 shared cores, OpenMP threads spinning against other jobs make the
-    forward passes ~10x slower than a single thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for the forward passes of this module (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

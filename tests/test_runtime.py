@@ -3,7 +3,6 @@ custom-op nodes), PyTorch eager, and the parity helpers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,8 @@ from pdd.anomaly import anomaly_head_ref
 from pdd.backbones.vmamba import SS2D
 from pdd.ssm import ss2d_scan
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on the 2 shared cores, OpenMP threads spinning against other jobs make the
-    forward passes ~10x slower than a single thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One intra-op thread for the forward passes of this module (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save(graph: onnx.GraphProto, path: Path, domains: dict[str, int] | None = None) -> Path:

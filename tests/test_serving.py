@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import sys
 import time
 import urllib.request
@@ -21,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.common import free_ports
 from export.client import InferenceError, PDDClient, predict_server_files, run_load
 from export.triton_repo import MAX_SIDE, build_triton_repo
 from pdd.data.readers import to_model_input
@@ -29,19 +29,6 @@ pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
 SIZE = 64
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _images() -> np.ndarray:
@@ -89,7 +76,7 @@ def repo(tmp_path_factory, small_pdd, reference):
 def server(repo, tmp_path_factory):
     from export.serve import TritonServer
 
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     srv = TritonServer(repo, http, grpc, metrics, log=tmp_path_factory.mktemp("server-log") / "tritonserver.log")
     srv.start(timeout_s=300)
     yield srv
@@ -292,7 +279,7 @@ def test_serve_refuses_flavours_the_bundled_server_lacks(repo, tmp_path, capsys)
 
     onnx_file = repo / "pdd_engine" / "1" / "model.onnx"
     ort = build_triton_repo(tmp_path / "ort", flavour="onnxruntime", engine_dir=onnx_file, max_batch_size=4)
-    assert serve(ort, *_free_ports(3)) == 2
+    assert serve(ort, *free_ports(3)) == 2
     captured = capsys.readouterr()
     assert "docker run" in captured.out and "only the Python backend" in captured.err
     with pytest.raises(ServerError, match="only the Python"):
