@@ -8,8 +8,9 @@ Outputs: ``pred_score`` FP32 (B, 1) (Triton's batched form of the ONNX's (B,)) a
 FP32 (B, S, S).
 
 The requests of a dynamic batch run together, in ONNX Runtime calls of at most ``run_batch`` images:
-PDD's portable graph needs about 2 GiB per 256² image on CPU, so the CPU flavour runs one image at a
-time unless told otherwise. A request holding NaN or infinite values gets an error response and is
+on CPU the portable graph at 256² peaks at 4.2 GiB for one image and 5.7 GiB for eight (session
+included, benchmarks/results/export-cpu.md), and the CPU flavour runs one image at a time unless told
+otherwise. A request holding NaN or infinite values gets an error response and is
 left out. Parameters from ``config.pbtxt``: ``onnx_file`` (beside this file), ``input_name``,
 ``intra_op_threads`` (0: ONNX Runtime's default), ``run_batch``, ``cpu_mem_arena`` ("0": return memory
 to the system after each call instead of keeping ONNX Runtime's arena at its peak).
