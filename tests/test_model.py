@@ -11,6 +11,7 @@ from pdd import PDDConfig, PDDOutput, build_pdd
 from pdd.backbones import WeightsError
 from pdd.checkpoint import load_pdd, save_pdd
 from pdd.losses import pdd_loss
+from pdd.model import UpConv2x2
 
 logging.getLogger("pdd.model").setLevel(logging.ERROR)
 
@@ -66,6 +67,23 @@ def test_separate_students_differ():
     with torch.no_grad():
         feats = model.features(torch.randn(1, 3, 64, 64))
     assert not torch.allclose(feats.prior[2], feats.plain[2])
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 5, 7), (1, 8, 1, 1)])
+def test_upconv_gemm_equals_transposed_convolution(shape):
+    torch.manual_seed(0)
+    up = UpConv2x2(shape[1], 6)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    up = up.double()
+    y = up(x)
+    ref = torch.nn.functional.conv_transpose2d(x, up.weight, stride=2)
+    assert y.shape == ref.shape == (shape[0], 6, 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, up.weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, up.weight), g)
+    torch.testing.assert_close(gx, rx, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=0, atol=1e-12)
 
 
 def test_frozen_teachers_get_no_gradient():
