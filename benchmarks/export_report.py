@@ -173,7 +173,7 @@ def _markdown(r: dict[str, Any]) -> str:
     lines += [
         "",
         "The portable form is exported with sequential scans (the default `scan_graph`): each scan walks its",
-        "chunks of 16 positions in order, about 25 nodes per chunk, so the node count grows with L / 16 (16x",
+        "chunks of 16 positions in order, about 11 nodes per chunk, so the node count grows with L / 16 (16x",
         "more positions from 64² to 256²), never per position; one CumSum per block (of δ), the in-chunk sums",
         "being MatMuls.",
         "",
