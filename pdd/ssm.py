@@ -294,7 +294,7 @@ def _chunked_eager(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
 
     Walks the chunks in order, carrying the state (b, G, dg, N) from one chunk to the next, so there
     is no scan across chunks at all. Each step updates a cache-sized tile of about ``elements``
-    values (a block of channels × one chunk) in two reused buffers: seven passes over the tile.
+    values (a block of channels × one chunk) in reused buffers: eight passes over the tile.
     """
     b, g, dg, length = u.shape
     n = A.shape[-1]
@@ -316,21 +316,27 @@ def _chunked_eager(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
     last = u.new_zeros(b, g, dg, n)
     block = max(1, min(dg, elements // max(1, b * g * n * chunk)))
     E_buf = u.new_empty(b, g, block, n, chunk)
-    h_buf = torch.empty_like(E_buf)
+    h_bufs = (torch.empty_like(E_buf), torch.empty_like(E_buf))  # this chunk's states and the previous chunk's
     y_buf = u.new_empty(nc, b, g, block, chunk)  # one block's outputs, each chunk's slice contiguous
     for start in range(0, dg, block):
         ch = slice(start, min(dg, start + block))
         width = ch.stop - start
-        E, h, y_blk = E_buf[:, :, :width], h_buf[:, :, :width], y_buf[:, :, :, :width]
-        state = last[:, :, ch]
+        E, y_blk = E_buf[:, :, :width], y_buf[:, :, :, :width]
+        hs = tuple(buf[:, :, :width] for buf in h_bufs)
+        # This block's slices, taken once: the chunk loop then only picks chunk c.
+        A_b, rel_b, xs_b, to_ref_b = A5[:, :, ch], rel[:, :, :, ch, None], xs[:, :, :, ch, None], to_ref[:, :, :, ch]
+        prev = None
         for c in range(nc):
-            torch.mul(A5[:, :, ch], rel[c, :, :, ch, None], out=E).exp_()            # exp(A(Δ_t − Δ_ref))
-            torch.mul(Bc[c], xs[c, :, :, ch, None], out=h).div_(E)
-            if c:  # the entering state, added to every cumulative sum by adding it to the first term
-                h[..., 0].addcmul_(to_ref[c, :, :, ch], state)
+            h = hs[c % 2]
+            torch.mul(A_b, rel_b[c], out=E).exp_()                                  # exp(A(Δ_t − Δ_ref))
+            torch.mul(Bc[c], xs_b[c], out=h).div_(E)
+            if prev is not None:  # the entering state, added to every cumulative sum via the first term
+                h[..., 0].addcmul_(to_ref_b[c], prev[..., -1])
             h.cumsum_(-1).mul_(E)                                                   # the states h_t
-            state.copy_(h[..., -1])
-            torch.sum(h.mul_(Cc[c]), 3, out=y_blk[c])
+            torch.sum(torch.mul(h, Cc[c], out=E), 3, out=y_blk[c])                 # Σ_n C_t h_t
+            prev = h
+        if prev is not None:
+            last[:, :, ch] = prev[..., -1]
         y[:, :, ch] = y_blk.permute(1, 2, 3, 0, 4)
     return y.reshape(b, g, dg, length), last
 
