@@ -47,7 +47,9 @@ __all__ = [
     "ScanImplUnavailable",
     "cross_merge",
     "cross_scan",
+    "has_fused_ss2d",
     "is_tracing",
+    "merge_routes",
     "register_scan_impl",
     "register_ss2d_impl",
     "resolve_scan_impl",
@@ -493,6 +495,23 @@ def register_ss2d_impl(name: str, fn: Callable[..., Tensor]) -> None:
     _ss2d_registry[name] = fn
 
 
+def has_fused_ss2d(impl: str) -> bool:
+    """True if ``impl`` has a fused SS2D implementation (it reads spatial-order inputs by index arithmetic)."""
+    if impl not in _ss2d_registry and impl in _providers:
+        with contextlib.suppress(ScanImplUnavailable):
+            _lookup(impl)  # importing the provider registers its fused SS2D kernel too
+    return impl in _ss2d_registry
+
+
+def merge_routes(ys: Tensor, x: Tensor, D: Tensor) -> Tensor:
+    """Scan outputs of the four routes (B, 4, C, L) back on the grid of x (B, C, H, W), summed, plus the
+    D skips: route k reads x, so undoing it on u_k·D_k gives x·D_k, and the four skips are one x·Σ_k D_k."""
+    c = ys.shape[2]
+    h, w = x.shape[-2:]
+    skip = D.to(ys.dtype).view(SS2D_ROUTES, c).sum(0)
+    return torch.addcmul(cross_merge(ys, h, w), x.to(ys.dtype), skip[:, None, None])
+
+
 def route(x: Tensor, k: int) -> Tensor:
     """(B, C, H, W) -> (B, C, L) read along SS2D route k: 0 row-major, 1 column-major, 2 and 3 reversed."""
     seq = x.flatten(2) if k % 2 == 0 else x.transpose(2, 3).flatten(2)
@@ -539,6 +558,4 @@ def ss2d_scan(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tens
     ys = selective_scan(cross_scan(x).reshape(b, SS2D_ROUTES * d, h * w),
                         routed(delta).reshape(b, SS2D_ROUTES * d, h * w), A, routed(B), routed(C),
                         delta_bias=delta_bias, delta_softplus=True, impl=impl)
-    # Route k reads x, so undoing it on u_k·D_k gives x·D_k: the four skips are one x·Σ_k D_k.
-    skip = D.to(ys.dtype).view(SS2D_ROUTES, d).sum(0)
-    return torch.addcmul(cross_merge(ys.view(b, SS2D_ROUTES, d, h * w), h, w), x.to(ys.dtype), skip[:, None, None])
+    return merge_routes(ys.view(b, SS2D_ROUTES, d, h * w), x, D)

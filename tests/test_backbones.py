@@ -123,3 +123,21 @@ def test_wrn_loads_classifier_layout_files(tmp_path, layout):
     assert [f.shape[1] for f in feats] == [256, 512, 1024, 2048]
     for f, r in zip(feats, ref, strict=True):
         torch.testing.assert_close(f, r)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+def test_routed_projections_equal_spatial_projections(impl):
+    """SS2D projects δ, B, C on each route-ordered copy (as VMamba v0 does); the fused kernels' API takes
+    them in spatial order and reads them per route. Both give the same scan."""
+    from pdd.backbones.vmamba import SS2D
+    from pdd.ssm import ss2d_scan
+
+    torch.manual_seed(0)
+    block = SS2D(16, scan_impl=impl).double()
+    x = torch.randn(2, 32, 5, 7, dtype=torch.float64)  # non-square: routes 1 and 3 differ from 0 and 2
+    with torch.no_grad():
+        routed = block.routed_scan(x)
+        # float32 parameters, as SS2D passes them (the scan itself runs in x's float64)
+        spatial = ss2d_scan(x, *block.projections(x), -torch.exp(block.A_logs.float()), block.Ds.float(),
+                            block.dt_projs_bias.float().reshape(-1), impl=impl)
+    torch.testing.assert_close(routed, spatial, rtol=0, atol=1e-10)

@@ -28,7 +28,7 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from pdd.backbones.weights import WeightsError, check_and_load, load_checkpoint_file
-from pdd.ssm import SS2D_ROUTES, ss2d_scan
+from pdd.ssm import SS2D_ROUTES, cross_scan, has_fused_ss2d, merge_routes, selective_scan, ss2d_scan
 
 __all__ = ["SS2D", "VMAMBA_V0_TINY_URL", "VSSBlock", "VSSMv0", "map_legacy_vmamba_keys", "vmamba_tiny_v0"]
 
@@ -106,13 +106,30 @@ class SS2D(nn.Module):
         delta = torch.matmul(self.dt_projs_weight, dt_r)                          # (B, 4, d_inner, L)
         return tuple(t.unflatten(-1, (height, width)).contiguous() for t in (delta, Bs, Cs))
 
+    def routed_scan(self, x: Tensor) -> Tensor:
+        """The four-route scan as VMamba v0 computes it: x read along each route (cross-scan), the δ/B/C
+        projections of each route on its route-ordered copy (so δ, B and C need no reordering of their
+        own), one selective scan over the 4·d_inner sequences, the routes merged back. For the
+        implementations without a fused SS2D kernel (reference, chunked)."""
+        b, _, height, width = x.shape
+        xs = cross_scan(x)                                                       # (B, 4, d_inner, L)
+        proj = torch.matmul(self.x_proj_weight, xs)                              # (B, 4, R + 2N, L)
+        dt_r, Bs, Cs = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
+        delta = torch.matmul(self.dt_projs_weight, dt_r)                          # (B, 4, d_inner, L)
+        ys = selective_scan(xs.flatten(1, 2), delta.flatten(1, 2), -torch.exp(self.A_logs.float()), Bs, Cs,
+                            delta_bias=self.dt_projs_bias.float().reshape(-1), delta_softplus=True,
+                            impl=self.scan_impl)
+        return merge_routes(ys.view(b, SS2D_ROUTES, self.d_inner, height * width), x, self.Ds.float())
+
     def forward(self, x: Tensor) -> Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))                          # (B, d_inner, H, W)
-        delta, Bs, Cs = self.projections(x)
-        A = -torch.exp(self.A_logs.float())
-        y = ss2d_scan(x, delta, Bs, Cs, A, self.Ds.float(), self.dt_projs_bias.float().reshape(-1),
-                      impl=self.scan_impl)
+        if has_fused_ss2d(self.scan_impl):  # the fused kernel reads spatial-order inputs along each route
+            delta, Bs, Cs = self.projections(x)
+            y = ss2d_scan(x, delta, Bs, Cs, -torch.exp(self.A_logs.float()), self.Ds.float(),
+                          self.dt_projs_bias.float().reshape(-1), impl=self.scan_impl)
+        else:
+            y = self.routed_scan(x)
         y = self.out_norm(y.permute(0, 2, 3, 1))                                 # (B, H, W, d_inner)
         return self.out_proj(y * F.silu(z))
 
