@@ -155,9 +155,10 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpus']} CPUs, {m['threads']} intra-op thread(s) for both PyTorch and ONNX Runtime, "
         f"{m['platform']}, Python {m['python']}, "
-        f"torch {m['torch']}, ONNX Runtime {m['onnxruntime']}. The CPUs were shared with other jobs during the "
-        f"run (load average {m['load_avg_start']} at the start, {m['load_avg_end']} at the end, 1/5/15 min), so "
-        f"absolute times are noisy; the runtimes were measured one after the other in the same run.",
+        f"torch {m['torch']}, ONNX Runtime {m['onnxruntime']}. Load average (1/5/15 min) {m['load_avg_start']} at "
+        f"the start, {m['load_avg_end']} at the end (the run's own threads count in it). The machine is a shared "
+        f"virtual machine whose speed drifts, so compare the runtimes measured one after the other in this run "
+        f"rather than absolute times across runs.",
         "",
         "PDD with randomly initialised (seeded) teachers: graph sizes and latency do not depend on the weights.",
         "",

@@ -917,9 +917,9 @@ def markdown(result: dict[str, Any]) -> str:
            else ".  "),
         f"Load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load['before'])}, after "
         f"{tuple(round(v, 2) for v in load['after'])}"
-        + (": other processes shared the CPUs, so absolute CPU times are pessimistic; ratios measured in "
-           "this run compare like with like." if max(load["before"][0], load["after"][0])
-           > 0.5 * (env["cpu_count"] or 1) else "."),
+        + (" (the run's own threads count in the second): other work loaded the CPUs at or just before its start, "
+           "so absolute CPU times are pessimistic; ratios measured in this run compare like with like."
+           if load["before"][0] > 0.5 * (env["cpu_count"] or 1) else " (the run's own threads count in the second)."),
         "",
         f"Latency: wall time of `predict()` (host arrays in and out), {cfg['warmup']} warm-up and {cfg['repeats']} "
         "timed calls per case (the reference scan: see notes; with few calls, p90–p99 interpolate between the "
