@@ -53,11 +53,14 @@ __all__ = [
     "register_scan_impl",
     "register_ss2d_impl",
     "resolve_scan_impl",
+    "route_positions",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_ref",
+    "ss2d_positions",
     "ss2d_scan",
     "traced_scan_graph",
+    "tracing_sequential",
 ]
 
 log = logging.getLogger(__name__)
@@ -344,7 +347,17 @@ def _chunked_eager(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
 
 
 def _chunked_sequential(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """Same contract as :func:`_chunked_core`, as a graph of standard ops that walks the chunks in order.
+    """Same contract as :func:`_chunked_core`, as a graph of standard ops that walks the chunks in order
+    (:func:`_sequential_positions` on position-major copies of the inputs)."""
+    # One swap of the last two axes each: graph runtimes transpose that fast, unlike 5-D permutations.
+    y, state = _sequential_positions(u.transpose(2, 3), dl.transpose(2, 3), A, B.transpose(2, 3), C.transpose(2, 3),
+                                     chunk)
+    return y.transpose(2, 3), state.transpose(2, 3)
+
+
+def _sequential_positions(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """The chunked scan walking the chunks in order, position-major: u, dl (b, G, L, dg); A (G, dg, N);
+    B, C (b, G, L, N); L a multiple of ``chunk``. Returns y (b, G, L, dg) and the last state (b, G, N, dg).
 
     The eager walk of :func:`_chunked_eager` written without in-place updates, for export: one step of
     about ten ops per chunk (the graph grows with L / chunk, not with L), each on one chunk of all
@@ -353,13 +366,12 @@ def _chunked_sequential(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     cumulative sum is one GEMM with a constant lower-triangular matrix; every per-chunk slice keeps its
     axis, so a step needs no reshapes.
     """
-    length = u.shape[-1]
+    length = u.shape[2]
     nc = length // chunk
     ref = (chunk - 1) // 2
 
-    def by_chunk(t: Tensor) -> Tensor:  # (b, G, X, nc·T) -> (b, G, nc, T, X)
-        # One swap of the last two axes: graph runtimes transpose that fast, unlike a 5-D permutation.
-        return t.transpose(2, 3).unflatten(2, (nc, chunk))
+    def by_chunk(t: Tensor) -> Tensor:  # (b, G, nc·T, X) -> (b, G, nc, T, X), a reshape
+        return t.unflatten(2, (nc, chunk))
 
     def steps(t: Tensor) -> tuple[Tensor, ...]:  # one slice per chunk along axis 2, the axis kept
         return t.split(1, dim=2)
@@ -370,7 +382,7 @@ def _chunked_sequential(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     rel = cum - cum[..., ref:ref + 1, :]                            # Δ_t − Δ_ref
     At = A.transpose(1, 2)[None, :, None, :, None, :]               # (1, G, 1, N, 1, dg)
     to_ref = torch.exp(At * cum[..., ref:ref + 1, :])               # chunk start to ref: (b, G, nc, N, 1, dg)
-    Bc, Cc = (t.unflatten(-1, (nc, chunk)).transpose(2, 3).unsqueeze(-1) for t in (B, C))  # (b, G, nc, N, T, 1)
+    Bc, Cc = (by_chunk(t).transpose(3, 4).unsqueeze(-1) for t in (B, C))  # (b, G, nc, N, T, 1)
     lower = torch.ones(chunk, chunk, dtype=u.dtype, device=u.device).tril()   # lower @ x = cumsum(x) over T
     ys, state = [], None
     for rel_c, xs_c, B_c, C_c, to_ref_c in zip(steps(rel), steps(xs), steps(Bc), steps(Cc), steps(to_ref)):
@@ -381,8 +393,49 @@ def _chunked_sequential(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         h = h * E                                                   # the states h_t
         state = h[..., -1:, :]                                      # (b, G, 1, N, 1, dg)
         ys.append((C_c * h).sum(3))                                 # Σ_n C_t h_t: (b, G, 1, T, dg)
-    y = torch.cat(ys, dim=2).flatten(2, 3).transpose(2, 3)          # (b, G, dg, L)
-    return y, state.flatten(2, 4).transpose(2, 3)
+    return torch.cat(ys, dim=2).flatten(2, 3), state.flatten(2, 4)
+
+
+def ss2d_positions(x: Tensor, xs: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor,
+                   delta_bias: Tensor) -> Tensor:
+    """The four-route scan in position-major layout, as one graph of standard ops (what a traced SS2D
+    exports with the sequential scan graph): no transpose of the channel and position axes anywhere.
+
+    x: (B, H, W, d) channels-last; xs: :func:`route_positions` of x (the scan input u); delta, B, C: each
+    route's projections in that route's order, (B, 4, L, d) and (B, 4, L, N); A: (4·d, N); D, delta_bias:
+    (4·d,). Returns (B, H, W, d): the routes merged back on the grid plus the D skips. Exact while
+    |A|·Σδ over half a chunk of ``TRACE_CHUNK_SIZE`` stays below float32's exponent range (see
+    :func:`selective_scan_chunked`).
+    """
+    b, h, w, d = x.shape
+    n = A.shape[-1]
+    chunk = TRACE_CHUNK_SIZE
+    dtype = _compute_dtype(x)
+    dl = delta.to(dtype) + delta_bias.to(dtype).view(SS2D_ROUTES, 1, d)
+    dl = F.relu(dl) + torch.log1p(torch.exp(-dl.abs()))            # softplus, in the form graphs run fast
+    pad = (-h * w) % chunk
+
+    def padded(t: Tensor) -> Tensor:  # δ = 0 on padding leaves the state untouched
+        return F.pad(t.to(dtype), (0, 0, 0, pad)) if pad else t.to(dtype)
+
+    y, _ = _sequential_positions(padded(xs), padded(dl), A.to(dtype).view(SS2D_ROUTES, d, n), padded(B), padded(C),
+                                 chunk)
+    y = y[:, :, :h * w]                                             # (B, 4, L, d)
+    rows = (y[:, 0] + y[:, 2].flip(1)).view(b, h, w, d)
+    cols = (y[:, 1] + y[:, 3].flip(1)).view(b, w, h, d).transpose(1, 2)
+    skip = D.to(dtype).view(SS2D_ROUTES, d).sum(0)
+    return (rows + cols + x.to(dtype) * skip).to(x.dtype)
+
+
+def route_positions(x: Tensor) -> Tensor:
+    """(B, H, W, C) channels-last -> (B, 4, L, C): positions read along the four routes (cf. :func:`cross_scan`)."""
+    rows, cols = x.flatten(1, 2), x.transpose(1, 2).flatten(1, 2)
+    return torch.stack([rows, cols, rows.flip(1), cols.flip(1)], dim=1)
+
+
+def tracing_sequential() -> bool:
+    """True while a graph is being captured inside ``traced_scan_graph("sequential")``."""
+    return is_tracing() and _trace_graph.get() == "sequential"
 
 
 @contextlib.contextmanager

@@ -141,3 +141,17 @@ def test_routed_projections_equal_spatial_projections(impl):
         spatial = ss2d_scan(x, *block.projections(x), -torch.exp(block.A_logs.float()), block.Ds.float(),
                             block.dt_projs_bias.float().reshape(-1), impl=impl)
     torch.testing.assert_close(routed, spatial, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (8, 8)])  # L = 35 (padded to 48) and 64
+def test_position_major_scan_equals_routed_scan(size):
+    """What SS2D exports with the sequential scan graph (position-major) against its eager scan."""
+    from pdd.backbones.vmamba import SS2D
+
+    torch.manual_seed(0)
+    block = SS2D(16, scan_impl="chunked").double()
+    x = torch.randn(2, 32, *size, dtype=torch.float64)
+    with torch.no_grad():
+        routed = block.routed_scan(x)
+        positions = block.position_scan(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(positions, routed, rtol=0, atol=1e-10)

@@ -28,7 +28,17 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from pdd.backbones.weights import WeightsError, check_and_load, load_checkpoint_file
-from pdd.ssm import SS2D_ROUTES, cross_scan, has_fused_ss2d, merge_routes, selective_scan, ss2d_scan
+from pdd.ssm import (
+    SS2D_ROUTES,
+    cross_scan,
+    has_fused_ss2d,
+    merge_routes,
+    route_positions,
+    selective_scan,
+    ss2d_positions,
+    ss2d_scan,
+    tracing_sequential,
+)
 
 __all__ = ["SS2D", "VMAMBA_V0_TINY_URL", "VSSBlock", "VSSMv0", "map_legacy_vmamba_keys", "vmamba_tiny_v0"]
 
@@ -121,16 +131,28 @@ class SS2D(nn.Module):
                             impl=self.scan_impl)
         return merge_routes(ys.view(b, SS2D_ROUTES, self.d_inner, height * width), x, self.Ds.float())
 
+    def position_scan(self, x: Tensor) -> Tensor:
+        """:meth:`routed_scan` position-major, x and result (B, H, W, d_inner): the graph a traced chunked
+        scan exports with ``traced_scan_graph("sequential")``, free of channel/position transposes."""
+        xs = route_positions(x)                                                  # (B, 4, L, d_inner)
+        proj = torch.matmul(xs, self.x_proj_weight.transpose(1, 2))              # (B, 4, L, R + 2N)
+        dt_r, Bs, Cs = proj.split([self.dt_rank, self.d_state, self.d_state], dim=3)
+        delta = torch.matmul(dt_r, self.dt_projs_weight.transpose(1, 2))          # (B, 4, L, d_inner)
+        return ss2d_positions(x, xs, delta, Bs, Cs, -torch.exp(self.A_logs.float()), self.Ds.float(),
+                              self.dt_projs_bias.float().reshape(-1))
+
     def forward(self, x: Tensor) -> Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))                          # (B, d_inner, H, W)
         if has_fused_ss2d(self.scan_impl):  # the fused kernel reads spatial-order inputs along each route
             delta, Bs, Cs = self.projections(x)
             y = ss2d_scan(x, delta, Bs, Cs, -torch.exp(self.A_logs.float()), self.Ds.float(),
-                          self.dt_projs_bias.float().reshape(-1), impl=self.scan_impl)
+                          self.dt_projs_bias.float().reshape(-1), impl=self.scan_impl).permute(0, 2, 3, 1)
+        elif self.scan_impl == "chunked" and tracing_sequential():
+            y = self.position_scan(x.permute(0, 2, 3, 1))
         else:
-            y = self.routed_scan(x)
-        y = self.out_norm(y.permute(0, 2, 3, 1))                                 # (B, H, W, d_inner)
+            y = self.routed_scan(x).permute(0, 2, 3, 1)
+        y = self.out_norm(y)                                                     # (B, H, W, d_inner)
         return self.out_proj(y * F.silu(z))
 
 
