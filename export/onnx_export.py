@@ -5,7 +5,8 @@ Two forms, one wrapper (:class:`ExportablePDD`):
 - ``portable``: standard ONNX ops only. Each SS2D scan is the chunked formulation of
   :func:`pdd.ssm.selective_scan_chunked` (no Loop, no per-step unrolling), so ONNX Runtime, TensorRT
   without plugins and OpenVINO run it. ``scan_graph="sequential"`` (default; CPU runtimes) walks the
-  chunks in order, about eleven nodes per chunk of 16 positions, with chunk-sized temporaries;
+  chunks in order, about eleven nodes per chunk of 16 positions, with chunk-sized temporaries, each
+  SS2D block position-major from routes to merge (:func:`pdd.ssm.ss2d_positions`);
   ``"parallel"`` (GPUs: what build_trt.py exports) handles all chunks at once and joins them by a
   log-depth scan, so its node count grows with log2(L) but its temporaries with the whole sequence.
 - ``plugin``: every SS2D scan is one ``pdd::SS2DScan`` node and the head one ``pdd::AnomalyHead`` node
