@@ -173,12 +173,16 @@ def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, softplus: bool, dty
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)[:, None]
     if softplus and is_tracing():
-        # The same function in a stable form that exported graphs run fast (ONNX Runtime's Softplus
-        # node is ~4x slower than these five element-wise ops); equal to softplus within float rounding.
-        delta = F.relu(delta) + torch.log1p(torch.exp(-delta.abs()))
+        delta = _graph_softplus(delta)
     elif softplus:
         delta = F.softplus(delta)  # threshold 20, as mamba-ssm and VMamba
     return delta
+
+
+def _graph_softplus(t: Tensor) -> Tensor:
+    """Softplus in a stable form that exported graphs run fast (ONNX Runtime's Softplus node is ~4x slower
+    than these five element-wise ops); equal to softplus within float rounding."""
+    return F.relu(t) + torch.log1p(torch.exp(-t.abs()))
 
 
 def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype: torch.dtype) -> Tensor:
@@ -340,8 +344,7 @@ def _chunked_eager(u: Tensor, dl: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk
             h.cumsum_(-1).mul_(E)                                                   # the states h_t
             torch.sum(torch.mul(h, Cc[c], out=E), 3, out=y_blk[c])                 # Σ_n C_t h_t
             prev = h
-        if prev is not None:
-            last[:, :, ch] = prev[..., -1]
+        last[:, :, ch] = prev[..., -1]  # nc ≥ 1: empty sequences take the whole-sequence graph
         y[:, :, ch] = y_blk.permute(1, 2, 3, 0, 4)
     return y.reshape(b, g, dg, length), last
 
@@ -412,7 +415,7 @@ def ss2d_positions(x: Tensor, xs: Tensor, delta: Tensor, B: Tensor, C: Tensor, A
     chunk = TRACE_CHUNK_SIZE
     dtype = _compute_dtype(x)
     dl = delta.to(dtype) + delta_bias.to(dtype).view(SS2D_ROUTES, 1, d)
-    dl = F.relu(dl) + torch.log1p(torch.exp(-dl.abs()))            # softplus, in the form graphs run fast
+    dl = _graph_softplus(dl)
     pad = (-h * w) % chunk
 
     def padded(t: Tensor) -> Tensor:  # δ = 0 on padding leaves the state untouched
@@ -599,9 +602,7 @@ def ss2d_scan(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tens
     ``reference`` and ``chunked`` build the route-ordered copies and call :func:`selective_scan`;
     a fused implementation (``triton``) walks the routes by index arithmetic instead.
     """
-    if impl not in _ss2d_registry and impl in _providers:
-        _lookup(impl)  # importing the provider registers its fused SS2D kernel too
-    if impl in _ss2d_registry:
+    if has_fused_ss2d(impl):
         return _ss2d_registry[impl](x, delta, B, C, A, D, delta_bias)
     b, d, h, w = x.shape
 
