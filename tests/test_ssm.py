@@ -12,6 +12,8 @@ from pdd.ssm import (
     _chunked_sequential,
     cross_merge,
     cross_scan,
+    route_order,
+    route_positions,
     resolve_scan_impl,
     selective_scan,
     selective_scan_chunked,
@@ -152,6 +154,13 @@ def test_cross_scan_routes_and_merge():
     assert routes[2].tolist() == [5, 4, 3, 2, 1, 0]
     assert routes[3].tolist() == [5, 2, 4, 1, 3, 0]
     torch.testing.assert_close(cross_merge(cross_scan(x), 2, 3), 4 * x)
+
+
+def test_route_positions_gather_the_cross_scan_routes():
+    x = torch.randn(2, 5, 3, 4)  # (B, C, H, W), a grid that is not square
+    assert route_order(2, 3).tolist() == [0, 1, 2, 3, 4, 5, 0, 3, 1, 4, 2, 5, 5, 4, 3, 2, 1, 0, 5, 2, 4, 1, 3, 0]
+    positions = route_positions(x.permute(0, 2, 3, 1))                    # (B, 4, L, C)
+    torch.testing.assert_close(positions, cross_scan(x).transpose(2, 3), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("h, w", [(4, 4), (3, 5)])
