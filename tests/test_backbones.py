@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from pdd.backbones import VSSMv0, WeightsError, vmamba_tiny_v0, wide_resnet50_2_features
+from pdd.backbones.wrn import GemmConv2d
 
 SPEC = Path(__file__).resolve().parent / "data" / "vmamba_v0_tiny_state_dict.tsv"
 
@@ -123,6 +126,24 @@ def test_wrn_loads_classifier_layout_files(tmp_path, layout):
     assert [f.shape[1] for f in feats] == [256, 512, 1024, 2048]
     for f, r in zip(feats, ref, strict=True):
         torch.testing.assert_close(f, r)
+
+
+@pytest.mark.parametrize("stride, dilation, bias", [(1, 1, True), (2, 1, False), (1, 2, False)])
+def test_gemm_conv_equals_conv2d(stride, dilation, bias):
+    """WRN's convolutions with heavy weights on small maps run as im2col + GEMM in eager mode on the CPU."""
+    torch.manual_seed(0)
+    conv = GemmConv2d(64, 8, 3, stride=stride, padding=dilation, dilation=dilation, bias=bias).double()
+    x = torch.randn(2, 64, 3, 5, dtype=torch.float64, requires_grad=True)  # K = 576 ≥ 32 · positions
+    w = conv.weight
+    y = conv(x)
+    ref = F.conv2d(x, w, conv.bias, stride, dilation, dilation)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+    rx, rw = torch.autograd.grad(ref.square().sum(), (x, w))
+    torch.testing.assert_close((gx, gw), (rx, rw), rtol=0, atol=1e-10)
+    big = torch.randn(1, 64, 16, 16, dtype=torch.float64)  # K < 32 · positions: oneDNN's convolution
+    torch.testing.assert_close(conv(big), F.conv2d(big, w, conv.bias, stride, dilation, dilation))
+    assert all(type(m) is not nn.Conv2d for m in wide_resnet50_2_features().modules())
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
