@@ -8,7 +8,7 @@ Outputs: ``pred_score`` FP32 (B, 1) (Triton's batched form of the ONNX's (B,)) a
 FP32 (B, S, S).
 
 The requests of a dynamic batch run together, in ONNX Runtime calls of at most ``run_batch`` images:
-on CPU the portable graph at 256² peaks at 3.9 GiB for one image and 5.7 GiB for eight (session
+on CPU the portable graph at 256² peaks at 3.9 GiB for one image and 5.6 GiB for eight (session
 included, benchmarks/results/export-cpu.md), and the CPU flavour runs one image at a time unless told
 otherwise. A request holding NaN or infinite values gets an error response and is
 left out. Parameters from ``config.pbtxt``: ``onnx_file`` (beside this file), ``input_name``,
