@@ -170,6 +170,11 @@ def _markdown(result: dict[str, Any]) -> str:
               "client latency − server request, i.e. what the transport adds (serialisation, copies, sockets "
               "or shared memory). Queue and compute columns are the `pdd_engine` step's, per request (a dynamic "
               "batch's time counts for each request in it); `batches` is how many times the engine ran.", ""]
+    if any(r["client_overhead_us"] < 0 for r in result["runs"]):
+        lines += ["A negative client overhead means the transport cost is below what these two clocks can "
+                        "resolve: the server's clock and the client's start and stop at different moments of a "
+                        "request, so a difference of a few ms between two averages reads as no measurable cost.",
+                        ""]
     lines.append(f"perf_analyzer: {pa['command']} (exit {pa['returncode']})" if pa["available"] else
                  f"perf_analyzer: {pa['note']}.")
     return "\n".join(lines) + "\n"
