@@ -172,9 +172,8 @@ def _markdown(result: dict[str, Any]) -> str:
               "batch's time counts for each request in it); `batches` is how many times the engine ran.", ""]
     if any(r["client_overhead_us"] < 0 for r in result["runs"]):
         lines += ["A negative client overhead means the transport cost is below what these two clocks can "
-                        "resolve: the server's clock and the client's start and stop at different moments of a "
-                        "request, so a difference of a few ms between two averages reads as no measurable cost.",
-                        ""]
+                  "resolve: the server's clock and the client's start and stop at different moments of a "
+                  "request, so a difference of a few ms between two averages reads as no measurable cost.", ""]
     lines.append(f"perf_analyzer: {pa['command']} (exit {pa['returncode']})" if pa["available"] else
                  f"perf_analyzer: {pa['note']}.")
     return "\n".join(lines) + "\n"
