@@ -174,29 +174,37 @@ def _checked(kernels: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(kernels)
 
 
+def _target(target: Any) -> Any:
+    return _aot().DEFAULT_TARGET if target is None else target
+
+
 @functools.cache
-def ss2d_kernels(dtype: str, d_state: int) -> tuple[Any, ...]:
-    """The SS2DScan tactics (one per scan strategy) for activations in ``dtype`` ('fp32'|'fp16'); tactic i+1."""
+def ss2d_kernels(dtype: str, d_state: int, target: Any = None) -> tuple[Any, ...]:
+    """The SS2DScan tactics (one per scan strategy) for activations in ``dtype`` ('fp32'|'fp16'); tactic i+1.
+
+    ``target``: a :class:`kernels.aot.KernelTarget` (default: sm_90, PTX ISA 9.0).
+    """
     aot = _aot()
-    return _checked([aot.compile_tactic(t) for t in aot.ss2d_tactics(dtypes=(dtype,), d_states=(d_state,))])
+    return _checked([aot.compile_tactic(t, _target(target))
+                     for t in aot.ss2d_tactics(dtypes=(dtype,), d_states=(d_state,))])
 
 
 @functools.cache
-def head_cosine_kernel(dtype: str, num_levels: int) -> Any:
+def head_cosine_kernel(dtype: str, num_levels: int, target: Any = None) -> Any:
     """Head launch 1 for features in ``dtype`` and ``num_levels`` (teacher, student) pairs."""
     aot = _aot()
     tactics = [t for t in aot.anomaly_head_tactics(dtypes=(dtype,), num_levels=num_levels)
                if t.name.startswith("head_cosine")]
-    return _checked([aot.compile_tactic(t) for t in tactics])[0]
+    return _checked([aot.compile_tactic(t, _target(target)) for t in tactics])[0]
 
 
 @functools.cache
-def head_blur_kernel(num_levels: int, sigma: float) -> Any:
+def head_blur_kernel(num_levels: int, sigma: float, target: Any = None) -> Any:
     """Head launch 2 with σ baked into the PTX."""
     aot = _aot()
     tactics = [t for t in aot.anomaly_head_tactics(dtypes=(), num_levels=num_levels, sigma=sigma)
                if t.name.startswith("head_blur_max")]
-    return _checked([aot.compile_tactic(t) for t in tactics])[0]
+    return _checked([aot.compile_tactic(t, _target(target)) for t in tactics])[0]
 
 
 # --- graph lowering and launch records (ONNX, no TensorRT) ----------------------------------------------
@@ -292,7 +300,7 @@ def lower_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _node_kernels(node: onnx.NodeProto, infos: Mapping[str, tuple[int, tuple[int | str, ...]]],
-                  batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                  batch: int, target: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """(tactics, kernel sizes at ``batch``) of one plugin node."""
     where = f"ONNX node {node.name!r} ({DOMAIN}::{node.op_type})"
 
@@ -307,32 +315,32 @@ def _node_kernels(node: onnx.NodeProto, infos: Mapping[str, tuple[int, tuple[int
 
     if node.op_type == SS2D_OP:
         d_state = concrete(node.input[4])[1]
-        return ss2d_kernels(dtype(node.input[0]), d_state), ss2d_sizes(concrete(node.input[0]))
+        return ss2d_kernels(dtype(node.input[0]), d_state, target), ss2d_sizes(concrete(node.input[0]))
     if node.op_type == HEAD_COSINE_OP:
         teachers = [concrete(n) for n in node.input[0::2]]
-        return (head_cosine_kernel(dtype(node.input[0]), len(teachers)),), head_cosine_sizes(teachers)
+        return (head_cosine_kernel(dtype(node.input[0]), len(teachers), target),), head_cosine_sizes(teachers)
     if node.op_type == HEAD_BLUR_OP:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         levels = list(attrs["level_sizes"])
-        return ((head_blur_kernel(len(levels) // 2, float(attrs["sigma"])),),
+        return ((head_blur_kernel(len(levels) // 2, float(attrs["sigma"]), target),),
                 head_blur_sizes(batch, levels, attrs["height"], attrs["width"]))
     if node.op_type == HEAD_OP:
         raise ValueError(f"{where}: lower the graph first (lower_for_tensorrt)")
     raise ValueError(f"{where}: no TensorRT plugin for this op; known: {PLUGIN_OPS}")
 
 
-def kernels_for_model(model: onnx.ModelProto) -> dict[str, Any]:
+def kernels_for_model(model: onnx.ModelProto, target: Any = None) -> dict[str, Any]:
     """Every kernel tactic a lowered plugin-form graph uses, by tactic name (empty for the portable form)."""
     infos = _value_infos(model)
     out = {}
     for node in model.graph.node:
         if node.domain == DOMAIN:
-            for k in _node_kernels(node, infos, batch=1)[0]:
+            for k in _node_kernels(node, infos, 1, target)[0]:
                 out[k.tactic] = k
     return out
 
 
-def plugin_launch_records(model: onnx.ModelProto, batch: int) -> list[dict[str, Any]]:
+def plugin_launch_records(model: onnx.ModelProto, batch: int, target: Any = None) -> list[dict[str, Any]]:
     """For each plugin node and tactic of a lowered graph: kernel, grid, block, shared memory and scalars
     at ``batch`` (what TensorRT will launch), as JSON-ready dicts."""
     infos = _value_infos(model)
@@ -340,7 +348,7 @@ def plugin_launch_records(model: onnx.ModelProto, batch: int) -> list[dict[str, 
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue
-        kernels, sizes = _node_kernels(node, infos, batch)
+        kernels, sizes = _node_kernels(node, infos, batch, target)
         for tactic_id, k in enumerate(kernels, start=1):
             plan = launch_plan(k, sizes)
             records.append({
@@ -353,108 +361,154 @@ def plugin_launch_records(model: onnx.ModelProto, batch: int) -> list[dict[str, 
 
 
 # --- TensorRT registration --------------------------------------------------------------------------------
+#
+# NVIDIA's validators (tensorrt/plugin/_validate.py) read these functions' signatures, so their form is
+# part of the contract: annotations are evaluated objects (no ``from __future__ import annotations`` in this
+# module), an aot_impl takes (inputs…, every attribute in registration order, outputs, tactic) and is
+# annotated ``-> tuple[str | bytes, str | bytes, KernelLaunchParams, SymIntExprs]``; attributes arrive from
+# the ONNX parser as 1-element arrays (INT as int32, FLOAT as float32), so scalar attributes are annotated
+# ``npt.NDArray[...]``: a ``float``/``int`` annotation converts the array with ``float(array)``, which
+# numpy >= 2.4 refuses (TensorRT 10.x).
 
-_registered = False
+_HEAD_TACTIC = 1  # the head has one kernel per launch; an explicit tactic makes TensorRT call set_tactic
 
 
-def register_plugins() -> None:
-    """Define the three AOT plugins with ``tensorrt.plugin`` (once per process), before parsing the ONNX.
+def _folded(expr: Any) -> Any:
+    """A build-time constant as an int (spatial sizes), anything else unchanged (the batch)."""
+    try:
+        return expr.constant_value() if expr.is_constant else expr
+    except RuntimeError:  # a "fake" expression outside a shape context has no value to read
+        return expr
 
-    Needs TensorRT ≥ 10.9 (AOT quickly deployable plugins) and Triton (PTX generation at build time).
-    """
-    global _registered
-    if _registered:
-        return
-    from typing import Tuple  # noqa: UP035 - tensorrt.plugin compares annotations with typing.Tuple
 
-    import numpy.typing as npt
-    import tensorrt as trt
-    import tensorrt.plugin as trtp
+def _desc_shape(desc: Any) -> tuple[Any, ...]:
+    return tuple(_folded(d) for d in desc.shape_expr)
 
-    dtype_names = {trt.float32: "fp32", trt.float16: "fp16"}
 
-    def dtype_of(desc: Any, op: str) -> str:
-        if desc.dtype not in dtype_names:
-            raise ValueError(f"{DOMAIN}::{op}: inputs must be fp32 or fp16, got {desc.dtype}")
-        return dtype_names[desc.dtype]
+def _dtype_name(trt: Any, desc: Any, op: str) -> str:
+    names = {trt.float32: "fp32", trt.float16: "fp16"}
+    if desc.dtype not in names:
+        raise ValueError(f"{DOMAIN}::{op}: inputs must be fp32 or fp16, got {desc.dtype}")
+    return names[desc.dtype]
 
-    def folded(expr: Any) -> Any:
-        """A build-time constant as an int (spatial sizes), anything else unchanged (the batch)."""
-        try:
-            return expr.constant_value() if expr.is_constant else expr
-        except RuntimeError:  # a "fake" expression outside a shape context has no value to read
-            return expr
 
+def _aot_result(trtp: Any, kernel: Any, sizes: Mapping[str, Any]) -> tuple[str, str, Any, Any]:
+    """(kernel name, PTX, launch parameters, int32 scalars) for TensorRT, from the kernel's launch contract."""
     def cdiv(a: Any, b: Any) -> Any:
         return _int_cdiv(a, b) if isinstance(a, int) and isinstance(b, int) else trtp.cdiv(a, b)
 
-    def shape(desc: Any) -> tuple[Any, ...]:
-        return tuple(folded(d) for d in desc.shape_expr)
+    plan = launch_plan(kernel, sizes, cdiv)
+    params = trtp.KernelLaunchParams()
+    params.grid_x, params.grid_y, params.grid_z = plan.grid
+    params.block_x = plan.block[0]
+    params.shared_mem = plan.shared_mem
+    extra = trtp.SymIntExprs(len(plan.scalars))
+    for i, value in enumerate(plan.scalars):
+        extra[i] = trtp.SymInt32(value)
+    return kernel.name, kernel.ptx, params, extra
 
-    def aot_result(kernel: Any, sizes: Mapping[str, Any]) -> tuple[str, str, Any, Any]:
-        plan = launch_plan(kernel, sizes, cdiv)
-        params = trtp.KernelLaunchParams()
-        params.grid_x, params.grid_y, params.grid_z = (g if isinstance(g, int) else trtp.SymInt32(g)
-                                                       for g in plan.grid)
-        params.block_x = plan.block[0]
-        params.shared_mem = plan.shared_mem
-        extra = trtp.SymIntExprs(len(plan.scalars))
-        for i, value in enumerate(plan.scalars):
-            extra[i] = trtp.SymInt32(trtp.ShapeExpr(value) if isinstance(value, int) else value)
-        return kernel.name, kernel.ptx, params, extra
 
-    ss2d_id = f"{DOMAIN}::{SS2D_OP}"
+def _check_tactic(op: str, tactic: int, count: int) -> int:
+    if not 1 <= tactic <= count:
+        raise ValueError(f"{DOMAIN}::{op}: tactic {tactic} asked for, the plugin offers 1..{count}")
+    return tactic - 1
 
-    @trtp.register(ss2d_id)
-    def ss2d_desc(x: trtp.TensorDesc, delta: trtp.TensorDesc, B: trtp.TensorDesc, C: trtp.TensorDesc,
-                  A: trtp.TensorDesc, D: trtp.TensorDesc, delta_bias: trtp.TensorDesc) -> trtp.TensorDesc:
+
+def _ss2d_functions(trt: Any, trtp: Any, target: Any) -> tuple[Callable, Callable, Callable]:
+    """SS2DScan: shape function, type/format/tactic list, AOT implementation (tactic i+1 = scan strategy i)."""
+    Aot = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
+
+    def desc(x: trtp.TensorDesc, delta: trtp.TensorDesc, B: trtp.TensorDesc, C: trtp.TensorDesc,
+             A: trtp.TensorDesc, D: trtp.TensorDesc, delta_bias: trtp.TensorDesc) -> trtp.TensorDesc:
         ss2d_output_shape(tuple(x.shape_expr))
         return x.like()
 
-    @trtp.autotune(ss2d_id)
-    def ss2d_autotune(x, delta, B, C, A, D, delta_bias, outputs):
-        # Tactic i+1 is scan strategy i (sequential: many programs; chunked: fewer dependent steps).
+    def autotune(x, delta, B, C, A, D, delta_bias, outputs) -> list[trtp.AutoTuneCombination]:
+        # x, delta, B, C and y in the network's activation type; A, D, delta_bias stay fp32.
         tactics = list(range(1, len(_aot().selective_scan.STRATEGIES) + 1))
         return [trtp.AutoTuneCombination(", ".join([t] * 4 + ["FP32"] * 3 + [t]), "LINEAR", tactics)
                 for t in ("FP32", "FP16")]
 
-    @trtp.aot_impl(ss2d_id)
-    def ss2d_aot(x, delta, B, C, A, D, delta_bias, outputs, tactic):
-        kernels = ss2d_kernels(dtype_of(x, SS2D_OP), int(folded(A.shape_expr[1])))
-        return aot_result(kernels[tactic - 1], ss2d_sizes(shape(x)))
+    def aot_impl(x, delta, B, C, A, D, delta_bias, outputs, tactic: int) -> Aot:
+        kernels = ss2d_kernels(_dtype_name(trt, x, SS2D_OP), int(_folded(A.shape_expr[1])), target)
+        return _aot_result(trtp, kernels[_check_tactic(SS2D_OP, tactic, len(kernels))], ss2d_sizes(_desc_shape(x)))
 
-    cosine_id = f"{DOMAIN}::{HEAD_COSINE_OP}"
+    return desc, autotune, aot_impl
 
-    @trtp.register(cosine_id)
-    def cosine_desc(t1: trtp.TensorDesc, s1: trtp.TensorDesc, t2: trtp.TensorDesc, s2: trtp.TensorDesc,
-                    t3: trtp.TensorDesc, s3: trtp.TensorDesc, t4: trtp.TensorDesc, s4: trtp.TensorDesc,
-                    t5: trtp.TensorDesc, s5: trtp.TensorDesc, t6: trtp.TensorDesc, s6: trtp.TensorDesc,
-                    ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:  # noqa: UP006
-        cos, seed = head_cosine_output_shapes([shape(t) for t in (t1, t2, t3, t4, t5, t6)])
+
+def _cosine_functions(trt: Any, trtp: Any, target: Any) -> tuple[Callable, Callable, Callable]:
+    """HeadCosine (head launch 1) over the six (teacher, student) pairs."""
+    Aot = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
+    Desc = trtp.TensorDesc
+
+    def desc(t1: Desc, s1: Desc, t2: Desc, s2: Desc, t3: Desc, s3: Desc, t4: Desc, s4: Desc, t5: Desc, s5: Desc,
+             t6: Desc, s6: Desc) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        cos, seed = head_cosine_output_shapes([_desc_shape(t) for t in (t1, t2, t3, t4, t5, t6)])
         return trtp.from_shape_expr(cos, dtype=trt.float32), trtp.from_shape_expr(seed, dtype=trt.float32)
 
-    @trtp.autotune(cosine_id)
-    def cosine_autotune(t1, s1, t2, s2, t3, s3, t4, s4, t5, s5, t6, s6, outputs):
-        return [trtp.AutoTuneCombination(", ".join([t] * 12 + ["FP32"] * 2), "LINEAR") for t in ("FP32", "FP16")]
+    def autotune(t1, s1, t2, s2, t3, s3, t4, s4, t5, s5, t6, s6, outputs) -> list[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination(", ".join([t] * 12 + ["FP32"] * 2), "LINEAR", [_HEAD_TACTIC])
+                for t in ("FP32", "FP16")]
 
-    @trtp.aot_impl(cosine_id)
-    def cosine_aot(t1, s1, t2, s2, t3, s3, t4, s4, t5, s5, t6, s6, outputs):
-        teachers = [shape(t) for t in (t1, t2, t3, t4, t5, t6)]
-        return aot_result(head_cosine_kernel(dtype_of(t1, HEAD_COSINE_OP), len(teachers)),
-                          head_cosine_sizes(teachers))
+    def aot_impl(t1, s1, t2, s2, t3, s3, t4, s4, t5, s5, t6, s6, outputs, tactic: int) -> Aot:
+        _check_tactic(HEAD_COSINE_OP, tactic, 1)
+        teachers = [_desc_shape(t) for t in (t1, t2, t3, t4, t5, t6)]
+        kernel = head_cosine_kernel(_dtype_name(trt, t1, HEAD_COSINE_OP), len(teachers), target)
+        return _aot_result(trtp, kernel, head_cosine_sizes(teachers))
 
-    blur_id = f"{DOMAIN}::{HEAD_BLUR_OP}"
+    return desc, autotune, aot_impl
 
-    @trtp.register(blur_id)
-    def blur_desc(cos: trtp.TensorDesc, sigma: float, level_sizes: npt.NDArray[np.int32], height: int,
-                  width: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:  # noqa: UP006
-        amap, tile_max = head_blur_output_shapes(shape(cos), height, width)
+
+def _blur_functions(trt: Any, trtp: Any, target: Any) -> tuple[Callable, Callable, Callable]:
+    """HeadBlurMax (head launch 2); σ is baked into the PTX, the level sizes and map size are int32 scalars."""
+    import numpy.typing as npt
+
+    Aot = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]
+    F32, I32 = npt.NDArray[np.float32], npt.NDArray[np.int32]
+
+    def desc(cos: trtp.TensorDesc, sigma: F32, level_sizes: I32, height: I32, width: I32,
+             ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        amap, tile_max = head_blur_output_shapes(_desc_shape(cos), int(height[0]), int(width[0]))
         return trtp.from_shape_expr(amap, dtype=trt.float32), trtp.from_shape_expr(tile_max, dtype=trt.float32)
 
-    @trtp.aot_impl(blur_id)
-    def blur_aot(cos, sigma, level_sizes, height, width, outputs):
-        levels = [int(v) for v in level_sizes]
-        return aot_result(head_blur_kernel(len(levels) // 2, float(sigma)),
-                          head_blur_sizes(folded(cos.shape_expr[0]), levels, height, width))
+    def autotune(cos, outputs) -> list[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP32, FP32, FP32", "LINEAR", [_HEAD_TACTIC])]
 
-    _registered = True
+    def aot_impl(cos, sigma: F32, level_sizes: I32, height: I32, width: I32, outputs, tactic: int) -> Aot:
+        _check_tactic(HEAD_BLUR_OP, tactic, 1)
+        levels = [int(v) for v in level_sizes]
+        kernel = head_blur_kernel(len(levels) // 2, float(sigma[0]), target)
+        return _aot_result(trtp, kernel, head_blur_sizes(_folded(cos.shape_expr[0]), levels, int(height[0]),
+                                                         int(width[0])))
+
+    return desc, autotune, aot_impl
+
+
+def register_plugins(target: Any = None) -> list[str]:
+    """Define the three AOT plugins with ``tensorrt.plugin`` before the ONNX is parsed; returns their ids.
+
+    ``target``: the :class:`kernels.aot.KernelTarget` whose PTX the plugins hand to TensorRT (default:
+    sm_90, PTX ISA 9.0). Needs TensorRT ≥ 10.9 (AOT quickly deployable plugins) and Triton.
+
+    Safe to call again, also after a failed call: a plugin already registered with ``tensorrt.plugin``
+    keeps its registration (TensorRT has no way to remove one), and its autotune and AOT functions are
+    defined again, so the retry reports the original problem instead of "already has a definition", and
+    a later call with another ``target`` switches the PTX the plugins hand out.
+    """
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+
+    if not hasattr(trtp, "aot_impl"):
+        raise ImportError(f"TensorRT {trt.__version__} has no AOT plugins (tensorrt.plugin.aot_impl); "
+                          f"install TensorRT >= 10.9 or build the portable form (--onnx-form portable)")
+    ids = []
+    for op, functions in ((SS2D_OP, _ss2d_functions), (HEAD_COSINE_OP, _cosine_functions),
+                          (HEAD_BLUR_OP, _blur_functions)):
+        plugin_id = f"{DOMAIN}::{op}"
+        desc, autotune, aot_impl = functions(trt, trtp, target)
+        if getattr(getattr(trtp.op, DOMAIN, None), op, None) is None:
+            trtp.register(plugin_id)(desc)
+        trtp.autotune(plugin_id)(autotune)
+        trtp.aot_impl(plugin_id)(aot_impl)
+        ids.append(plugin_id)
+    return ids

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the Triton kernels to PTX and CUBIN for sm_90, with no GPU present.
+"""Ahead-of-time compilation of the Triton kernels to PTX (and CUBIN), with no GPU present.
 
 Each kernel variant (a *tactic*: strategy, d_state, dtype) becomes an :class:`AotKernel` record holding
 the launch contract a TensorRT AOT plugin needs:
@@ -8,17 +8,22 @@ the launch contract a TensorRT AOT plugin needs:
 - extra scalars int32 only: every float is a constexpr baked into the PTX, or lives in a tensor;
 - no global or profile scratch (Triton ≥ 3.3 appends one pointer parameter for each; the launcher passes
   null for both, which is safe only when their sizes are zero);
-- shared memory within sm_90's per-block limit (227 KB; 228 KB per SM);
-- the grid as three expressions over the int32 parameters and ``batch``, block = 32·num_warps threads.
+- shared memory within the target's per-block limit (227 KB on sm_90);
+- the grid as three expressions over the int32 parameters and ``batch``, block = 32·num_warps threads;
+- PTX the target's driver can load: a :class:`KernelTarget` names the compute capability and the highest
+  PTX ISA the deployment driver accepts (driver 580 / CUDA 13.0: 9.0), and the PTX ``.version`` is capped
+  to it (Triton 3.8 emits 8.8 by default, 3.9 emits 9.4). For capability 9.0 Triton emits ``sm_90a`` code,
+  which runs on compute capability 9.0 only.
 
 Example::
 
-    python -m kernels.aot --out build/aot    # one .ptx per tactic plus contracts.json
+    python -m kernels.aot --out build/aot --arch sm_90 --ptx-isa 9.0   # one .ptx per tactic + contracts.json
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import inspect
 import json
 import re
@@ -35,26 +40,158 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from kernels import anomaly_head, selective_scan
 
 __all__ = [
-    "SM90",
+    "DEFAULT_TARGET",
     "SM90_MAX_SHARED",
     "AotKernel",
+    "KernelTarget",
     "Param",
     "Tactic",
+    "TargetError",
     "anomaly_head_tactics",
     "check_contract",
     "compile_all",
     "compile_tactic",
+    "cuda_to_ptx_isa",
+    "driver_ptx_isa",
     "eval_grid",
     "make_ast_source",
+    "parse_arch",
+    "parse_ptx_isa",
     "ptx_entry_params",
+    "ptx_isa_of",
+    "resolve_target",
     "ss2d_tactics",
 ]
 
-SM90 = GPUTarget("cuda", 90, 32)
 SM90_MAX_SHARED = 227 * 1024  # per block, opt-in maximum; the SM has 228 KB
+# Opt-in shared memory per block by compute capability (CUDA programming guide, compute capabilities table).
+_MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: SM90_MAX_SHARED,
+               100: 227 * 1024, 120: 99 * 1024}
 _HIDDEN_MAX = 2  # global scratch + profile scratch pointers appended by Triton ≥ 3.3
 _ROLES = ("input", "scalar", "output")
 _OPTIONS = ("num_warps", "num_stages")
+
+
+class TargetError(ValueError):
+    """The kernel target (compute capability, PTX ISA) is unknown, malformed or not what the GPU runs."""
+
+
+def parse_arch(text: str | int) -> int:
+    """'sm_90a', 'sm_90', '90' or '9.0' -> 90."""
+    s = str(text).strip().lower().removeprefix("sm_").removesuffix("a")
+    m = re.fullmatch(r"(\d+)\.(\d)|(\d{2,3})", s)
+    if m is None:
+        raise TargetError(f"--arch must look like sm_90, 90 or 9.0, got {text!r}")
+    return int(m.group(1)) * 10 + int(m.group(2)) if m.group(1) else int(m.group(3))
+
+
+def parse_ptx_isa(text: str | int) -> int:
+    """'9.0' or '90' -> 90 (PTX ISA major·10 + minor)."""
+    s = str(text).strip()
+    m = re.fullmatch(r"(\d+)\.(\d)|(\d{2,3})", s)
+    if m is None:
+        raise TargetError(f"--ptx-isa must look like 9.0 or 90, got {text!r}")
+    return int(m.group(1)) * 10 + int(m.group(2)) if m.group(1) else int(m.group(3))
+
+
+def cuda_to_ptx_isa(major: int, minor: int) -> int:
+    """The highest PTX ISA a CUDA release (or a driver of that CUDA version) accepts, as major·10 + minor.
+
+    From NVIDIA's PTX ISA release notes: CUDA 11.x -> 7.x, 12.0–12.5 -> 8.0–8.5, 12.6 -> 8.5, 12.7 -> 8.6,
+    12.8 -> 8.7, 12.9 -> 8.8, 13.x -> 9.x.
+    """
+    if major >= 13:
+        return 90 + 10 * (major - 13) + minor
+    if major == 12:
+        return 80 + (minor if minor < 6 else minor - 1)
+    if major == 11:
+        return 70 + minor
+    raise TargetError(f"CUDA {major}.{minor} is older than the kernels support (11.0)")
+
+
+def driver_ptx_isa() -> int | None:
+    """The highest PTX ISA the installed NVIDIA driver accepts (``cuDriverGetVersion``), or None without one."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return cuda_to_ptx_isa(version.value // 1000, (version.value % 1000) // 10)
+
+
+@dataclass(frozen=True)
+class KernelTarget:
+    """What the PTX is for: compute capability ``arch`` (90 = 9.0) and the highest PTX ISA its driver loads
+    (``ptx_isa`` 90 = 9.0; the PTX ``.version`` is capped to it)."""
+
+    arch: int = 90
+    ptx_isa: int = 90
+
+    @property
+    def gpu_target(self) -> GPUTarget:
+        return GPUTarget("cuda", self.arch, 32)
+
+    @property
+    def sm(self) -> str:
+        """The PTX ``.target``: Triton emits the architecture-specific 'a' variant from sm_90 on."""
+        return f"sm_{self.arch}{'a' if self.arch >= 90 else ''}"
+
+    @property
+    def ptx_isa_text(self) -> str:
+        return f"{self.ptx_isa // 10}.{self.ptx_isa % 10}"
+
+    @property
+    def max_shared(self) -> int:
+        return _MAX_SHARED.get(self.arch, 48 * 1024)
+
+    def describe(self) -> str:
+        return f"{self.sm}, PTX ISA <= {self.ptx_isa_text}"
+
+
+# The deployment GPU of this project's measurements (H200, driver 580 = CUDA 13.0): the default for dry runs
+# on machines without a GPU.
+DEFAULT_TARGET = KernelTarget(90, 90)
+
+
+def resolve_target(arch: str | int | None = None, ptx_isa: str | int | None = None, *,
+                   require_gpu: bool = False) -> KernelTarget:
+    """The kernel target: from the visible GPU and its driver, overridden by ``arch`` / ``ptx_isa``.
+
+    Without a GPU (a CPU dry run) the missing parts come from :data:`DEFAULT_TARGET`, unless
+    ``require_gpu``. With a GPU, an ``arch`` other than the GPU's is refused: TensorRT times the plugin
+    kernels on this GPU while it builds.
+    """
+    gpu_arch = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            gpu_arch = major * 10 + minor
+    except ImportError:
+        pass
+    if require_gpu and gpu_arch is None:
+        raise TargetError("no CUDA GPU is visible: building an engine needs the GPU it will run on")
+    want = parse_arch(arch) if arch is not None else None
+    if gpu_arch is not None and want is not None and want != gpu_arch:
+        raise TargetError(f"--arch sm_{want} does not match this GPU (compute capability "
+                          f"{gpu_arch // 10}.{gpu_arch % 10}); build on the deployment GPU or drop --arch")
+    driver = driver_ptx_isa()
+    isa = parse_ptx_isa(ptx_isa) if ptx_isa is not None else driver
+    if driver is not None and isa > driver:
+        raise TargetError(f"--ptx-isa {isa // 10}.{isa % 10} is newer than this driver accepts "
+                          f"({driver // 10}.{driver % 10}); the engine would not load here")
+    return KernelTarget(want or gpu_arch or DEFAULT_TARGET.arch, isa or DEFAULT_TARGET.ptx_isa)
+
+
+def ptx_isa_of(ptx: str) -> int:
+    """The ``.version`` of a PTX text as major·10 + minor."""
+    m = re.search(r"^\s*\.version\s+(\d+)\.(\d+)", ptx, flags=re.MULTILINE)
+    if m is None:
+        raise ValueError("no .version directive in the PTX")
+    return int(m.group(1)) * 10 + int(m.group(2))
 
 
 @dataclass(frozen=True)
@@ -95,7 +232,7 @@ class AotKernel:
 
     tactic: str
     name: str
-    target: str
+    target: KernelTarget
     ptx: str
     cubin: bytes = field(repr=False)
     num_warps: int
@@ -113,10 +250,16 @@ class AotKernel:
 
     def contract(self) -> dict[str, Any]:
         """JSON-ready launch contract (everything but the PTX and CUBIN)."""
-        rec = {k: v for k, v in asdict(self).items() if k not in ("ptx", "cubin")}
+        rec = {k: v for k, v in asdict(self).items() if k not in ("ptx", "cubin", "target")}
         rec["params"] = [asdict(p) for p in self.params]
         rec["block"] = list(self.block)
+        rec["target"] = {"arch": self.target.sm, "ptx_isa": f"{self.ptx_isa // 10}.{self.ptx_isa % 10}",
+                         "triton": triton.__version__}
         return rec
+
+    @property
+    def ptx_isa(self) -> int:
+        return ptx_isa_of(self.ptx)
 
 
 def _kernel(fn: Any) -> Any:
@@ -219,17 +362,29 @@ def anomaly_head_tactics(dtypes: tuple[str, ...] = ("fp16", "fp32"), num_levels:
     return tactics
 
 
-def compile_tactic(tactic: Tactic, target: GPUTarget = SM90) -> AotKernel:
-    """Compile one tactic for ``target`` (no GPU needed) and read back its launch contract."""
+def _compile(tactic: Tactic, target: KernelTarget, ptx_isa: int | None) -> Any:
     aligned = tuple(k for k, ty in tactic.signature.items()
                     if (ty[0] if isinstance(ty, tuple) else ty).startswith("*"))
     src = make_ast_source(tactic.kernel, tactic.signature, tactic.constexprs, aligned)
-    compiled = triton.compile(src, target=target, options=tactic.options)
+    options = dict(tactic.options, **({"ptx_version": ptx_isa} if ptx_isa is not None else {}))
+    return triton.compile(src, target=target.gpu_target, options=options)
+
+
+def compile_tactic(tactic: Tactic, target: KernelTarget = DEFAULT_TARGET) -> AotKernel:
+    """Compile one tactic for ``target`` (no GPU needed) and read back its launch contract.
+
+    The PTX keeps Triton's own ISA when the target's driver accepts it; otherwise it is compiled again
+    with Triton's ``ptx_version`` option set to the target's ISA (asking Triton for an ISA above what its
+    bundled ptxas knows would fail the CUBIN step, so the cap only ever lowers it).
+    """
+    compiled = _compile(tactic, target, None)
+    if ptx_isa_of(compiled.asm["ptx"]) > target.ptx_isa:
+        compiled = _compile(tactic, target, target.ptx_isa)
     md = compiled.metadata
     params = tactic.params()
     ptx = compiled.asm["ptx"]
     return AotKernel(
-        tactic=tactic.name, name=md.name, target=f"{target.backend}:{target.arch}", ptx=ptx,
+        tactic=tactic.name, name=md.name, target=target, ptx=ptx,
         cubin=compiled.asm.get("cubin", b""), num_warps=md.num_warps, shared=md.shared, params=params,
         hidden_params=len(ptx_entry_params(ptx)) - len(params), grid=tactic.grid, constexprs=tactic.constexprs,
         global_scratch_size=getattr(md, "global_scratch_size", 0),
@@ -237,7 +392,7 @@ def compile_tactic(tactic: Tactic, target: GPUTarget = SM90) -> AotKernel:
     )
 
 
-def compile_all(target: GPUTarget = SM90) -> list[AotKernel]:
+def compile_all(target: KernelTarget = DEFAULT_TARGET) -> list[AotKernel]:
     """Every tactic of the SS2D scan and the anomaly head, compiled and checked against the contract."""
     kernels = [compile_tactic(t, target) for t in ss2d_tactics() + anomaly_head_tactics()]
     for k in kernels:
@@ -280,8 +435,16 @@ def check_contract(kernel: AotKernel) -> list[str]:
     if kernel.global_scratch_size or kernel.profile_scratch_size:
         problems.append(f"scratch needed (global {kernel.global_scratch_size} B, profile "
                         f"{kernel.profile_scratch_size} B): the plugin cannot provide it")
-    if kernel.shared > SM90_MAX_SHARED:
-        problems.append(f"shared memory {kernel.shared} B exceeds sm_90's {SM90_MAX_SHARED} B per block")
+    t = kernel.target
+    if kernel.shared > t.max_shared:
+        problems.append(f"shared memory {kernel.shared} B exceeds {t.sm}'s {t.max_shared} B per block")
+    isa = ptx_isa_of(kernel.ptx)
+    if isa > t.ptx_isa:
+        problems.append(f"PTX .version {isa // 10}.{isa % 10} is newer than the target driver accepts "
+                        f"({t.ptx_isa_text})")
+    found = re.search(r"^\s*\.target\s+(\w+)", kernel.ptx, flags=re.MULTILINE)
+    if found is None or found.group(1) != t.sm:
+        problems.append(f"PTX .target {found.group(1) if found else None}, expected {t.sm}")
     return problems
 
 
@@ -292,18 +455,23 @@ def eval_grid(grid: tuple[str, str, str], **sizes: int | tuple[int, ...]) -> tup
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Compile the Triton kernels to PTX for sm_90 (no GPU needed).")
+    ap = argparse.ArgumentParser(description="Compile the Triton kernels to PTX (no GPU needed).")
     ap.add_argument("--out", type=Path, default=Path("build/aot"), help="directory for <tactic>.ptx and contracts.json")
+    ap.add_argument("--arch", help="compute capability, e.g. sm_90 (default: the visible GPU, else sm_90)")
+    ap.add_argument("--ptx-isa", help="highest PTX ISA of the target driver, e.g. 9.0 (default: this driver's, "
+                                      "else 9.0)")
     args = ap.parse_args(argv)
+    target = resolve_target(args.arch, args.ptx_isa)
     args.out.mkdir(parents=True, exist_ok=True)
-    kernels = compile_all()
+    kernels = compile_all(target)
     for k in kernels:
         (args.out / f"{k.tactic}.ptx").write_text(k.ptx)
     (args.out / "contracts.json").write_text(json.dumps([k.contract() for k in kernels], indent=1) + "\n")
     width = max(len(k.tactic) for k in kernels)
+    print(f"target {target.describe()}, Triton {triton.__version__}")
     for k in kernels:
         print(f"{k.tactic:<{width}}  {k.name}  warps={k.num_warps}  shared={k.shared}  params={len(k.params)}"
-              f"+{k.hidden_params}  grid=({', '.join(k.grid)})")
+              f"+{k.hidden_params}  PTX {k.ptx_isa // 10}.{k.ptx_isa % 10}  grid=({', '.join(k.grid)})")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -46,7 +48,8 @@ def test_contract_holds(compiled: dict[str, aot.AotKernel], tactic: str) -> None
     assert aot.check_contract(k) == []
     assert k.global_scratch_size == 0 and k.profile_scratch_size == 0
     assert 0 <= k.shared <= aot.SM90_MAX_SHARED
-    assert k.target == "cuda:90" and ".target sm_90" in k.ptx and k.cubin
+    assert k.target == aot.DEFAULT_TARGET and ".target sm_90a" in k.ptx and k.cubin
+    assert k.ptx_isa <= aot.DEFAULT_TARGET.ptx_isa
     assert k.name == KERNEL_NAMES[tactic.split("_")[0] + "_" + tactic.split("_")[1]]
     assert k.block == (32 * k.num_warps, 1, 1) and k.num_warps == TACTICS[tactic].options["num_warps"]
     # Order read back from the PTX entry: pointers (u64) for inputs, u32 for scalars, u64 for outputs,
@@ -111,6 +114,45 @@ def test_check_contract_reports_violations(compiled: dict[str, aot.AotKernel]) -
     assert any("shared memory" in p for p in aot.check_contract(big))
     short = dataclasses.replace(good, params=tuple(params[:-1]), hidden_params=good.hidden_params + 1)
     assert aot.check_contract(short)
+    newer = dataclasses.replace(good, ptx=re.sub(r"\.version \d+\.\d+", ".version 9.4", good.ptx))
+    assert any("PTX .version 9.4 is newer than the target driver accepts (9.0)" in p
+               for p in aot.check_contract(newer))
+    other = dataclasses.replace(good, target=aot.KernelTarget(80, 90))
+    assert any("expected sm_80" in p for p in aot.check_contract(other))
+
+
+def test_ptx_isa_is_capped_to_the_target_driver() -> None:
+    tactic = TACTICS["ss2d_chunked_n1_fp32"]
+    free = aot.compile_tactic(tactic, aot.KernelTarget(90, 99))  # no cap below Triton's own ISA
+    capped = aot.compile_tactic(tactic, aot.KernelTarget(90, 84))
+    assert capped.ptx_isa == 84 and re.search(r"^\.version 8\.4$", capped.ptx, re.MULTILINE)
+    assert free.ptx_isa >= 84 and aot.check_contract(capped) == []
+    assert aot.ptx_entry_params(capped.ptx) == aot.ptx_entry_params(free.ptx)
+    assert capped.contract()["target"] == {"arch": "sm_90a", "ptx_isa": "8.4", "triton": triton.__version__}
+
+
+def test_target_parsing_and_the_cuda_to_ptx_table() -> None:
+    assert [aot.parse_arch(a) for a in ("sm_90a", "sm_90", "90", "9.0", 89, "sm_120")] == [90, 90, 90, 90, 89, 120]
+    assert [aot.parse_ptx_isa(v) for v in ("9.0", "90", "8.8", 84)] == [90, 90, 88, 84]
+    for bad in ("hopper", "sm_9", "9"):
+        with pytest.raises(aot.TargetError, match="--arch"):
+            aot.parse_arch(bad)
+    with pytest.raises(aot.TargetError, match="--ptx-isa"):
+        aot.parse_ptx_isa("nine")
+    # NVIDIA's PTX ISA release notes: the ISA each CUDA release introduced.
+    table = {(11, 8): 78, (12, 0): 80, (12, 4): 84, (12, 5): 85, (12, 6): 85, (12, 8): 87, (12, 9): 88,
+             (13, 0): 90, (13, 1): 91}
+    assert {cv: aot.cuda_to_ptx_isa(*cv) for cv in table} == table
+    assert aot.KernelTarget(90, 90).sm == "sm_90a" and aot.KernelTarget(80, 90).sm == "sm_80"
+    assert aot.KernelTarget(90, 88).describe() == "sm_90a, PTX ISA <= 8.8"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU defaults of a CPU dry run")
+def test_resolve_target_without_a_gpu_uses_the_deployment_default() -> None:
+    assert aot.resolve_target() == aot.DEFAULT_TARGET
+    assert aot.resolve_target("sm_89", "8.4") == aot.KernelTarget(89, 84)
+    with pytest.raises(aot.TargetError, match="no CUDA GPU"):
+        aot.resolve_target(require_gpu=True)
 
 
 def test_ptx_entry_params_parses_the_signature() -> None:
@@ -163,7 +205,7 @@ def test_make_ast_source_speaks_both_signature_formats(monkeypatch: pytest.Monke
 
 
 def test_cli_writes_ptx_and_contracts(tmp_path: Path, compiled: dict[str, aot.AotKernel]) -> None:
-    aot.main(["--out", str(tmp_path)])  # every tactic is in Triton's cache by now
+    aot.main(["--out", str(tmp_path), "--arch", "sm_90", "--ptx-isa", "9.0"])  # all in Triton's cache by now
     contracts = json.loads((tmp_path / "contracts.json").read_text())
     assert {c["tactic"] for c in contracts} == set(TACTICS)
     for c in contracts:
