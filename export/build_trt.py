@@ -4,7 +4,12 @@ Run from the repository root (or import :func:`main` / :func:`prepare` / :func:`
 
     python export/build_trt.py --checkpoint runs/x/best.pt --onnx-form plugin --precision fp16 \\
         --batch 1:8:32 --out engines/pdd-fp16 --timing-cache engines/timing.cache --check
-    python export/build_trt.py --config headct --dry-run --out /tmp/plan     # no GPU, no TensorRT needed
+    python export/build_trt.py --config headct --dry-run --arch sm_90 --out /tmp/plan  # no GPU, no TensorRT
+    pdd export trt ...                                                        # the same command
+
+``--arch`` / ``--ptx-isa`` name the GPU the plugin kernels are compiled for; by default they come from the
+visible GPU and its driver (on a machine without one: sm_90 and PTX ISA 9.0, the H200 machines' driver
+580). A real build refuses an ``--arch`` other than the GPU's (TensorRT times the kernels on it).
 
 Steps (all but the last run on CPU, which is what ``--dry-run`` does):
 
@@ -12,8 +17,9 @@ Steps (all but the last run on CPU, which is what ``--dry-run`` does):
 2. plugin form: lower the head for TensorRT (:func:`export.trt_plugins.lower_for_tensorrt`);
    fp16: convert to a typed fp16 graph with the head kept fp32 (:func:`export.onnx_export.to_fp16`);
    the result is ``<out>/network.onnx``, what TensorRT parses;
-3. compile every plugin kernel tactic to PTX for sm_90 (``<out>/ptx/``) and write the launch records
-   TensorRT will use at the optimal batch (``<out>/plugins.json``), then ``<out>/build-plan.json``;
+3. compile every plugin kernel tactic to PTX for the target (``<out>/ptx/``, ``.version`` capped to the
+   driver's PTX ISA) and write the launch records TensorRT will use at the optimal batch
+   (``<out>/plugins.json``), then ``<out>/build-plan.json`` (with the target, PTX ISA and Triton version);
 4. build a strongly typed network (the only kind TensorRT 11 has; also used on 10.x) with one
    optimisation profile over the batch range, load/save the timing cache, and write ``engine.plan`` and
    ``engine.json`` atomically. ``--check`` then compares the engine with ONNX Runtime and PyTorch
@@ -50,6 +56,7 @@ from export.metadata import (
     write_metadata,
 )
 from export.onnx_export import FORMS, INPUT_NAME, OUTPUT_NAMES, export_onnx, load_onnx, save_onnx, to_fp16
+from kernels.target import KernelTarget, TargetError, resolve_target
 
 __all__ = ["BuildError", "BuildPlan", "build_engine", "check_engine", "main", "parse_batch", "prepare"]
 
@@ -76,6 +83,9 @@ class BuildPlan:
     kernels_sha256: str
     plugins: list[str]
     ptx_files: list[str]
+    target: KernelTarget
+    ptx_isa: str | None  # highest PTX .version among the plugin kernels; None without plugins
+    triton_version: str | None
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -113,9 +123,14 @@ def _load_model(checkpoint: Path | None, config: str | None) -> Any:
 
 def prepare(out: Path, *, model: Any = None, onnx: Path | None = None, form: str = "plugin",
             precision: str = "fp16", batch: tuple[int, int, int] = (1, 8, 32), image_size: int | None = None,
-            preprocess: bool = False, opset: int | None = None) -> BuildPlan:
-    """Steps 1–3 (CPU only): ONNX, typed network graph, plugin PTX and launch records, build plan."""
+            preprocess: bool = False, opset: int | None = None, target: KernelTarget | None = None) -> BuildPlan:
+    """Steps 1–3 (CPU only): ONNX, typed network graph, plugin PTX and launch records, build plan.
+
+    ``target``: the GPU the plugin kernels are compiled for (default: :func:`kernels.target.resolve_target`).
+    """
     from export.trt_plugins import kernels_for_model, lower_for_tensorrt, plugin_launch_records
+
+    target = target or resolve_target()
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -140,23 +155,28 @@ def prepare(out: Path, *, model: Any = None, onnx: Path | None = None, form: str
         graph = to_fp16(graph)
     network_path = out / "network.onnx"
     save_onnx(graph, network_path)
-    kernels = kernels_for_model(graph)
+    kernels = kernels_for_model(graph, target)
     ptx_dir = out / "ptx"
     for name, k in kernels.items():
         atomic_write_bytes(ptx_dir / f"{name}.ptx", k.ptx.encode())
-    records = plugin_launch_records(graph, opt)
+    records = plugin_launch_records(graph, opt, target)
     plugins = sorted({r["plugin"] for r in records})
     atomic_write_bytes(out / "plugins.json", (json.dumps({"batch": opt, "launches": records}, indent=1) + "\n")
                        .encode())
+    isa = max((k.ptx_isa for k in kernels.values()), default=None)
+    triton_version = versions("triton").get("triton") if kernels else None
     plan = BuildPlan(out=out, onnx_path=onnx, network_path=network_path, form=meta.form, precision=precision,
                      profile=batch, onnx_meta=meta, kernels_sha256=sha256_texts({n: k.ptx for n, k in kernels.items()}),
-                     plugins=plugins, ptx_files=sorted(f"ptx/{n}.ptx" for n in kernels))
+                     plugins=plugins, ptx_files=sorted(f"ptx/{n}.ptx" for n in kernels), target=target,
+                     ptx_isa=None if isa is None else f"{isa // 10}.{isa % 10}", triton_version=triton_version)
     summary = {
         "form": plan.form, "precision": precision, "profile": {"min": lo, "opt": opt, "max": hi},
         "input_shapes": {k: list(plan.input_shape(b)) for k, b in (("min", lo), ("opt", opt), ("max", hi))},
         "onnx": onnx.name, "onnx_sha256": meta.sha256, "network": network_path.name,
         "network_sha256": sha256_file(network_path), "network_nodes": len(graph.graph.node),
         "kernels_sha256": plan.kernels_sha256, "plugins": plugins, "ptx": plan.ptx_files,
+        "kernel_target": {"arch": target.sm, "driver_ptx_isa": target.ptx_isa_text, "ptx_isa": plan.ptx_isa,
+                          "triton": triton_version},
         "versions": versions("torch", "onnx", "triton"),
     }
     atomic_write_bytes(out / "build-plan.json", (json.dumps(summary, indent=1) + "\n").encode())
@@ -182,10 +202,14 @@ def build_engine(plan: BuildPlan, timing_cache: Path | None = None, workspace_gi
         raise BuildError(f"TensorRT is not installed here ({exc}); --dry-run prepares everything else") from exc
     import torch
 
+    try:
+        here = resolve_target(plan.target.arch, plan.target.ptx_isa, require_gpu=True)
+    except TargetError as exc:
+        raise BuildError(f"the plan in {plan.out} is for {plan.target.describe()}: {exc}") from exc
     if plan.form == "plugin":
         from export.trt_plugins import register_plugins
 
-        register_plugins()
+        register_plugins(here)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
@@ -220,6 +244,7 @@ def build_engine(plan: BuildPlan, timing_cache: Path | None = None, workspace_gi
                               "max": list(plan.input_shape(hi))}},
         inputs=m.inputs, outputs=m.outputs,
         image_size=m.image_size, preprocess=m.preprocess, normalisation=m.normalisation, config=m.config,
+        cuda_arch=here.sm if plan.plugins else None, ptx_isa=plan.ptx_isa, triton_version=plan.triton_version,
         versions={**versions("torch", "onnx", "triton"), "tensorrt": trt.__version__},
         anomaly_threshold=m.anomaly_threshold,
     )
@@ -296,9 +321,9 @@ def check_engine(plan: BuildPlan, model: Any = None, images: int = 8, batch: int
     return passed
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python export/build_trt.py",
+        prog=prog,
         description="Export PDD to ONNX and build a TensorRT engine (AOT Triton plugins or portable graph).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -314,6 +339,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", action="store_true", help="uint8 (B, H, W, 3) input, normalisation in the graph")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--arch", help="GPU the plugin kernels are for, e.g. sm_90 (default: the visible GPU; sm_90 on "
+                                  "a machine without one)")
+    p.add_argument("--ptx-isa", help="highest PTX ISA the deployment driver loads, e.g. 9.0 for driver 580 "
+                                     "(default: this driver's; 9.0 without one)")
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache to load and update")
     p.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit")
     p.add_argument("--check", action="store_true", help="compare the engine with ONNX Runtime and PyTorch")
@@ -323,15 +352,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python export/build_trt.py") -> int:
+    """The command line of ``python export/build_trt.py`` and ``pdd export trt`` (same arguments)."""
+    args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     log.setLevel(logging.INFO)
+    try:
+        target = resolve_target(args.arch, args.ptx_isa, require_gpu=not args.dry_run)
+    except TargetError as exc:
+        print(f"error: {exc} (--dry-run prepares everything up to the TensorRT builder)", file=sys.stderr)
+        return 2
     model = None if args.onnx else _load_model(args.checkpoint, args.config)
     plan = prepare(args.out, model=model, onnx=args.onnx, form=args.onnx_form, precision=args.precision,
-                   batch=args.batch, image_size=args.image_size, preprocess=args.preprocess, opset=args.opset)
-    print(f"prepared {plan.form} {plan.precision} network {plan.network_path} (batch {plan.profile}); "
-          f"{len(plan.ptx_files)} kernel tactics; plan in {plan.out / 'build-plan.json'}")
+                   batch=args.batch, image_size=args.image_size, preprocess=args.preprocess, opset=args.opset,
+                   target=target)
+    kernels = (f"{len(plan.ptx_files)} kernel tactics for {target.sm}, PTX ISA {plan.ptx_isa} "
+               f"(Triton {plan.triton_version})" if plan.ptx_files else "no plugin kernels")
+    print(f"prepared {plan.form} {plan.precision} network {plan.network_path} (batch {plan.profile}); {kernels}; "
+          f"plan in {plan.out / 'build-plan.json'}")
     if args.dry_run:
         return 0
     try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kernels.target import parse_ptx_isa
 from pdd.config import atomic_write_bytes
 
 __all__ = [
@@ -115,6 +116,11 @@ class EngineMetadata:
     preprocess: bool
     normalisation: dict[str, Any]
     config: dict[str, Any]
+    # The plugin kernels' PTX: its .target (e.g. "sm_90a"), its highest .version (e.g. "9.0") and the Triton
+    # that wrote it; None in engines without plugins (portable form) and in metadata older than these fields.
+    cuda_arch: str | None = None
+    ptx_isa: str | None = None
+    triton_version: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     anomaly_threshold: float | None = None
     format: str = ENGINE_FORMAT
@@ -222,19 +228,27 @@ def _major_minor_patch(version: str) -> tuple[str, ...]:
 
 def check_engine_compatible(meta: EngineMetadata, *, tensorrt_version: str, compute_capability: str,
                             device_name: str | None = None, onnx_sha256: str | None = None,
-                            kernels_sha256: str | None = None, where: str = "engine") -> list[str]:
+                            kernels_sha256: str | None = None, driver_ptx_isa: int | None = None,
+                            where: str = "engine") -> list[str]:
     """Raise :class:`EngineMismatch` unless the engine can run here; return warnings that do not block.
 
-    Blocking: another TensorRT version (major.minor.patch), another compute capability, and (when given)
-    another source ONNX or kernel PTX than the engine was built from. Another device name with the same
-    compute capability only warns: TensorRT runs it, possibly with tactics tuned for the other GPU.
+    Blocking: another TensorRT version (major.minor.patch), another compute capability (plugin kernels in
+    ``sm_90a`` code run on 9.0 only), plugin PTX newer than ``driver_ptx_isa`` (the highest PTX ISA this
+    driver loads, ``kernels.target.driver_ptx_isa()``), and (when given) another source ONNX or kernel PTX
+    than the engine was built from. Another device name with the same compute capability only warns:
+    TensorRT runs it, possibly with tactics tuned for the other GPU.
     """
     problems = []
     if _major_minor_patch(meta.tensorrt_version) != _major_minor_patch(tensorrt_version):
         problems.append(f"it was built with TensorRT {meta.tensorrt_version}, this is TensorRT {tensorrt_version}")
     if meta.compute_capability != compute_capability:
-        problems.append(f"it was built for compute capability {meta.compute_capability} ({meta.device_name}), "
-                        f"this GPU has {compute_capability}" + (f" ({device_name})" if device_name else ""))
+        arch = f"; its plugin kernels are {meta.cuda_arch} code" if meta.cuda_arch else ""
+        problems.append(f"it was built for compute capability {meta.compute_capability} ({meta.device_name}"
+                        f"{arch}), this GPU has {compute_capability}" + (f" ({device_name})" if device_name else ""))
+    if meta.ptx_isa and driver_ptx_isa is not None and parse_ptx_isa(meta.ptx_isa) > driver_ptx_isa:
+        here = f"{driver_ptx_isa // 10}.{driver_ptx_isa % 10}"
+        problems.append(f"its plugin kernels are PTX ISA {meta.ptx_isa} and this NVIDIA driver loads PTX up to "
+                        f"{here}: update the driver, or rebuild with --ptx-isa {here}")
     if onnx_sha256 is not None and meta.onnx_sha256 != onnx_sha256:
         problems.append(f"it was built from ONNX sha256 {meta.onnx_sha256[:12]}…, the ONNX at hand has "
                         f"{onnx_sha256[:12]}…")

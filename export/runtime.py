@@ -47,6 +47,7 @@ from export.metadata import (
     sha256_file,
 )
 from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, load_onnx, weight_sharing_copy
+from kernels.target import driver_ptx_isa
 from pdd.ssm import ScanImplUnavailable, resolve_scan_impl
 
 __all__ = [
@@ -233,7 +234,7 @@ class TensorRTRuntime(Runtime):
         for warning in check_engine_compatible(self.metadata, tensorrt_version=trt.__version__,
                                                compute_capability=f"{cc[0]}.{cc[1]}",
                                                device_name=torch.cuda.get_device_name(device),
-                                               where=str(engine_path)):
+                                               driver_ptx_isa=driver_ptx_isa(), where=str(engine_path)):
             log.warning("%s", warning)
         if sha256_file(engine_path) != self.metadata.engine_sha256:
             raise EngineMismatch(f"{engine_path} does not match the sha256 in its metadata (changed or truncated "

@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import inspect
 import json
 import re
@@ -38,6 +37,17 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("kernels.aot needs Triton: pip install 'triton>=3.2' (or pip install -e '.[gpu]')") from exc
 
 from kernels import anomaly_head, selective_scan
+from kernels.target import (
+    DEFAULT_TARGET,
+    SM90_MAX_SHARED,
+    KernelTarget,
+    TargetError,
+    cuda_to_ptx_isa,
+    driver_ptx_isa,
+    parse_arch,
+    parse_ptx_isa,
+    resolve_target,
+)
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -63,127 +73,9 @@ __all__ = [
     "ss2d_tactics",
 ]
 
-SM90_MAX_SHARED = 227 * 1024  # per block, opt-in maximum; the SM has 228 KB
-# Opt-in shared memory per block by compute capability (CUDA programming guide, compute capabilities table).
-_MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: SM90_MAX_SHARED,
-               100: 227 * 1024, 120: 99 * 1024}
 _HIDDEN_MAX = 2  # global scratch + profile scratch pointers appended by Triton ≥ 3.3
 _ROLES = ("input", "scalar", "output")
 _OPTIONS = ("num_warps", "num_stages")
-
-
-class TargetError(ValueError):
-    """The kernel target (compute capability, PTX ISA) is unknown, malformed or not what the GPU runs."""
-
-
-def parse_arch(text: str | int) -> int:
-    """'sm_90a', 'sm_90', '90' or '9.0' -> 90."""
-    s = str(text).strip().lower().removeprefix("sm_").removesuffix("a")
-    m = re.fullmatch(r"(\d+)\.(\d)|(\d{2,3})", s)
-    if m is None:
-        raise TargetError(f"--arch must look like sm_90, 90 or 9.0, got {text!r}")
-    return int(m.group(1)) * 10 + int(m.group(2)) if m.group(1) else int(m.group(3))
-
-
-def parse_ptx_isa(text: str | int) -> int:
-    """'9.0' or '90' -> 90 (PTX ISA major·10 + minor)."""
-    s = str(text).strip()
-    m = re.fullmatch(r"(\d+)\.(\d)|(\d{2,3})", s)
-    if m is None:
-        raise TargetError(f"--ptx-isa must look like 9.0 or 90, got {text!r}")
-    return int(m.group(1)) * 10 + int(m.group(2)) if m.group(1) else int(m.group(3))
-
-
-def cuda_to_ptx_isa(major: int, minor: int) -> int:
-    """The highest PTX ISA a CUDA release (or a driver of that CUDA version) accepts, as major·10 + minor.
-
-    From NVIDIA's PTX ISA release notes: CUDA 11.x -> 7.x, 12.0–12.5 -> 8.0–8.5, 12.6 -> 8.5, 12.7 -> 8.6,
-    12.8 -> 8.7, 12.9 -> 8.8, 13.x -> 9.x.
-    """
-    if major >= 13:
-        return 90 + 10 * (major - 13) + minor
-    if major == 12:
-        return 80 + (minor if minor < 6 else minor - 1)
-    if major == 11:
-        return 70 + minor
-    raise TargetError(f"CUDA {major}.{minor} is older than the kernels support (11.0)")
-
-
-def driver_ptx_isa() -> int | None:
-    """The highest PTX ISA the installed NVIDIA driver accepts (``cuDriverGetVersion``), or None without one."""
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    version = ctypes.c_int(0)
-    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
-        return None
-    return cuda_to_ptx_isa(version.value // 1000, (version.value % 1000) // 10)
-
-
-@dataclass(frozen=True)
-class KernelTarget:
-    """What the PTX is for: compute capability ``arch`` (90 = 9.0) and the highest PTX ISA its driver loads
-    (``ptx_isa`` 90 = 9.0; the PTX ``.version`` is capped to it)."""
-
-    arch: int = 90
-    ptx_isa: int = 90
-
-    @property
-    def gpu_target(self) -> GPUTarget:
-        return GPUTarget("cuda", self.arch, 32)
-
-    @property
-    def sm(self) -> str:
-        """The PTX ``.target``: Triton emits the architecture-specific 'a' variant from sm_90 on."""
-        return f"sm_{self.arch}{'a' if self.arch >= 90 else ''}"
-
-    @property
-    def ptx_isa_text(self) -> str:
-        return f"{self.ptx_isa // 10}.{self.ptx_isa % 10}"
-
-    @property
-    def max_shared(self) -> int:
-        return _MAX_SHARED.get(self.arch, 48 * 1024)
-
-    def describe(self) -> str:
-        return f"{self.sm}, PTX ISA <= {self.ptx_isa_text}"
-
-
-# The deployment GPU of this project's measurements (H200, driver 580 = CUDA 13.0): the default for dry runs
-# on machines without a GPU.
-DEFAULT_TARGET = KernelTarget(90, 90)
-
-
-def resolve_target(arch: str | int | None = None, ptx_isa: str | int | None = None, *,
-                   require_gpu: bool = False) -> KernelTarget:
-    """The kernel target: from the visible GPU and its driver, overridden by ``arch`` / ``ptx_isa``.
-
-    Without a GPU (a CPU dry run) the missing parts come from :data:`DEFAULT_TARGET`, unless
-    ``require_gpu``. With a GPU, an ``arch`` other than the GPU's is refused: TensorRT times the plugin
-    kernels on this GPU while it builds.
-    """
-    gpu_arch = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            gpu_arch = major * 10 + minor
-    except ImportError:
-        pass
-    if require_gpu and gpu_arch is None:
-        raise TargetError("no CUDA GPU is visible: building an engine needs the GPU it will run on")
-    want = parse_arch(arch) if arch is not None else None
-    if gpu_arch is not None and want is not None and want != gpu_arch:
-        raise TargetError(f"--arch sm_{want} does not match this GPU (compute capability "
-                          f"{gpu_arch // 10}.{gpu_arch % 10}); build on the deployment GPU or drop --arch")
-    driver = driver_ptx_isa()
-    isa = parse_ptx_isa(ptx_isa) if ptx_isa is not None else driver
-    if driver is not None and isa > driver:
-        raise TargetError(f"--ptx-isa {isa // 10}.{isa % 10} is newer than this driver accepts "
-                          f"({driver // 10}.{driver % 10}); the engine would not load here")
-    return KernelTarget(want or gpu_arch or DEFAULT_TARGET.arch, isa or DEFAULT_TARGET.ptx_isa)
 
 
 def ptx_isa_of(ptx: str) -> int:
@@ -367,7 +259,7 @@ def _compile(tactic: Tactic, target: KernelTarget, ptx_isa: int | None) -> Any:
                     if (ty[0] if isinstance(ty, tuple) else ty).startswith("*"))
     src = make_ast_source(tactic.kernel, tactic.signature, tactic.constexprs, aligned)
     options = dict(tactic.options, **({"ptx_version": ptx_isa} if ptx_isa is not None else {}))
-    return triton.compile(src, target=target.gpu_target, options=options)
+    return triton.compile(src, target=GPUTarget("cuda", target.arch, 32), options=options)
 
 
 def compile_tactic(tactic: Tactic, target: KernelTarget = DEFAULT_TARGET) -> AotKernel:

@@ -183,6 +183,12 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_trt(args: argparse.Namespace) -> int:
+    from export.build_trt import main as build_trt
+
+    return build_trt(args.passthrough, prog="pdd export trt")
+
+
 def cmd_export_triton_repo(args: argparse.Namespace) -> int:
     from export.triton_repo import build_triton_repo
 
@@ -280,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(fn=cmd_demo)
 
-    exp = sub.add_parser("export", help="ONNX files and Triton model repositories").add_subparsers(
+    exp = sub.add_parser("export", help="ONNX files, TensorRT engines, Triton model repositories").add_subparsers(
         dest="export_command", required=True)
     p = exp.add_parser("onnx", help="export the eval pipeline to ONNX")
     _model_args(p)
@@ -293,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="portable form: scans walk their chunks in order (CPU runtimes) or join them by a "
                         "log-depth scan (GPUs, TensorRT)")
     p.set_defaults(fn=cmd_export_onnx)
+    # The builder's own command line (python export/build_trt.py), passed through whole: --help shows it.
+    p = exp.add_parser("trt", add_help=False, help="build a TensorRT engine (plugin or portable form; "
+                                                   "--dry-run on machines without a GPU)")
+    p.set_defaults(fn=cmd_export_trt, passthrough=True)
     p = exp.add_parser("triton-repo", help="generate a Triton Inference Server model repository")
     _model_args(p)
     p.add_argument("--engine", type=Path, help="a TensorRT engine folder from export/build_trt.py")
@@ -316,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False) is True:
+        args.passthrough = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from pdd.backbones.weights import WeightsError

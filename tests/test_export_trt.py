@@ -7,6 +7,7 @@ Tests that need TensorRT itself (and a CUDA GPU) skip with the reason.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 import onnx
 import pytest
 import torch
+import triton
 from onnx import TensorProto
 from test_export_onnx import exported, loaded
 
@@ -76,7 +78,7 @@ def test_ss2d_tactics_compile_to_ptx_with_the_aot_contract() -> None:
         assert len(kernels) >= 2  # TensorRT times one tactic per scan strategy
         for k in kernels:
             assert aot.check_contract(k) == []
-            assert f".entry {k.name}" in k.ptx and k.target == "cuda:90"
+            assert f".entry {k.name}" in k.ptx and k.target == aot.DEFAULT_TARGET
             roles = [p.role for p in k.params]
             assert roles == ["input"] * 7 + ["scalar"] * 3 + ["output"]
             assert [p.type for p in k.params][:4] == [f"*{dtype}"] * 4
@@ -140,8 +142,11 @@ def test_dry_run_writes_the_build_plan(small_pdd: torch.nn.Module) -> None:
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     onnx_path = exported("plugin", small_pdd).path
     assert main(["--onnx", str(onnx_path), "--precision", "fp16", "--batch", "1:2:4", "--out", str(out),
-                 "--dry-run"]) == 0
+                 "--dry-run", "--arch", "sm_90", "--ptx-isa", "8.4"]) == 0
     plan = json.loads((out / "build-plan.json").read_text())
+    assert plan["kernel_target"] == {"arch": "sm_90a", "driver_ptx_isa": "8.4", "ptx_isa": "8.4",
+                                     "triton": triton.__version__}
+    assert all(".version 8.4" in (out / p).read_text() for p in plan["ptx"])
     assert plan["precision"] == "fp16" and plan["profile"] == {"min": 1, "opt": 2, "max": 4}
     assert plan["input_shapes"]["max"] == [4, 3, 64, 64]
     assert plan["plugins"] == sorted(f"{DOMAIN}::{op}" for op in (SS2D_OP, HEAD_COSINE_OP, HEAD_BLUR_OP))
@@ -149,6 +154,24 @@ def test_dry_run_writes_the_build_plan(small_pdd: torch.nn.Module) -> None:
     launches = json.loads((out / "plugins.json").read_text())
     assert launches["batch"] == 2 and all(r["grid"][1] == 2 for r in launches["launches"])
     assert (out / "network.onnx").is_file() and not (out / "engine.plan").exists()
+
+
+def test_pdd_export_trt_is_the_same_builder(small_pdd: torch.nn.Module, tmp_path: Path) -> None:
+    from pdd.cli import main as pdd_main
+
+    onnx_path = exported("portable", small_pdd).path
+    assert pdd_main(["export", "trt", "--onnx", str(onnx_path), "--precision", "fp32", "--batch", "1:2:4",
+                     "--out", str(tmp_path), "--dry-run"]) == 0
+    plan = json.loads((tmp_path / "build-plan.json").read_text())
+    assert plan["form"] == "portable" and plan["plugins"] == [] and plan["ptx"] == []
+    assert plan["kernel_target"]["ptx_isa"] is None and (tmp_path / "network.onnx").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_real_build_without_a_gpu_is_refused_before_exporting(tmp_path: Path, capsys: pytest.CaptureFixture
+                                                                ) -> None:
+    assert main(["--config", "brain-synth", "--out", str(tmp_path)]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 def test_batch_outside_the_exported_range_is_refused(small_pdd: torch.nn.Module, tmp_path: Path) -> None:
@@ -193,7 +216,8 @@ def _engine_meta() -> EngineMetadata:
         device_name="NVIDIA H200", compute_capability="9.0",
         profile={"images": {"min": [1, 3, 64, 64], "opt": [2, 3, 64, 64], "max": [4, 3, 64, 64]}},
         inputs=[spec], outputs=[TensorSpec("pred_score", "float32", ("batch",))], image_size=(64, 64),
-        preprocess=False, normalisation={}, config={"image_size": 64})
+        preprocess=False, normalisation={}, config={"image_size": 64}, cuda_arch="sm_90a", ptx_isa="9.0",
+        triton_version="3.6.0")
 
 
 def test_engine_metadata_round_trip_and_mismatch_refusal(tmp_path: Path) -> None:
@@ -212,14 +236,33 @@ def test_engine_metadata_round_trip_and_mismatch_refusal(tmp_path: Path) -> None
         check_engine_compatible(loaded, **here, onnx_sha256="b" * 64)
     with pytest.raises(EngineMismatch, match="plugin kernels"):
         check_engine_compatible(loaded, **here, kernels_sha256="c" * 64)
+    assert check_engine_compatible(loaded, **here, driver_ptx_isa=90) == []
+    with pytest.raises(EngineMismatch, match=r"PTX ISA 9\.0 and this NVIDIA driver loads PTX up to 8\.8: update the "
+                                             r"driver, or rebuild with --ptx-isa 8\.8"):
+        check_engine_compatible(loaded, **here, driver_ptx_isa=88)
+    with pytest.raises(EngineMismatch, match=r"sm_90a code\), this GPU has 10\.0"):
+        check_engine_compatible(loaded, tensorrt_version="10.13.0.35", compute_capability="10.0")
 
 
-def test_plugins_register_with_tensorrt() -> None:
+def test_engine_metadata_written_before_the_kernel_target_fields_still_loads(tmp_path: Path) -> None:
+    data = dataclasses.asdict(_engine_meta())
+    for key in ("cuda_arch", "ptx_isa", "triton_version"):
+        del data[key]
+    (tmp_path / "engine.json").write_text(json.dumps(data))
+    old = read_engine_metadata(tmp_path)
+    assert old.ptx_isa is None and old.cuda_arch is None
+    assert check_engine_compatible(old, tensorrt_version="10.13.0.35", compute_capability="9.0",
+                                   driver_ptx_isa=80) == []
+
+
+@pytest.mark.tensorrt
+def test_plugins_register_with_the_installed_tensorrt() -> None:
+    """The real TensorRT (compiled module included); test_trt_contract.py covers its Python part on CPU."""
     trtp = pytest.importorskip("tensorrt.plugin", reason="TensorRT is not installed (its wheels need NVIDIA's index)")
     from export.trt_plugins import register_plugins
 
     register_plugins()
-    register_plugins()  # idempotent
+    register_plugins()  # safe to repeat
     assert {SS2D_OP, HEAD_COSINE_OP, HEAD_BLUR_OP} <= set(dir(trtp.op.pdd))
 
 
