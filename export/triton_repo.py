@@ -86,8 +86,8 @@ class EngineArtifact:
     """The network the ``pdd_engine`` step serves, with the facts the other steps need.
 
     files: name inside the version folder -> source file; input: the float (B, 3, S, S) image tensor;
-    outputs: ``pred_score`` (B,) and ``anomaly_map`` (B, S, S) specs; max_batch: largest batch the
-    artifact accepts (None: no limit known).
+    outputs: ``pred_score`` (B,) and ``anomaly_map`` (B, S, S) specs; min_batch / max_batch: the batch
+    range the artifact accepts (max None: no limit known).
     """
 
     files: dict[str, Path]
@@ -99,6 +99,7 @@ class EngineArtifact:
     threshold: float | None
     max_batch: int | None
     description: str
+    min_batch: int = 1
 
 
 def _square_size(image_size: Sequence[int], where: Path) -> int:
@@ -159,13 +160,16 @@ def _from_engine(folder: Path) -> EngineArtifact:
     meta = read_engine_metadata(folder)
     inp, outs = _tensors(folder, meta.inputs, meta.outputs, meta.preprocess)
     mean, std = _normalisation(folder, meta.normalisation)
-    profile_max = meta.profile.get(inp.name, {}).get("max")
+    profile = meta.profile.get(inp.name, {})
+    if "min" not in profile or "max" not in profile:
+        raise RepositoryError(f"{folder / 'engine.json'}: no optimisation profile for input {inp.name!r} "
+                              f"(has {sorted(meta.profile)}); rebuild the engine with export/build_trt.py")
     return EngineArtifact({"model.plan": plan, "engine.json": folder / "engine.json"}, inp, outs,
                           _square_size(meta.image_size, folder), mean, std, meta.anomaly_threshold,
-                          int(profile_max[0]) if profile_max else None,
+                          int(profile["max"][0]),
                           f"TensorRT {meta.tensorrt_version} engine ({meta.precision}) for {meta.device_name} "
                           f"(compute capability {meta.compute_capability}); the server's TensorRT must be "
-                          f"{meta.tensorrt_version}")
+                          f"{meta.tensorrt_version}", min_batch=int(profile["min"][0]))
 
 
 # --- config builders -----------------------------------------------------------------------------------
@@ -437,6 +441,9 @@ def build_triton_repo(out: str | os.PathLike, flavour: str = "python", model: ob
         if art.max_batch is not None and art.max_batch < max_batch_size:
             raise RepositoryError(f"the engine accepts batches up to {art.max_batch}; max_batch_size "
                                   f"{max_batch_size} needs a re-export with a larger batch range")
+        if art.min_batch > 1:
+            raise RepositoryError(f"the engine's profile starts at batch {art.min_batch}: the server sends single "
+                                  f"requests as batch 1 and warms up with it; rebuild with --batch 1:OPT:MAX")
         thr = threshold if threshold is not None else art.threshold
         thr = DEFAULT_THRESHOLD if thr is None else float(thr)
         threshold_note = ("anomaly threshold inf: none known at export, nothing is flagged; threshold "

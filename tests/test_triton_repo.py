@@ -79,7 +79,8 @@ def make_onnx_dir(folder: Path, size: int = 64, batch: tuple[int, int] = (1, 8),
     return folder
 
 
-def make_engine_dir(folder: Path, size: int = 64, max_batch: int = 8, dtype: str = "float32") -> Path:
+def make_engine_dir(folder: Path, size: int = 64, max_batch: int = 8, dtype: str = "float32",
+                    min_batch: int = 1) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "engine.plan").write_bytes(b"stand-in: not a TensorRT engine")
     inputs, outputs = _specs(size, dtype)
@@ -87,7 +88,8 @@ def make_engine_dir(folder: Path, size: int = 64, max_batch: int = 8, dtype: str
         engine_file="engine.plan", engine_sha256="0" * 64, precision="fp16" if dtype == "float16" else "fp32",
         onnx_form="plugin", onnx_sha256="0" * 64, kernels_sha256="0" * 64, plugins=["pdd::SS2DScan"],
         tensorrt_version="10.13.0", device_name="NVIDIA H200", compute_capability="9.0",
-        profile={"images": {"min": [1, 3, size, size], "opt": [4, 3, size, size], "max": [max_batch, 3, size, size]}},
+        profile={"images": {"min": [min_batch, 3, size, size], "opt": [max(4, min_batch), 3, size, size],
+                            "max": [max_batch, 3, size, size]}},
         inputs=inputs, outputs=outputs, image_size=(size, size), preprocess=False, normalisation=NORMALISATION,
         config={}, anomaly_threshold=0.25))
     return folder
@@ -216,6 +218,7 @@ def test_options_and_rebuild_keep_other_files(tmp_path, onnx_dir):
     ("tensorrt from onnx", "prebuilt engine"),
     ("batch over profile", "batches up to 4"),
     ("batch over onnx range", "batches up to 2"),
+    ("profile without batch 1", "profile starts at batch 2"),
     ("preprocess in graph", "without --preprocess"),
     ("plugin form", "custom ops"),
     ("size mismatch", "exported at 64"),
@@ -232,6 +235,8 @@ def test_refusals_name_the_problem(tmp_path, onnx_dir, case, message):
         "tensorrt from onnx": lambda: build_triton_repo(out, flavour="tensorrt", model=object()),
         "batch over profile": lambda: build_triton_repo(
             out, flavour="tensorrt", engine_dir=make_engine_dir(tmp_path / "e", max_batch=4), max_batch_size=8),
+        "profile without batch 1": lambda: build_triton_repo(
+            out, flavour="tensorrt", engine_dir=make_engine_dir(tmp_path / "e2", min_batch=2), max_batch_size=8),
         "batch over onnx range": lambda: build_triton_repo(
             out, engine_dir=make_onnx_dir(tmp_path / "o", batch=(1, 2)), max_batch_size=4),
         "preprocess in graph": lambda: build_triton_repo(
