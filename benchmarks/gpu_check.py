@@ -2,6 +2,8 @@
 engines, and the end-to-end benchmark over every GPU runtime the machine has.
 
     python3 benchmarks/gpu_check.py [--out DIR] [--budget-s 450] [--images DIR] [--steps a,b,...]
+    python3 benchmarks/gpu_check.py --dry-run --image-size 64 --out /tmp/dry   # on a CPU: every step up to
+                                                                               # the first GPU call
 
 ``--out`` defaults to ``$OUT``, else ``./gpu-results``. Steps, in order (each under its own time limit,
 cut to what is left of ``--budget-s``; a failed, timed-out or skipped step is recorded and the next runs):
@@ -15,21 +17,28 @@ cut to what is left of ``--budget-s``; a failed, timed-out or skipped step is re
 4. ``onnx-export``: the ONNX forms the GPU runtimes need (plugin for TensorRT, portable for TensorRT and
    ONNX Runtime CUDA), exported once by ``benchmarks/run.py --prepare-only`` (skipped when neither
    TensorRT nor ONNX Runtime's CUDA provider is there);
-5. ``trt-<form>-<precision>``: engines built by ``export/build_trt.py`` (plugin fp16, portable fp16, then
+5. ``trt-<form>-<precision>``: engines built by ``pdd export trt`` (plugin fp16, portable fp16, then
    plugin fp32 and portable fp32, each while the budget leaves the benchmark its share), sharing a timing
-   cache;
-6. ``benchmark``: ``benchmarks/run.py`` at 256², batch 1,8,32, fp32 and fp16, over PyTorch eager (reference,
+   cache; the plugin kernels' PTX is compiled for this GPU, capped to its driver's PTX ISA;
+6. ``serve``: where ``tritonserver`` with the TensorRT backend is installed (NVIDIA's container), the
+   plugin fp16 engine served as the ``tensorrt`` flavour repository, its scores and maps compared with the
+   engine run directly, and its latency (``benchmarks/gpu_serve.py``);
+7. ``benchmark``: ``benchmarks/run.py`` at 256², batch 1,8,32, fp32 and fp16, over PyTorch eager (reference,
    chunked, Triton scan), ONNX Runtime CUDA / TensorRT providers and the TensorRT engines; its accuracy
    columns are the engines' parity check against PyTorch fp32;
-7. ``benchmark-compile``: torch.compile (chunked scan) on its own, last, as its compile time is the least
+8. ``benchmark-compile``: torch.compile (chunked scan) on its own, last, as its compile time is the least
    predictable.
 
 Outputs in ``--out`` (at most eight files): ``summary.md`` (steps, machine, parity verdicts, the short
 tables; also printed last), ``results.json`` / ``results.md`` (step 6), ``kernels.json`` / ``kernels.md``
 (step 3) and ``logs.tar.gz`` (every step's log, plots, compile results, engine build plans). ONNX files and
 engines stay in a temporary folder. brain-synth images need nilearn; without it, pass ``--images`` (an
-MVTec-style folder, e.g. made elsewhere by ``pdd.data.generate_brain_synth``) or the benchmark falls back
-to synthetic textures and says so.
+MVTec-style folder, e.g. made elsewhere by ``pdd data synth --out DIR --count 40``) or the benchmark falls
+back to synthetic textures and says so.
+
+``--dry-run`` (no GPU needed) runs the machine facts, the ONNX export and the four engine preparations with
+``pdd export trt --dry-run`` (typed network, plugin PTX for ``--arch``/``--ptx-isa``, default sm_90 and 9.0,
+launch records, build plan) and reports every later step as skipped; ``--image-size 64`` keeps it short.
 """
 
 from __future__ import annotations
@@ -53,15 +62,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 # Run as a script, this folder comes first on sys.path; the repository root must (for export, pdd, kernels).
 sys.path.insert(0, str(ROOT))
-STEPS = ("machine", "kernel-tests", "kernel-bench", "onnx-export", "tensorrt", "benchmark", "benchmark-compile")
+STEPS = ("machine", "kernel-tests", "kernel-bench", "onnx-export", "tensorrt", "serve", "benchmark",
+         "benchmark-compile")
 GPU_RUNTIMES = ("torch:chunked", "torch:triton", "torch:reference", "onnxruntime:cuda:portable",
                 "onnxruntime:tensorrt:portable", "tensorrt:plugin", "tensorrt:portable")
 # Largest anomaly-map error over the reference maps' range for an engine to pass parity, by precision.
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 # (form, precision) of the engines, most important first; each build's time limit in seconds.
 ENGINES = (("plugin", "fp16", 200), ("portable", "fp16", 160), ("plugin", "fp32", 160), ("portable", "fp32", 160))
-BENCH_ARGS = ("--image-size", "256", "--batch", "1,8,32", "--precision", "fp32,fp16", "--repeats", "10",
-              "--warmup", "3")
+BENCH_ARGS = ("--batch", "1,8,32", "--precision", "fp32,fp16", "--repeats", "10", "--warmup", "3")
 # Seconds kept for the benchmark when deciding whether one more engine build fits, and for torch.compile.
 BENCH_RESERVE_S = 150
 COMPILE_RESERVE_S = 90
@@ -174,7 +183,26 @@ def machine_facts() -> dict[str, str]:
     facts["tritonserver (nvidia-pytriton)"] = _try(server)
     facts["perf_analyzer"] = shutil.which("perf_analyzer") or "not on PATH"
     facts["trtexec"] = shutil.which("trtexec") or "not on PATH"
+    facts["tritonserver with TensorRT backend"] = _try(lambda: tensorrt_server() or "not found")
+
+    def kernel_target() -> str:
+        from kernels.target import resolve_target
+
+        return resolve_target().describe()
+
+    facts["plugin kernel target"] = _try(kernel_target)
     return facts
+
+
+def tensorrt_server() -> str | None:
+    """A ``tritonserver`` binary on PATH whose backends include TensorRT (NVIDIA's container), else None."""
+    binary = shutil.which("tritonserver")
+    if binary is None:
+        return None
+    for backends in (Path(binary).resolve().parent.parent / "backends", Path("/opt/tritonserver/backends")):
+        if (backends / "tensorrt").is_dir():
+            return binary
+    return None
 
 
 def _cuda_available() -> bool:
@@ -244,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=450.0, help="total time for all steps")
     ap.add_argument("--images", type=Path, help="MVTec-style folder of test images for the benchmark")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
+    ap.add_argument("--image-size", type=int, default=256, help="square input size of every export and benchmark")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU: run every step up to the first call that needs one (engines prepared, not built)")
+    ap.add_argument("--arch", help="plugin kernel target for the engines (default: the GPU; sm_90 in a dry run)")
+    ap.add_argument("--ptx-isa", help="driver PTX ISA cap (default: this driver's; 9.0 in a dry run)")
     args = ap.parse_args(argv)
     wanted = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = sorted(set(wanted) - set(STEPS))
@@ -259,10 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         facts = machine_facts()
         print("== machine\n" + "\n".join(f"   {k}: {v}" for k, v in facts.items()), flush=True)
         checker.steps.append(Step("machine", "ok", time.monotonic() - checker.start, ""))
-        cuda = _cuda_available()
-        trt = _has(facts, "tensorrt") and cuda
+        cuda = _cuda_available() and not args.dry_run
+        # A dry run prepares the engines as far as a machine without TensorRT and a GPU can.
+        trt = (_has(facts, "tensorrt") and cuda) or args.dry_run
         ort_gpu = any(p in facts["onnxruntime"] for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
         images = ["--images", str(args.images)] if args.images else []
+        bench_args = ["--image-size", str(args.image_size), *BENCH_ARGS]
+        target = [*(["--arch", args.arch] if args.arch else []), *(["--ptx-isa", args.ptx_isa] if args.ptx_isa else [])]
+        built: list[Path] = []
 
         def want(name: str) -> bool:
             return name in wanted
@@ -286,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 forms = ["tensorrt:plugin", "tensorrt:portable"] if trt else ["onnxruntime:cuda:portable"]
                 step = checker.run("onnx-export", [py, "benchmarks/run.py", "--prepare-only", "--artifacts",
-                                                   str(artifacts), "--runtimes", ",".join(forms), *BENCH_ARGS], 200)
+                                                   str(artifacts), "--runtimes", ",".join(forms), *bench_args], 200)
                 exported = step.status == "ok"
         if want("tensorrt"):
             if not trt:
@@ -301,13 +338,29 @@ def main(argv: list[str] | None = None) -> int:
                         checker.skip(name, "time budget: the benchmark goes first")
                         continue
                     onnx = artifacts / f"onnx-{form}" / "model.onnx"
-                    checker.run(name, [py, "export/build_trt.py", "--onnx", str(onnx), "--precision", precision,
-                                       "--batch", "1:8:32", "--out", str(artifacts / f"tensorrt-{form}-{precision}"),
-                                       "--timing-cache", str(artifacts / "timing.cache")], min(limit, room))
+                    engine = artifacts / f"tensorrt-{form}-{precision}"
+                    step = checker.run(name, [py, "-m", "pdd.cli", "export", "trt", "--onnx", str(onnx),
+                                              "--precision", precision, "--batch", "1:8:32", "--out", str(engine),
+                                              "--timing-cache", str(artifacts / "timing.cache"), *target,
+                                              *(["--dry-run"] if args.dry_run else [])], min(limit, room))
+                    if step.status == "ok" and (engine / "engine.plan").is_file():
+                        built.append(engine)
+        if want("serve"):
+            server = tensorrt_server()
+            engine = next((e for e in built if e.name == "tensorrt-plugin-fp16"), built[0] if built else None)
+            if args.dry_run:
+                checker.skip("serve", "dry run: no engine to serve")
+            elif server is None:
+                checker.skip("serve", "no tritonserver with the TensorRT backend here (NVIDIA's container has it)")
+            elif engine is None:
+                checker.skip("serve", "no engine was built")
+            else:
+                checker.run("serve", [py, "-m", "benchmarks.gpu_serve", "--server", server, "--engine", str(engine),
+                                      "--out", str(results / "serve.json"), *images], 120)
         if want("benchmark"):
             if cuda:
                 keep = COMPILE_RESERVE_S if want("benchmark-compile") else 0
-                checker.run("benchmark", [py, "benchmarks/run.py", "--runtimes", ",".join(GPU_RUNTIMES), *BENCH_ARGS,
+                checker.run("benchmark", [py, "benchmarks/run.py", "--runtimes", ",".join(GPU_RUNTIMES), *bench_args,
                                           "--reference-repeats", "1", "--artifacts", str(artifacts), "--out",
                                           str(results / "run"), *images], max(checker.remaining() - keep, 20))
             else:
@@ -316,9 +369,9 @@ def main(argv: list[str] | None = None) -> int:
             if cuda:
                 # Batch 1 only: every new batch size would be one more inductor compilation.
                 checker.run("benchmark-compile", [py, "benchmarks/run.py", "--runtimes", "torch:chunked:compile",
-                                                  "--image-size", "256", "--batch", "1", "--precision", "fp32",
-                                                  "--repeats", "10", "--warmup", "2", "--out", str(results / "compile"),
-                                                  *images], checker.remaining())
+                                                  "--image-size", str(args.image_size), "--batch", "1",
+                                                  "--precision", "fp32", "--repeats", "10", "--warmup", "2",
+                                                  "--out", str(results / "compile"), *images], checker.remaining())
             else:
                 checker.skip("benchmark-compile", "no CUDA device")
         text = summary(checker, facts, results)
@@ -333,15 +386,16 @@ def _collect(out: Path, work: Path, results: Path, text: str) -> None:
     """Write the few files that come back (see the module docstring) and pack everything else."""
     (out / "summary.md").write_text(text, encoding="utf-8")
     for src in (results / "run" / "results.json", results / "run" / "results.md", results / "kernels.json",
-                results / "kernels.md"):
+                results / "kernels.md", results / "serve.json"):
         if src.is_file():
             shutil.copy2(src, out / src.name)
     with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
         tar.add(work / "logs", arcname="logs")
         if results.is_dir():
             tar.add(results, arcname="results")
-        for plan in sorted((work / "artifacts").glob("tensorrt-*/*.json")):
-            tar.add(plan, arcname=f"engines/{plan.parent.name}/{plan.name}")
+        for plan in sorted([*(work / "artifacts").glob("tensorrt-*/*.json"),
+                            *(work / "artifacts").glob("tensorrt-*/ptx/*.ptx")]):
+            tar.add(plan, arcname=f"engines/{plan.relative_to(work / 'artifacts')}")
         info = tarfile.TarInfo("summary.md")
         data = text.encode()
         info.size = len(data)
