@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,3 +213,25 @@ def test_gpu_check_records_every_step(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.tar.gz", "summary.md"]
     with pytest.raises(SystemExit):
         gpu_check.main(["--out", str(tmp_path), "--steps", "machine,warp-drive"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU path of the GPU script")
+def test_gpu_check_dry_run_prepares_every_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every step up to the first GPU call: the ONNX exports and four engine build plans with capped PTX."""
+    import tarfile
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path), "--dry-run", "--image-size", "64", "--ptx-isa", "8.4"]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    for step in ("onnx-export", "trt-plugin-fp16", "trt-portable-fp16", "trt-plugin-fp32", "trt-portable-fp32"):
+        assert f"| {step} | ok |" in summary, summary
+    assert "| serve | skipped (dry run" in summary and "| benchmark | skipped" in summary
+    with tarfile.open(tmp_path / "logs.tar.gz") as tar:
+        plan = json.load(tar.extractfile("engines/tensorrt-plugin-fp16/build-plan.json"))
+        ptx = [m for m in tar.getnames() if m.startswith("engines/tensorrt-plugin-fp16/ptx/")]
+        assert plan["kernel_target"]["arch"] == "sm_90a" and plan["kernel_target"]["ptx_isa"] == "8.4"
+        assert len(ptx) == len(plan["ptx"]) == 4
+        assert all(".version 8.4" in tar.extractfile(m).read().decode() for m in ptx)

@@ -48,7 +48,8 @@ class DataType(enum.Enum):
     INT4 = 9
 
 
-float32, float16, int8, int32, bool, uint8, bfloat16, int64 = (  # noqa: A001 - TensorRT's own names
+# TensorRT's own names; ``bool`` shadows the builtin in this module, which therefore never calls it.
+float32, float16, int8, int32, bool, uint8, bfloat16, int64 = (
     DataType.FLOAT, DataType.HALF, DataType.INT8, DataType.INT32, DataType.BOOL, DataType.UINT8, DataType.BF16,
     DataType.INT64)
 _NP = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8, DataType.INT32: np.int32,
@@ -213,7 +214,7 @@ class _PluginRegistry:
         keys = [k for k, c in self.creators.items() if c is creator]
         for k in keys:
             del self.creators[k]
-        return bool(keys)
+        return len(keys) > 0
 
     def get_creator(self, name: str, version: str, namespace: str = "") -> Any:
         return self.creators.get((name, version, namespace))
