@@ -1,0 +1,206 @@
+/* Selective scan on the CPU: the fused four-route SS2D scan and the plain 1-D scan, fp32, inference.
+ *
+ * The recurrence of mamba-ssm's selective_scan_fn, per channel d and state n, along positions t:
+ *     dt = softplus(delta[d, t] + bias[d])            (softplus optional in the 1-D scan)
+ *     h[n] = exp(dt * A[d, n]) * h[n] + dt * u[d, t] * B[n, t]
+ *     y[d, t] = sum_n h[n] * C[n, t] + D[d] * u[d, t]     (times silu(z[d, t]) when z is given)
+ *
+ * A block of channels walks the positions together, so each step loads B[:, t] and C[:, t] once for the
+ * block and keeps every channel's state in a small array the compiler holds in vector registers; the
+ * exponentials of a channel are computed over n at once (vectorised with -ffast-math, glibc's libmvec).
+ * The SS2D scan walks route k of the row-major grid by a position table (0 rows, 1 columns, 2 and 3 the
+ * same reversed: the geometry of pdd.ssm.route_order), accumulates the four routes into out in place,
+ * and adds the four D skips as one x * sum_k D_k term with route 0. Work items (batch, channel block)
+ * are shared by `threads` POSIX threads; every item owns its output rows, so no two threads write the
+ * same element.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_N 16
+/* 8 channels x 16 states of fp32 state: 512 B, within L1 with B/C and the position table's lines. */
+#define BLOCK_D 8
+
+static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* One channel block along one ordering of positions.
+ * u, dl, z, out: row bases of channel d0 (row j at + j * row_stride); bc: B and C rows of this block's
+ * group at b_ptr[n * L + p], c_ptr[n * L + p]. pos: position visited at step t (NULL: t itself). */
+static inline __attribute__((always_inline)) void walk(
+    const float *u, const float *dl, const float *z, float *out, int64_t row_stride,
+    const float *b_ptr, const float *c_ptr, const float *A, const float *bias, const float *skip,
+    const int32_t *pos, int64_t L, int nd, const int N, int softplus_dt, int accumulate, float *state) {
+    float h[BLOCK_D][MAX_N], a[BLOCK_D][MAX_N], bv[MAX_N], cv[MAX_N];
+    memset(h, 0, sizeof(h));
+    for (int j = 0; j < nd; ++j)
+        for (int n = 0; n < N; ++n) a[j][n] = A[j * N + n];
+    for (int64_t t = 0; t < L; ++t) {
+        const int64_t p = pos ? pos[t] : t;
+        for (int n = 0; n < N; ++n) {
+            bv[n] = b_ptr[n * L + p];
+            cv[n] = c_ptr[n * L + p];
+        }
+        for (int j = 0; j < nd; ++j) {
+            const int64_t i = j * row_stride + p;
+            const float x = u[i];
+            float dt = dl[i] + (bias ? bias[j] : 0.0f);
+            if (softplus_dt) dt = softplus(dt);
+            const float dx = dt * x;
+            float y = 0.0f;
+#pragma omp simd reduction(+ : y)
+            for (int n = 0; n < N; ++n) {
+                const float hn = expf(dt * a[j][n]) * h[j][n] + dx * bv[n];
+                h[j][n] = hn;
+                y += hn * cv[n];
+            }
+            if (skip) y += skip[j] * x;
+            if (z) {
+                const float g = z[i];
+                y *= g / (1.0f + expf(-g));
+            }
+            out[i] = accumulate ? out[i] + y : y;
+        }
+    }
+    if (state)
+        for (int j = 0; j < nd; ++j)
+            for (int n = 0; n < N; ++n) state[j * N + n] = h[j][n];
+}
+
+/* walk() with N known at compile time for the common state sizes (full vectorisation), else at run time. */
+#define WALK(N_) walk(u, dl, z, out, L, b_ptr, c_ptr, A, bias, skip, pos, L, nd, N_, softplus_dt, accumulate, state)
+static void walk_any(const float *u, const float *dl, const float *z, float *out, int64_t L, const float *b_ptr,
+                     const float *c_ptr, const float *A, const float *bias, const float *skip, const int32_t *pos,
+                     int nd, int N, int softplus_dt, int accumulate, float *state) {
+    if (N == 16) WALK(16);
+    else if (N == 1) WALK(1);
+    else WALK(N);
+}
+
+typedef struct {
+    int64_t items, next;
+    void (*run)(const void *args, int64_t item);
+    const void *args;
+} Pool;
+
+static void *worker(void *arg) {
+    Pool *pool = (Pool *)arg;
+    for (;;) {
+        const int64_t item = __atomic_fetch_add(&pool->next, 1, __ATOMIC_RELAXED);
+        if (item >= pool->items) return NULL;
+        pool->run(pool->args, item);
+    }
+}
+
+/* Run run(args, 0..items-1) on `threads` threads (this one included). Returns 0, or -1 if no thread
+ * could be started (the work then runs on this thread alone). */
+static int parallel(int64_t items, int threads, void (*run)(const void *, int64_t), const void *args) {
+    Pool pool = {items, 0, run, args};
+    if (threads > 64) threads = 64;
+    pthread_t ids[64];
+    int started = 0;
+    for (int i = 1; i < threads && i < items; ++i)
+        if (pthread_create(&ids[started], NULL, worker, &pool) == 0) ++started;
+    worker(&pool);
+    for (int i = 0; i < started; ++i) pthread_join(ids[i], NULL);
+    return 0;
+}
+
+/* ---- SS2D ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *x, *delta, *B, *C, *A, *D, *bias;
+    float *out;
+    const int32_t *pos; /* (4, L) */
+    int64_t batch, dim, L;
+    int N;
+} SS2DArgs;
+
+static void ss2d_item(const void *p, int64_t item) {
+    const SS2DArgs *s = (const SS2DArgs *)p;
+    const int64_t blocks = (s->dim + BLOCK_D - 1) / BLOCK_D;
+    const int64_t b = item / blocks, d0 = (item % blocks) * BLOCK_D;
+    const int nd = (int)(s->dim - d0 < BLOCK_D ? s->dim - d0 : BLOCK_D);
+    const int64_t L = s->L, dim = s->dim;
+    float skip[BLOCK_D];
+    for (int j = 0; j < nd; ++j) {
+        skip[j] = 0.0f;
+        for (int k = 0; k < 4; ++k) skip[j] += s->D[k * dim + d0 + j];
+    }
+    const float *u = s->x + (b * dim + d0) * L;
+    float *out = s->out + (b * dim + d0) * L;
+    for (int k = 0; k < 4; ++k) {
+        const int64_t ch = k * dim + d0;
+        walk_any(u, s->delta + ((b * 4 + k) * dim + d0) * L, NULL, out, L, s->B + (b * 4 + k) * s->N * L,
+                 s->C + (b * 4 + k) * s->N * L, s->A + ch * s->N, s->bias + ch, k == 0 ? skip : NULL,
+                 s->pos + k * L, nd, s->N, 1, k > 0, NULL);
+    }
+}
+
+/* x, out: (batch, dim, H, W); delta: (batch, 4, dim, H, W); B, C: (batch, 4, N, H, W); A: (4 dim, N);
+ * D, bias: (4 dim). All contiguous fp32. Returns 0, or a negative code for bad arguments. */
+int pdd_ss2d_scan(const float *x, const float *delta, const float *B, const float *C, const float *A,
+                  const float *D, const float *bias, int64_t batch, int64_t dim, int64_t height, int64_t width,
+                  int N, float *out, int threads) {
+    if (N < 1 || N > MAX_N) return -1;
+    const int64_t L = height * width;
+    if (L <= 0 || batch <= 0 || dim <= 0) return 0;
+    if (L > INT32_MAX) return -2;
+    int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * 4 * L);
+    if (!pos) return -3;
+    for (int64_t t = 0; t < L; ++t) {
+        const int64_t col = (t % height) * width + t / height; /* column-major step t, row-major index */
+        pos[t] = (int32_t)t;
+        pos[L + t] = (int32_t)col;
+        pos[2 * L + (L - 1 - t)] = (int32_t)t;
+        pos[3 * L + (L - 1 - t)] = (int32_t)col;
+    }
+    SS2DArgs args = {x, delta, B, C, A, D, bias, out, pos, batch, dim, L, N};
+    parallel(batch * ((dim + BLOCK_D - 1) / BLOCK_D), threads, ss2d_item, &args);
+    free(pos);
+    return 0;
+}
+
+/* ---- 1-D selective scan ----------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *u, *delta, *A, *B, *C, *D, *z, *bias;
+    float *out, *state;
+    int64_t batch, dim, groups, L;
+    int N, softplus_dt;
+} ScanArgs;
+
+static void scan_item(const void *p, int64_t item) {
+    const ScanArgs *s = (const ScanArgs *)p;
+    const int64_t per_group = s->dim / s->groups;
+    /* Blocks never straddle a group: B and C are shared within one. */
+    const int64_t blocks_per_group = (per_group + BLOCK_D - 1) / BLOCK_D;
+    const int64_t blocks = s->groups * blocks_per_group;
+    const int64_t b = item / blocks, g = (item % blocks) / blocks_per_group;
+    const int64_t d0 = g * per_group + (item % blocks_per_group) * BLOCK_D;
+    const int64_t end = (g + 1) * per_group;
+    const int nd = (int)(end - d0 < BLOCK_D ? end - d0 : BLOCK_D);
+    const int64_t L = s->L, row = (b * s->dim + d0) * L;
+    walk_any(s->u + row, s->delta + row, s->z ? s->z + row : NULL, s->out + row, L,
+             s->B + (b * s->groups + g) * s->N * L, s->C + (b * s->groups + g) * s->N * L, s->A + d0 * s->N,
+             s->bias ? s->bias + d0 : NULL, s->D ? s->D + d0 : NULL, NULL, nd, s->N, s->softplus_dt, 0,
+             s->state ? s->state + (b * s->dim + d0) * s->N : NULL);
+}
+
+/* u, delta, z, out: (batch, dim, L); A: (dim, N); B, C: (batch, groups, N, L); D, bias: (dim) or NULL;
+ * z, state (batch, dim, N) optional (NULL). dim must be a multiple of groups. */
+int pdd_selective_scan(const float *u, const float *delta, const float *A, const float *B, const float *C,
+                       const float *D, const float *z, const float *bias, int64_t batch, int64_t dim,
+                       int64_t groups, int64_t L, int N, int softplus_dt, float *out, float *state, int threads) {
+    if (N < 1 || N > MAX_N) return -1;
+    if (groups < 1 || dim % groups) return -2;
+    if (L <= 0 || batch <= 0 || dim <= 0) return 0;
+    ScanArgs args = {u, delta, A, B, C, D, z, bias, out, state, batch, dim, groups, L, N, softplus_dt};
+    const int64_t blocks = groups * ((dim / groups + BLOCK_D - 1) / BLOCK_D);
+    parallel(batch * blocks, threads, scan_item, &args);
+    return 0;
+}
+
+int pdd_scan_abi_version(void) { return 1; }
