@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 # What the Python-backend models import; numpy<2 because the bundled 2.51 backend needs numpy 1.x.
-BACKEND_REQUIREMENTS = ("numpy<2", "onnxruntime", "pillow")
+BACKEND_REQUIREMENTS = ("numpy<2", "onnxruntime", "pillow", "pydicom")
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver"
 # The NGC release of Triton 2.51, the server bundled with nvidia-pytriton 0.7.0 that the tests run.
 NGC_TAG = "24.10"
@@ -149,7 +149,7 @@ def python_env(requirements: Sequence[str] = BACKEND_REQUIREMENTS, timeout_s: fl
 
     ``$PDD_TRITON_ENV`` must be a venv of the same Python version as the interpreter running this code.
     The venv is made with the interpreter running this code (its libpython is the one the stub loads) and
-    ``requirements`` from PyPI, then checked by importing numpy (< 2), onnxruntime and PIL. It is keyed by
+    ``requirements`` from PyPI, then checked by importing numpy (< 2), onnxruntime, PIL and pydicom. It is keyed by
     Python version and requirements, and rebuilt if a previous attempt did not finish.
     """
     given = os.environ.get("PDD_TRITON_ENV")
@@ -174,7 +174,8 @@ def python_env(requirements: Sequence[str] = BACKEND_REQUIREMENTS, timeout_s: fl
                  [str(env / "bin" / "python3"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                   *requirements],
                  [str(env / "bin" / "python3"), "-c",
-                  "import numpy, onnxruntime, PIL; assert int(numpy.__version__.split('.')[0]) < 2, numpy.__version__"]]
+                  "import numpy, onnxruntime, PIL, pydicom; "
+                  "assert int(numpy.__version__.split('.')[0]) < 2, numpy.__version__"]]
         for cmd in steps:
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
