@@ -11,7 +11,7 @@ Two ways:
 
 The bundled server's Python models run in a stub process that embeds the interpreter found first on
 ``PATH``. That environment needs ``numpy<2`` (the 2.51 backend returns empty outputs with numpy 2,
-silently), ONNX Runtime and Pillow, so :func:`python_env` creates a small virtual environment once, from
+silently), ONNX Runtime, Pillow and pydicom, so :func:`python_env` creates a small virtual environment once, from
 PyPI, with the interpreter running this code, and caches it under ``~/.cache/pdd/triton-env``
 (``$XDG_CACHE_HOME`` respected; ``PDD_TRITON_ENV`` names a ready-made one instead). The stub must also
 load the same ``libpython`` as that interpreter (``LD_LIBRARY_PATH`` gets its ``LIBDIR``) and sit in the
@@ -330,12 +330,12 @@ def docker_command(repo: str | os.PathLike, http_port: int = 8000, grpc_port: in
     """The ``docker run`` line serving ``repo`` with NVIDIA's container, for the repository's flavour.
 
     TensorRT: ``--gpus all``, and the tag must be the release whose TensorRT built the engine (left as
-    ``<yy.mm>`` unless given). The Python-backend models need Pillow (and, for the python flavour, ONNX
-    Runtime) with numpy<2, installed at start here; ``deploy/Dockerfile`` bakes them into an image.
+    ``<yy.mm>`` unless given). The Python-backend models need Pillow and pydicom (and, for the python flavour,
+    ONNX Runtime) with numpy<2, installed at start here; ``deploy/Dockerfile`` bakes them into an image.
     """
     repo = Path(repo).resolve()
     flavour = repository_flavour(repo)
-    packages = '"numpy<2" pillow' + (" onnxruntime" if flavour == "python" else "")
+    packages = '"numpy<2" pillow pydicom' + (" onnxruntime" if flavour == "python" else "")
     gpus = "--gpus all " if flavour == "tensorrt" else ""
     image = f"{NGC_IMAGE}:{tag or ('<yy.mm>' if flavour == 'tensorrt' else NGC_TAG)}-py3"
     inner = f"pip install -q {packages} && exec tritonserver --model-repository=/models"

@@ -124,7 +124,8 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
     ens = parsed["pdd"]
     assert ens.platform == "ensemble"
     assert [(i.name, mc.DataType.Name(i.data_type), list(i.dims), i.optional) for i in ens.input] == [
-        ("images", "TYPE_UINT8", [-1, -1, -1], True), ("images_encoded", "TYPE_STRING", [1], True)]
+        ("images", "TYPE_UINT8", [-1, -1, -1], True), ("images_encoded", "TYPE_STRING", [1], True),
+        ("dicom_window", "TYPE_FP32", [2], True)]
     assert {o.name: list(o.dims) for o in ens.output} == {
         "pred_score": [1], "anomaly_map": [64, 64], "pred_label": [1], "pred_mask": [64, 64]}
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocess", "pdd_engine", "postprocess"]
@@ -166,6 +167,8 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
     assert [float(v) for v in pre.parameters["std"].string_value.split(",")] == list(IMAGENET_STD)
     assert pre.parameters["image_size"].string_value == "64"
     assert (repo / "preprocess" / "1" / "model.py").read_text() == (TEMPLATES / "preprocess.py").read_text()
+    assert (repo / "preprocess" / "1" / "readers.py").read_text() == (ROOT / "pdd/data/readers.py").read_text()
+    assert [i.name for i in pre.input] == [i.name for i in ens.input]
     post = parsed["postprocess"]
     expected = 0.25 if flavour == "tensorrt" else DEFAULT_THRESHOLD
     assert float(post.parameters["anomaly_threshold"].string_value) == expected
