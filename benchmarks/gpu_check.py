@@ -35,6 +35,7 @@ to synthetic textures and says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import json
@@ -109,16 +110,18 @@ class Checker:
                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         begin = time.monotonic()
         with open(log, "wb") as fh:
-            # A session of its own, so a timeout also stops the step's children (pytest workers, servers).
+            # A session of its own, so a timeout also stops the step's children (pytest workers).
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
             try:
                 code = proc.wait(timeout=limit)
                 status = "ok" if code == 0 else f"failed (exit {code})"
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _end_group(proc)
                 status = f"timed out after {limit:.0f} s"
+            except BaseException:  # interrupted (Ctrl-C, SIGTERM): the step must not outlive this script
+                _end_group(proc)
+                raise
         step = Step(name, status, time.monotonic() - begin, log.name)
         self.steps.append(step)
         print(f"   {status} in {step.seconds:.0f} s", flush=True)
@@ -126,6 +129,24 @@ class Checker:
             tail = log.read_text(errors="replace").splitlines()[-15:]
             print("\n".join(f"   | {line}" for line in tail), flush=True)
         return step
+
+
+def _end_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM a step's process group, SIGKILL it after ``grace_s``. SIGTERM first: a step's Triton server
+    runs in a group of its own, which only the step's own handler (export/serve.py) stops."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _try(fn: Any) -> str:
@@ -349,4 +370,6 @@ def _collect(out: Path, work: Path, results: Path, text: str) -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like Ctrl-C, so the running step (and its server) is stopped before this script ends.
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())

@@ -8,6 +8,7 @@ log is printed when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -333,6 +334,66 @@ def test_serve_prints_docker_line_and_stops_on_ctrl_c(repo, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "docker run --rm --shm-size=1g --ipc=host -p 9000:8000 -p 9001:8001 -p 9002:8002" in out
     assert "nvcr.io/nvidia/tritonserver:24.10-py3" in out and "Serving model 'pdd'" in out
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """Live (not zombie) processes: pid -> (command name, parent pid, process group id), from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        # A zombie has stopped running; only its parent's wait() removes it.
+        if state != "Z":
+            found[int(entry.name)] = (name, int(ppid), int(pgrp))
+    return found
+
+
+def test_sigterm_to_pdd_serve_leaves_no_server_process(repo, tmp_path):
+    """`pdd serve` killed by SIGTERM stops tritonserver and its Python-backend stubs (the server's group)."""
+    import os
+    import signal
+    import subprocess
+
+    http, grpc, metrics = free_ports(3)
+    cmd = [sys.executable, "-m", "pdd.cli", "serve", "--repo", str(repo), "--http-port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    group: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        processes = _processes()
+        [server] = [pid for pid, (name, ppid, _) in processes.items() if ppid == proc.pid and name == "tritonserver"]
+        # The server leads its own group; its stubs (one per Python model instance) are in it.
+        group = {pid for pid, (_, _, pgrp) in processes.items() if pgrp == server}
+        stubs = [pid for pid in group if processes[pid][0].startswith("triton_python")]
+        assert server in group and len(stubs) >= 3, {pid: processes[pid] for pid in group}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        left = {pid: info for pid, info in _processes().items() if pid in group or info[2] == server}
+        assert not left, f"still running after SIGTERM: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in group:  # only after a failure above: what this test started must not outlive it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
 
 
 def test_serve_refuses_flavours_the_bundled_server_lacks(repo, tmp_path, capsys):
