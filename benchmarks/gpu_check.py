@@ -61,7 +61,7 @@ GPU_RUNTIMES = ("torch:chunked", "torch:triton", "torch:reference", "onnxruntime
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 # (form, precision) of the engines, most important first; each build's time limit in seconds.
 ENGINES = (("plugin", "fp16", 200), ("portable", "fp16", 160), ("plugin", "fp32", 160), ("portable", "fp32", 160))
-BENCH_ARGS = ("--image-size", "256", "--batch", "1,8,32", "--precision", "fp32,fp16", "--repeats", "10",
+BENCH_ARGS = ("--full", "--image-size", "256", "--batch", "1,8,32", "--precision", "fp32,fp16", "--repeats", "10",
               "--warmup", "3")
 # Seconds kept for the benchmark when deciding whether one more engine build fits, and for torch.compile.
 BENCH_RESERVE_S = 150
