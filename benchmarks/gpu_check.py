@@ -145,10 +145,6 @@ def _end_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
     proc.wait()
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _try(fn: Any) -> str:
     try:
         return str(fn())
@@ -370,6 +366,8 @@ def _collect(out: Path, work: Path, results: Path, text: str) -> None:
 
 
 if __name__ == "__main__":
-    # SIGTERM unwinds like Ctrl-C, so the running step (and its server) is stopped before this script ends.
-    signal.signal(signal.SIGTERM, _interrupt)
+    from benchmarks.common import exit_on_termination
+
+    # The running step (and its server) is stopped before this script ends.
+    exit_on_termination()
     sys.exit(main())

@@ -93,6 +93,7 @@ from benchmarks.common import (
     batch_of,
     brain_synth_images,
     environment,
+    exit_on_termination,
     folder_images,
     free_ports,
     group_layer_times,
@@ -1261,4 +1262,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    exit_on_termination()
     main()
