@@ -171,7 +171,8 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, refe
         ("images", images[:, :, :, 0], "UINT8", "pdd", "unexpected shape"),
         ("images", np.zeros((0, SIZE, SIZE, 3), np.uint8), "UINT8", "pdd", "images"),
         ("images", np.zeros((1, MAX_SIDE + 1, 4, 3), np.uint8), "UINT8", "pdd", f"largest side accepted is {MAX_SIDE}"),
-        ("images_encoded", np.array([[b"%PDF-1.4 not an image"]], np.object_), "BYTES", "pdd", "not an image file"),
+        ("images_encoded", np.array([[b"%PDF-1.4 not an image"]], np.object_), "BYTES", "pdd",
+         "cannot read image 'images_encoded'[0]: unrecognised image format"),
         ("images", np.full((1, 3, SIZE, SIZE), np.nan, np.float32), "FP32", "pdd_engine", "NaN or infinite"),
     ]
     for name, array, datatype, model, phrase in cases:
@@ -181,7 +182,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, refe
         with PDDClient(url) as client:
             _assert_matches(client.predict(images[:1]), {k: v[:1] for k, v in ref.items()}, threshold)
     with PDDClient(server.grpc_url, protocol="grpc") as client:
-        with pytest.raises(InferenceError, match="damaged image file"):
+        with pytest.raises(InferenceError, match="corrupt or truncated image data"):
             client.predict([b"\x89PNG\r\n\x1a\n truncated"])
         with pytest.raises(ValueError, match="uint8"):
             client.predict(images.astype(np.float32))
