@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import re
+import signal
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ __all__ = [
     "batch_of",
     "brain_synth_images",
     "environment",
+    "exit_on_termination",
     "folder_images",
     "group_layer_times",
     "latency_stats",
@@ -349,3 +351,15 @@ def environment() -> dict[str, Any]:
                        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
     return env
+
+
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_on_termination() -> None:
+    """For a benchmark run as a script: SIGTERM and SIGHUP exit like ``sys.exit(128 + signal)``, so ``finally``
+    blocks and context managers run first: servers are stopped, temporary folders (ONNX exports) removed.
+    """
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit)

@@ -44,6 +44,7 @@ launch records, build plan) and reports every later step as skipped; ``--image-s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import json
@@ -70,7 +71,7 @@ GPU_RUNTIMES = ("torch:chunked", "torch:triton", "torch:reference", "onnxruntime
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
 # (form, precision) of the engines, most important first; each build's time limit in seconds.
 ENGINES = (("plugin", "fp16", 200), ("portable", "fp16", 160), ("plugin", "fp32", 160), ("portable", "fp32", 160))
-BENCH_ARGS = ("--batch", "1,8,32", "--precision", "fp32,fp16", "--repeats", "10", "--warmup", "3")
+BENCH_ARGS = ("--full", "--batch", "1,8,32", "--precision", "fp32,fp16", "--repeats", "10", "--warmup", "3")
 # Seconds kept for the benchmark when deciding whether one more engine build fits, and for torch.compile.
 BENCH_RESERVE_S = 150
 COMPILE_RESERVE_S = 90
@@ -118,16 +119,18 @@ class Checker:
                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         begin = time.monotonic()
         with open(log, "wb") as fh:
-            # A session of its own, so a timeout also stops the step's children (pytest workers, servers).
+            # A session of its own, so a timeout also stops the step's children (pytest workers).
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
             try:
                 code = proc.wait(timeout=limit)
                 status = "ok" if code == 0 else f"failed (exit {code})"
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _end_group(proc)
                 status = f"timed out after {limit:.0f} s"
+            except BaseException:  # interrupted (Ctrl-C, SIGTERM): the step must not outlive this script
+                _end_group(proc)
+                raise
         step = Step(name, status, time.monotonic() - begin, log.name)
         self.steps.append(step)
         print(f"   {status} in {step.seconds:.0f} s", flush=True)
@@ -135,6 +138,20 @@ class Checker:
             tail = log.read_text(errors="replace").splitlines()[-15:]
             print("\n".join(f"   | {line}" for line in tail), flush=True)
         return step
+
+
+def _end_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM a step's process group, SIGKILL it after ``grace_s``. SIGTERM first: a step's Triton server
+    runs in a group of its own, which only the step's own handler (export/serve.py) stops."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _try(fn: Any) -> str:
@@ -403,4 +420,8 @@ def _collect(out: Path, work: Path, results: Path, text: str) -> None:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import exit_on_termination
+
+    # The running step (and its server) is stopped before this script ends.
+    exit_on_termination()
     sys.exit(main())

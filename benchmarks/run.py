@@ -1,7 +1,12 @@
 """End-to-end inference benchmark of PDD over every runtime: latency, throughput, accuracy, per-stage time.
 
-    python benchmarks/run.py [--runtimes all|cpu|gpu|NAME,...] [--batch 1,8,32] [--concurrency 1,4,16]
-        [--image-size 256] [--precision fp32,fp16] [--repeats N] [--warmup N] [--out DIR] [--quick]
+    python benchmarks/run.py [--full] [--runtimes all|cpu|gpu|NAME,...] [--batch 1,8,32] [--concurrency 1,4,16]
+        [--image-size 256] [--precision fp32,fp16] [--repeats N] [--warmup N] [--out DIR]
+
+Without options it is a quick run, a few minutes on a 2-core CPU: PyTorch (reference and chunked scans,
+Triton where a GPU is), ONNX Runtime on CPU and the bundled Triton server, 64² images, batch 1,
+concurrency 1, 3 timed calls. ``--full`` makes the exhaustive run the default instead: every runtime,
+256², batch 1,8,32, concurrency 1,4,16, 20 timed calls. Explicit options override either preset.
 
 Runtimes (``--runtimes``; ``cpu`` and ``gpu`` name the ones that compute there)::
 
@@ -88,6 +93,7 @@ from benchmarks.common import (
     batch_of,
     brain_synth_images,
     environment,
+    exit_on_termination,
     folder_images,
     free_ports,
     group_layer_times,
@@ -128,10 +134,14 @@ _PERF_ANALYZER_FIELDS = {"Inferences/Second": "throughput_infer_per_sec", "p50 l
                          "Server Queue": "server_queue_us", "Server Compute Input": "server_compute_input_us",
                          "Server Compute Infer": "server_compute_infer_us",
                          "Server Compute Output": "server_compute_output_us"}
-QUICK = {"image_size": 64, "batch": [1, 2], "concurrency": [1, 2], "repeats": 2, "warmup": 1,
-         "reference_repeats": 1, "accuracy_images": 4}
-FULL = {"image_size": 256, "batch": [1, 8, 32], "concurrency": [1, 4, 16], "repeats": 20, "warmup": 3,
-        "reference_repeats": 2, "accuracy_images": 8}
+# The default run: what runs on any machine, small enough for a few minutes on a 2-core CPU (no compile,
+# no plugin form, TensorRT only from prebuilt engines).
+QUICK = {"runtimes": ["torch:reference", "torch:chunked", "torch:triton", "onnxruntime:cpu:portable", *SERVER],
+         "image_size": 64, "batch": [1], "concurrency": [1], "repeats": 3, "warmup": 1, "reference_repeats": 1,
+         "accuracy_images": 4, "paired_rounds": 2}
+# --full: every runtime at the size and batches the targets are stated for.
+FULL = {"runtimes": list(RUNTIMES), "image_size": 256, "batch": [1, 8, 32], "concurrency": [1, 4, 16], "repeats": 20,
+        "warmup": 3, "reference_repeats": 2, "accuracy_images": 8, "paired_rounds": 6}
 
 
 class RuntimeFailed(RuntimeError):
@@ -172,25 +182,30 @@ def _precisions(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; ``--quick`` changes the defaults of the size options (explicit ones win)."""
+    """Parse the command line; ``--full`` picks the exhaustive preset instead of the quick one (explicit options
+    win over either)."""
     ap = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runtimes", type=_runtimes, default=list(RUNTIMES),
-                    help="'all' (default), 'cpu', 'gpu' or comma-separated names (see above)")
-    ap.add_argument("--batch", type=_ints, help=f"batch sizes (default {FULL['batch']}, quick {QUICK['batch']})")
+    ap.add_argument("--full", action="store_true", help="the exhaustive preset: every runtime, 256², batch 1,8,32, "
+                                                        "concurrency 1,4,16, 20 repeats (default: the quick one)")
+    ap.add_argument("--runtimes", type=_runtimes, help="'all', 'cpu', 'gpu' or comma-separated names (see above); "
+                                                       f"default: quick {','.join(QUICK['runtimes'])}, full all")
+    ap.add_argument("--batch", type=_ints, help=f"batch sizes (default quick {QUICK['batch']}, full {FULL['batch']})")
     ap.add_argument("--server-batch", type=_ints, help="batch sizes of the server requests (default: --batch)")
-    ap.add_argument("--concurrency", type=_ints, help="server client concurrency (default "
-                                                      f"{FULL['concurrency']}, quick {QUICK['concurrency']})")
-    ap.add_argument("--image-size", type=int, help="square input size, a multiple of 32 (default 256, quick 64)")
+    ap.add_argument("--concurrency", type=_ints, help="server client concurrency (default quick "
+                                                      f"{QUICK['concurrency']}, full {FULL['concurrency']})")
+    ap.add_argument("--image-size", type=int, help="square input size, a multiple of 32 (default quick 64, full 256)")
     ap.add_argument("--precision", type=_precisions, default=["fp32"], help="fp32 and/or fp16 (default fp32)")
-    ap.add_argument("--repeats", type=int, help="timed calls per case (default 20, quick 2)")
-    ap.add_argument("--warmup", type=int, help="untimed calls before timing (default 3, quick 1)")
-    ap.add_argument("--reference-repeats", type=int, help="timed calls of the slow reference scan (default 2)")
-    ap.add_argument("--paired-rounds", type=int, default=6,
+    ap.add_argument("--repeats", type=int, help="timed calls per case (default quick 3, full 20)")
+    ap.add_argument("--warmup", type=int, help="untimed calls before timing (default quick 1, full 3)")
+    ap.add_argument("--reference-repeats", type=int, help="timed calls of the slow reference scan (default quick 1, "
+                                                          "full 2)")
+    ap.add_argument("--paired-rounds", type=int,
                     help="alternating batch-1 calls per runtime for the CPU target ratios (0: off; the reference "
-                         "scan gets at most --reference-repeats)")
+                         "scan gets at most --reference-repeats; default quick 2, full 6)")
     ap.add_argument("--requests", type=int, help="server requests per client and case (default: --repeats)")
-    ap.add_argument("--accuracy-images", type=int, help="labelled images for the accuracy columns (default 8)")
+    ap.add_argument("--accuracy-images", type=int, help="labelled images for the accuracy columns (default quick 4, "
+                                                        "full 8)")
     ap.add_argument("--images", type=Path, help="MVTec-style folder of test images (default: generate brain-synth)")
     ap.add_argument("--checkpoint", type=Path, help="a PDD checkpoint (default: random teachers, seed 0)")
     ap.add_argument("--threads", type=int, help="CPU threads of PyTorch, ONNX Runtime and the server's ONNX "
@@ -203,12 +218,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prepare-only", action="store_true", help="export the ONNX forms the runtimes need into "
                                                                 "--artifacts and stop")
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="output folder")
-    ap.add_argument("--quick", action="store_true", help="small defaults: 64², batch 1,2, 2 repeats")
     args = ap.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
+    args.preset = "full" if args.full else "quick"
+    defaults = FULL if args.full else QUICK
     for key, value in defaults.items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, list(value) if isinstance(value, list) else value)
     if args.requests is None:
         args.requests = args.repeats
     if args.server_batch is None:
@@ -908,6 +923,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"# PDD inference benchmark ({cuda['device'] if cuda else 'CPU only'})",
         "",
         f"Command: `{result['command']}`  ",
+        f"{preset_line(cfg)}  ",
         f"{cfg['image_size']}² images: {cfg['images']}.  ",
         f"{cfg['weights']}.  ",
         f"torch {env['versions']['torch']}, onnxruntime {env['versions']['onnxruntime'] or '–'}, triton "
@@ -1091,9 +1107,21 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
+def preset_line(cfg: dict[str, Any]) -> str:
+    """What the run measured, in one sentence, and how to get the other preset."""
+    line = (f"{cfg['preset']} run: {cfg['image_size']}² images, batch {','.join(map(str, cfg['batch']))}, server "
+            f"concurrency {','.join(map(str, cfg['concurrency']))}, {cfg['warmup']} warm-up + {cfg['repeats']} timed "
+            f"calls per case, runtimes {','.join(cfg['runtimes'])}")
+    if cfg["preset"] == "quick":
+        line += (f"; `python benchmarks/run.py --full` measures every runtime at {FULL['image_size']}², batch "
+                 f"{','.join(map(str, FULL['batch']))}, {FULL['repeats']} timed calls")
+    return line + "."
+
+
 def short_table(result: dict[str, Any]) -> str:
     """A terminal summary: one line per runtime and precision (batch-1 median, best throughput, accuracy)."""
-    lines = [f"{'runtime':<30}{'prec':<6}{'status':<9}{'b1 median ms':>13}{'best img/s':>12}{'rel err':>10}"
+    lines = [preset_line(result["config"]), "",
+             f"{'runtime':<30}{'prec':<6}{'status':<9}{'b1 median ms':>13}{'best img/s':>12}{'rel err':>10}"
              f"{'ΔAUROC':>9}"]
     for e in result["runtimes"]:
         if e["status"] != "ok":
@@ -1187,11 +1215,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        "concurrency": args.concurrency,
                        "precision": args.precision, "repeats": args.repeats, "warmup": args.warmup,
                        "reference_repeats": args.reference_repeats, "requests": args.requests,
-                       "accuracy_images": args.accuracy_images, "device": args.device, "quick": args.quick,
+                       "accuracy_images": args.accuracy_images, "device": args.device, "preset": args.preset,
                        "threads": args.threads, "runtimes": args.runtimes, "images": bench_images.source,
                        "weights": weights},
             "runtimes": [], "targets": [], "notes": [], "plots": [],
         }
+        print(preset_line(result["config"]), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
 
         def record(entry: dict[str, Any]) -> None:
@@ -1233,4 +1262,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    exit_on_termination()
     main()

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import free_ports
+from benchmarks.common import exit_on_termination, free_ports
 from export.client import PDDClient, run_load
 from export.serve import TritonServer, python_env
 from export.triton_repo import ENGINE, ENSEMBLE, build_triton_repo
@@ -246,4 +246,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    exit_on_termination()
     main()

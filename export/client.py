@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,10 @@ __all__ = ["OUTPUTS", "InferenceError", "PDDClient", "predict_server_files", "ru
 # Ensemble outputs, with the dtype each arrives in and whether Triton's trailing (B, 1) is squeezed to (B,).
 OUTPUTS = {"pred_score": (np.float32, True), "anomaly_map": (np.float32, False),
            "pred_label": (np.bool_, True), "pred_mask": (np.bool_, False)}
+# How the server's preprocess reports a file it cannot decode (the reader's ImageReadError, named by index).
+_UNREADABLE = re.compile(r"cannot read image 'images_encoded'\[(\d+)\]: (.+)", re.DOTALL)
+
+log = logging.getLogger(__name__)
 
 
 class InferenceError(RuntimeError):
@@ -183,8 +190,10 @@ class PDDClient:
         inp.set_shared_memory(region.name, size)
         return inp, data.shape[0]
 
-    def predict(self, images: np.ndarray | Sequence[bytes]) -> dict[str, np.ndarray]:
-        """Score a batch: uint8 (B, H, W, 1|3) / (H, W, 1|3) pixels, or a list of encoded PNG/JPEG files.
+    def predict(self, images: np.ndarray | Sequence[bytes],
+                dicom_window: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+        """Score a batch: uint8 (B, H, W, 1|3) / (H, W, 1|3) pixels, or a list of files' bytes (PNG, JPEG, BMP,
+        TIFF, DICOM); ``dicom_window`` (centre, width) overrides the DICOM files' own window.
 
         Returns ``pred_score`` float32 (B,), ``anomaly_map`` float32 (B, S, S), ``pred_label`` bool (B,),
         ``pred_mask`` bool (B, S, S). Raises :class:`InferenceError` with the server's message on a refusal.
@@ -192,6 +201,15 @@ class PDDClient:
         from tritonclient.utils import InferenceServerException
 
         inp, batch = self._input(images)
+        inputs = [inp]
+        if dicom_window is not None:
+            window = np.asarray(dicom_window, dtype=np.float32)
+            if isinstance(images, np.ndarray) or window.shape != (2,):
+                raise ValueError(f"dicom_window is (centre, width), for files' bytes only; got {dicom_window!r} "
+                                 f"with {'pixels' if isinstance(images, np.ndarray) else 'file bytes'}")
+            windows = self._triton.InferInput("dicom_window", [batch, 2], "FP32")
+            windows.set_data_from_numpy(np.tile(window, (batch, 1)))
+            inputs.append(windows)
         outputs, layout = [], []
         if self.shm:
             import tritonclient.utils.shared_memory as shm
@@ -212,9 +230,9 @@ class PDDClient:
             outputs = [self._triton.InferRequestedOutput(name) for name in OUTPUTS]
         try:
             if self.protocol == "grpc":
-                result = self.client.infer(self.model_name, [inp], outputs=outputs, client_timeout=self.timeout_s)
+                result = self.client.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout_s)
             else:
-                result = self.client.infer(self.model_name, [inp], outputs=outputs)
+                result = self.client.infer(self.model_name, inputs, outputs=outputs)
         except InferenceServerException as exc:
             raise InferenceError(f"{self.url} ({self.protocol}): request failed: {exc.message()}") from None
         arrays = {}
@@ -256,20 +274,52 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return img[..., None] if img.ndim == 2 else img
 
 
+@dataclass
+class _Upload:
+    """One image to send: a DICOM file's bytes (decoded by the server), or pixels read here (``image``)."""
+
+    name: str
+    image: np.ndarray | None = None    # (H, W) or (H, W, 3) in [0, 1]
+    data: bytes | None = None
+
+
+def _uploads(files: Sequence[Path], nifti_axis: int, window: tuple[float, float] | None, skip_bad: bool,
+             skipped: list[dict[str, str]]) -> Iterator[_Upload]:
+    """DICOM files (with their preamble) as bytes; everything else read here as ``pdd predict`` reads it."""
+    from pdd.data.readers import has_dicom_preamble
+    from pdd.predict import _items
+
+    for path in files:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        if has_dicom_preamble(head):
+            yield _Upload(str(path), data=path.read_bytes())
+        else:
+            for item in _items([path], nifti_axis, window, skip_bad, skipped):
+                yield _Upload(item.name, image=item.image)
+
+
 def predict_server_files(inputs: Sequence[str | os.PathLike], url: str, protocol: str = "http", shm: bool = False,
                          out_dir: str | os.PathLike | None = None, model_name: str = "pdd", *, batch_size: int = 8,
                          nifti_axis: int = 2, dicom_window: Sequence[float] | None = None,
                          skip_bad: bool = False) -> dict[str, Any]:
     """Score files, folders, DICOM and NIfTI (per slice) on a server; the same summary as ``pdd predict``.
 
-    Images are read by ``pdd.data.read_image`` (so 16-bit, DICOM windows and NIfTI orientation behave as
-    locally), sent as uint8 pixels and batched while consecutive images share a size. ``anomalous`` is
-    reported when the server has a threshold. With ``out_dir``: ``heatmaps/*.png`` and ``results.json``.
+    DICOM files go to the server as they are, with ``dicom_window`` when given: its preprocess decodes them
+    with ``pdd/data/readers.py``, as ``pdd predict`` does locally. NIfTI slices and other images are read
+    here by the same readers and sent as uint8 pixels, batched while consecutive images share a size. A
+    file the server cannot decode raises :class:`pdd.data.ImageReadError` naming it, as locally, or with
+    ``skip_bad`` is listed in ``skipped``. ``anomalous`` is reported when the server has a threshold. With
+    ``out_dir``: ``heatmaps/*.png`` and ``results.json``.
     """
     from pdd.config import atomic_write_text
-    from pdd.predict import Item, _heatmap_png, _items, _safe_name, collect_inputs
+    from pdd.data.readers import ImageReadError, read_image
+    from pdd.predict import Item, _heatmap_png, _safe_name, collect_inputs
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     files = collect_inputs(inputs)
+    window = (float(dicom_window[0]), float(dicom_window[1])) if dicom_window else None
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         (out / "heatmaps").mkdir(parents=True, exist_ok=True)
@@ -278,28 +328,52 @@ def predict_server_files(inputs: Sequence[str | os.PathLike], url: str, protocol
     with PDDClient(url, protocol=protocol, model_name=model_name, shm=shm) as client:
         threshold = client.threshold()
         limit = max(1, min(batch_size, client.max_batch_size()))
-        batch: list[Item] = []
+        batch: list[_Upload] = []
+
+        def send() -> dict[str, np.ndarray]:
+            if batch[0].data is None:
+                return client.predict(np.stack([_to_uint8(u.image) for u in batch]))
+            return client.predict([u.data for u in batch], dicom_window=window)
+
+        def send_readable() -> dict[str, np.ndarray] | None:
+            """The batch's outputs; a file the server cannot decode is raised, or with skip_bad dropped."""
+            while batch:
+                try:
+                    return send()
+                except InferenceError as exc:
+                    found = _UNREADABLE.search(str(exc))
+                    if found is None or batch[0].data is None:
+                        raise
+                    bad, reason = batch.pop(int(found.group(1))), found.group(2).strip()
+                    if not skip_bad:
+                        raise ImageReadError(bad.name, reason) from None
+                    log.warning("skipping unreadable file %s: %s", bad.name, reason)
+                    skipped.append({"path": bad.name, "reason": reason})
+            return None
 
         def flush() -> None:
-            pred = client.predict(np.stack([_to_uint8(it.image) for it in batch]))
+            pred = send_readable()
+            if pred is None:
+                return
             vmax = max(float(pred["anomaly_map"].max()), 1e-6)
-            for it, score, label, amap in zip(batch, pred["pred_score"], pred["pred_label"], pred["anomaly_map"]):
-                rec: dict[str, Any] = {"input": it.name, "score": float(score)}
+            for up, score, label, amap in zip(batch, pred["pred_score"], pred["pred_label"], pred["anomaly_map"]):
+                rec: dict[str, Any] = {"input": up.name, "score": float(score)}
                 if threshold is not None:
                     rec["anomalous"] = bool(label)
                 if out is not None:
-                    png = out / "heatmaps" / f"{len(results):05d}_{_safe_name(Path(it.name).name)}.png"
-                    _heatmap_png(it, amap, png, vmax=vmax)
+                    image = up.image if up.image is not None else read_image(up.name, dicom_window=window)
+                    png = out / "heatmaps" / f"{len(results):05d}_{_safe_name(Path(up.name).name)}.png"
+                    _heatmap_png(Item(up.name, image), amap, png, vmax=vmax)
                     rec["heatmap"] = str(png.relative_to(out))
                 results.append(rec)
             batch.clear()
 
-        window = tuple(dicom_window) if dicom_window else None
-        for item in _items(files, nifti_axis, window, skip_bad, skipped):
-            # One request holds images of one size only.
-            if batch and (len(batch) == limit or item.image.shape != batch[0].image.shape):
+        for upload in _uploads(files, nifti_axis, window, skip_bad, skipped):
+            # One request holds files' bytes or pixels of one size, not both.
+            if batch and (len(batch) == limit or (upload.data is None) != (batch[0].data is None)
+                          or (upload.image is not None and upload.image.shape != batch[0].image.shape)):
                 flush()
-            batch.append(item)
+            batch.append(upload)
         if batch:
             flush()
     summary = {"server": url, "protocol": protocol, "shared_memory": shm, "model": model_name,

@@ -11,7 +11,7 @@ Two ways:
 
 The bundled server's Python models run in a stub process that embeds the interpreter found first on
 ``PATH``. That environment needs ``numpy<2`` (the 2.51 backend returns empty outputs with numpy 2,
-silently), ONNX Runtime and Pillow, so :func:`python_env` creates a small virtual environment once, from
+silently), ONNX Runtime, Pillow and pydicom, so :func:`python_env` creates a small virtual environment once, from
 PyPI, with the interpreter running this code, and caches it under ``~/.cache/pdd/triton-env``
 (``$XDG_CACHE_HOME`` respected; ``PDD_TRITON_ENV`` names a ready-made one instead). The stub must also
 load the same ``libpython`` as that interpreter (``LD_LIBRARY_PATH`` gets its ``LIBDIR``) and sit in the
@@ -20,6 +20,7 @@ Python backend's folder, which :func:`backend_directory` assembles in the cache 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,13 +61,18 @@ __all__ = [
 ]
 
 # What the Python-backend models import; numpy<2 because the bundled 2.51 backend needs numpy 1.x.
-BACKEND_REQUIREMENTS = ("numpy<2", "onnxruntime", "pillow")
+BACKEND_REQUIREMENTS = ("numpy<2", "onnxruntime", "pillow", "pydicom")
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver"
 # The NGC release of Triton 2.51, the server bundled with nvidia-pytriton 0.7.0 that the tests run.
 NGC_TAG = "24.10"
 PYTRITON_REQUIREMENT = "nvidia-pytriton==0.7.0"
 # Seconds Triton waits for in-flight requests when asked to stop.
 _EXIT_TIMEOUT_S = 10
+# Servers this process started and has not stopped yet, by process id (= their process group id).
+_LIVE: dict[int, TritonServer] = {}
+# Signals whose default action would end this process and leave its servers behind.
+_CLEANUP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_cleanup_installed = False
 
 
 class ServerError(RuntimeError):
@@ -149,7 +156,7 @@ def python_env(requirements: Sequence[str] = BACKEND_REQUIREMENTS, timeout_s: fl
 
     ``$PDD_TRITON_ENV`` must be a venv of the same Python version as the interpreter running this code.
     The venv is made with the interpreter running this code (its libpython is the one the stub loads) and
-    ``requirements`` from PyPI, then checked by importing numpy (< 2), onnxruntime and PIL. It is keyed by
+    ``requirements`` from PyPI, then checked by importing numpy (< 2), onnxruntime, PIL and pydicom. It is keyed by
     Python version and requirements, and rebuilt if a previous attempt did not finish.
     """
     given = os.environ.get("PDD_TRITON_ENV")
@@ -174,7 +181,8 @@ def python_env(requirements: Sequence[str] = BACKEND_REQUIREMENTS, timeout_s: fl
                  [str(env / "bin" / "python3"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                   *requirements],
                  [str(env / "bin" / "python3"), "-c",
-                  "import numpy, onnxruntime, PIL; assert int(numpy.__version__.split('.')[0]) < 2, numpy.__version__"]]
+                  "import numpy, onnxruntime, PIL, pydicom; "
+                  "assert int(numpy.__version__.split('.')[0]) < 2, numpy.__version__"]]
         for cmd in steps:
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
@@ -194,12 +202,75 @@ def _help_text(binary: Path, env: dict[str, str]) -> str:
     return proc.stdout + proc.stderr
 
 
+def _exited(pid: int) -> bool:
+    """Whether a child has exited, without reaping it: an unreaped child keeps its process group id taken."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True
+
+
+def _stop_group(proc: subprocess.Popen, timeout_s: float) -> int:
+    """Stop a server that leads its own process group, and everything in that group; its exit status.
+
+    SIGTERM first (Triton drains in-flight requests and stops its Python-backend stubs), then, once the
+    server has exited or ``timeout_s`` has passed, SIGKILL to the whole group: a stub the server did not
+    stop, or a server that did not stop in time. The server is reaped only after that, so its group id
+    cannot have been given to another process in between.
+    """
+    if not _exited(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while not _exited(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait(timeout=timeout_s)
+
+
+def _stop_live_servers() -> None:
+    for server in list(_LIVE.values()):
+        try:
+            server.stop()
+        except Exception as exc:  # stop the others all the same
+            print(f"could not stop tritonserver (pid {server.pid}): {exc}", file=sys.stderr)
+
+
+def _stop_servers_and_die(signum: int, frame: object) -> None:
+    """SIGTERM/SIGHUP handler: stop this process's servers, then end as the signal's default action would."""
+    _stop_live_servers()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_cleanup() -> None:
+    """Once per process: stop live servers at interpreter exit, and on SIGTERM/SIGHUP when nothing else
+    handles them (a handler the application installed is left alone). SIGINT needs nothing: its
+    KeyboardInterrupt unwinds through ``stop()`` in ``finally`` blocks, and at exit through the atexit hook.
+    """
+    global _cleanup_installed
+    if _cleanup_installed:
+        return
+    atexit.register(_stop_live_servers)
+    if threading.current_thread() is threading.main_thread():
+        for signum in _CLEANUP_SIGNALS:
+            if signal.getsignal(signum) in (signal.SIG_DFL, None):
+                signal.signal(signum, _stop_servers_and_die)
+    _cleanup_installed = True
+
+
 class TritonServer:
     """The bundled ``tritonserver`` on a model repository, as a context manager.
 
     repo: a repository from :func:`export.triton_repo.build_triton_repo` (python flavour); ports: HTTP,
     gRPC and Prometheus metrics; host: the address all three listen on (loopback by default); log: a
     file for the server's output (None: this process's stdout/stderr).
+
+    The server runs in a process group of its own with its Python-backend stubs; :meth:`stop` ends the
+    whole group. It is also stopped when this process exits, on failure, Ctrl-C (SIGINT), SIGTERM or
+    SIGHUP: :meth:`start` installs an atexit hook and, unless the application handles them itself,
+    SIGTERM/SIGHUP handlers that stop every server first, then let the signal end the process.
     """
 
     def __init__(self, repo: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001,
@@ -262,26 +333,40 @@ class TritonServer:
     def start(self, timeout_s: float = 180) -> TritonServer:
         """Start the server and wait (at most ``timeout_s``) until every model is ready."""
         cmd, env = self.command()
+        _install_cleanup()
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "wb")
-        # A session of its own: stopping the server also stops its Python-backend stubs.
+        # A session (and process group) of its own: the terminal's Ctrl-C reaches this process only, which
+        # then stops the server, and stopping the group also stops the server's Python-backend stubs.
         self.process = subprocess.Popen(cmd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT
                                         if self._log_file else None, start_new_session=True)
+        _LIVE[self.process.pid] = self
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:  # not ready, or interrupted while waiting: leave nothing running
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                self.stop()
+            if _exited(self.pid):
+                code = self.stop()
                 raise ServerError(f"tritonserver exited with code {code} while starting:\n{self.log_tail()}")
             with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
                 with urllib.request.urlopen(url, timeout=2) as resp:
                     if resp.status == 200:
-                        return self
+                        return
             time.sleep(0.25)
-        self.stop()
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id, which is also its process group id (None when not running)."""
+        return None if self.process is None else self.process.pid
 
     def log_tail(self, chars: int = 6000) -> str:
         """The end of the server's log file ('' when it logs to the terminal)."""
@@ -290,32 +375,30 @@ class TritonServer:
         return self.log_path.read_bytes()[-chars:].decode("utf-8", errors="replace")
 
     def stop(self, timeout_s: float = 2 * _EXIT_TIMEOUT_S) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL to the session after ``timeout_s``."""
-        proc, self.process = self.process, None
+        """Stop the server and its process group (SIGTERM, then SIGKILL after ``timeout_s``); its exit status.
+
+        Safe to call again, also from the signal handler while an earlier call is under way.
+        """
+        proc = self.process
         code = None
         if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=timeout_s)
-            code = proc.returncode
+            code = _stop_group(proc, timeout_s)
             # A server that had to be killed leaves its stubs' shared memory behind.
             for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
                 leftover.unlink(missing_ok=True)
+            self.process = None
+            _LIVE.pop(proc.pid, None)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
         return code
 
     def wait(self) -> int:
-        """Block until the server exits; its exit status."""
+        """Block until the server exits, then stop what is left of its group; the server's exit status."""
         if self.process is None:
             raise ServerError("the server is not running; call start() first")
-        return self.process.wait()
+        os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+        return self.stop()
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
@@ -329,12 +412,12 @@ def docker_command(repo: str | os.PathLike, http_port: int = 8000, grpc_port: in
     """The ``docker run`` line serving ``repo`` with NVIDIA's container, for the repository's flavour.
 
     TensorRT: ``--gpus all``, and the tag must be the release whose TensorRT built the engine (left as
-    ``<yy.mm>`` unless given). The Python-backend models need Pillow (and, for the python flavour, ONNX
-    Runtime) with numpy<2, installed at start here; ``deploy/Dockerfile`` bakes them into an image.
+    ``<yy.mm>`` unless given). The Python-backend models need Pillow and pydicom (and, for the python flavour,
+    ONNX Runtime) with numpy<2, installed at start here; ``deploy/Dockerfile`` bakes them into an image.
     """
     repo = Path(repo).resolve()
     flavour = repository_flavour(repo)
-    packages = '"numpy<2" pillow' + (" onnxruntime" if flavour == "python" else "")
+    packages = '"numpy<2" pillow pydicom' + (" onnxruntime" if flavour == "python" else "")
     gpus = "--gpus all " if flavour == "tensorrt" else ""
     image = f"{NGC_IMAGE}:{tag or ('<yy.mm>' if flavour == 'tensorrt' else NGC_TAG)}-py3"
     inner = f"pip install -q {packages} && exec tritonserver --model-repository=/models"

@@ -4,8 +4,9 @@ Layout (every ``config.pbtxt`` is parsed into Triton's ``ModelConfig`` protobuf 
 is checked before the repository is moved into place)::
 
     <out>/pdd/config.pbtxt           ensemble: preprocess -> pdd_engine -> postprocess
-    <out>/preprocess/1/model.py      Python backend: uint8 (B, H, W, C) pixels or encoded image bytes
+    <out>/preprocess/1/model.py      Python backend: uint8 (B, H, W, C) pixels or image / DICOM file bytes
                                      -> resized, ImageNet-normalised (B, 3, S, S)
+    <out>/preprocess/1/readers.py    pdd/data/readers.py, which decodes the files as `pdd predict` does
     <out>/pdd_engine/1/...           the network, one of three flavours:
                                        "tensorrt"    model.plan + engine.json   (TensorRT backend, GPU)
                                        "onnxruntime" model.onnx + model.json    (ONNX Runtime backend)
@@ -13,9 +14,10 @@ is checked before the repository is moved into place)::
                                                                                   Python backend)
     <out>/postprocess/1/model.py     Python backend: threshold -> pred_label (B, 1), pred_mask (B, S, S)
 
-Clients call ``pdd`` with ``images`` (UINT8, (B, H, W, 1|3)) or ``images_encoded`` (BYTES, (B, 1)) and
-get ``pred_score`` (FP32 (B, 1)), ``anomaly_map`` (FP32 (B, S, S)), ``pred_label`` (BOOL (B, 1)) and
-``pred_mask`` (BOOL (B, S, S)). Images larger than :data:`MAX_SIDE` pixels on a side are refused.
+Clients call ``pdd`` with ``images`` (UINT8, (B, H, W, 1|3)) or ``images_encoded`` (BYTES, (B, 1); with
+DICOM files optionally ``dicom_window``, FP32 (B, 2) = centre, width) and get ``pred_score`` (FP32
+(B, 1)), ``anomaly_map`` (FP32 (B, S, S)), ``pred_label`` (BOOL (B, 1)) and ``pred_mask`` (BOOL
+(B, S, S)). Images larger than :data:`MAX_SIDE` pixels on a side are refused.
 
 The anomaly threshold comes from the export metadata (``anomaly_threshold``) or the ``threshold``
 argument; without either it is ``inf`` (:data:`DEFAULT_THRESHOLD`): nothing is flagged, and clients
@@ -42,6 +44,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.metadata import TensorSpec, read_engine_metadata, read_onnx_metadata
+from pdd.data import readers
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -208,6 +211,7 @@ def _preprocess_config(art: EngineArtifact, max_batch_size: int) -> mc.ModelConf
     cfg.input.extend([
         _tensor(mc.ModelInput, "images", mc.TYPE_UINT8, [-1, -1, -1], optional=True),
         _tensor(mc.ModelInput, "images_encoded", mc.TYPE_STRING, [1], optional=True),
+        _tensor(mc.ModelInput, "dicom_window", mc.TYPE_FP32, [2], optional=True),
     ])
     cfg.output.append(_tensor(mc.ModelOutput, "normalised", out_type, [3, s, s]))
     _set_params(cfg, image_size=str(s), max_side=str(MAX_SIDE), output_dtype=art.input.dtype,
@@ -271,6 +275,7 @@ def _ensemble_config(art: EngineArtifact, max_batch_size: int) -> mc.ModelConfig
     cfg.input.extend([
         _tensor(mc.ModelInput, "images", mc.TYPE_UINT8, [-1, -1, -1], optional=True),
         _tensor(mc.ModelInput, "images_encoded", mc.TYPE_STRING, [1], optional=True),
+        _tensor(mc.ModelInput, "dicom_window", mc.TYPE_FP32, [2], optional=True),
     ])
     cfg.output.extend([
         _tensor(mc.ModelOutput, "pred_score", _TYPES[art.outputs["pred_score"].dtype], [1]),
@@ -280,7 +285,7 @@ def _ensemble_config(art: EngineArtifact, max_batch_size: int) -> mc.ModelConfig
     ])
     cfg.ensemble_scheduling.step.extend([
         Step(model_name=PREPROCESS, model_version=-1,
-             input_map={"images": "images", "images_encoded": "images_encoded"},
+             input_map={"images": "images", "images_encoded": "images_encoded", "dicom_window": "dicom_window"},
              output_map={"normalised": "normalised"}),
         Step(model_name=ENGINE, model_version=-1, input_map={art.input.name: "normalised"},
              output_map={"pred_score": "pred_score", "anomaly_map": "anomaly_map"}),
@@ -455,7 +460,8 @@ def build_triton_repo(out: str | os.PathLike, flavour: str = "python", model: ob
         # Keeps the (empty) version folder in version control.
         (repo / ENSEMBLE / "1" / ".gitkeep").touch()
         _write_config(repo / PREPROCESS, _preprocess_config(art, max_batch_size),
-                      f"uint8 pixels or image bytes -> {art.image_size}² normalised; sides over {MAX_SIDE} refused.")
+                      f"uint8 pixels, or image / DICOM file bytes -> {art.image_size}² normalised; sides over "
+                      f"{MAX_SIDE} refused.")
         _write_config(repo / ENGINE, _engine_config(art, flavour, max_batch_size, instance_count, instance_kind,
                                                     queue_delay_us),
                       f"PDD network, {flavour} flavour: {art.description}.")
@@ -463,6 +469,8 @@ def build_triton_repo(out: str | os.PathLike, flavour: str = "python", model: ob
         for name, template in ((PREPROCESS, "preprocess.py"), (POSTPROCESS, "postprocess.py")):
             (repo / name / "1").mkdir()
             shutil.copy2(_TEMPLATES / template, repo / name / "1" / "model.py")
+        # The repository is deployed without this project: it carries the one image-reading module with it.
+        shutil.copy2(readers.__file__, repo / PREPROCESS / "1" / "readers.py")
         version = repo / ENGINE / "1"
         version.mkdir()
         if flavour == "python":

@@ -123,7 +123,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.server:
         results = predict_server(args.inputs, args.server, protocol=args.protocol, shm=args.shm, out_dir=args.out,
-                                 model_name=args.model_name)
+                                 model_name=args.model_name, batch_size=args.batch_size, nifti_axis=args.nifti_axis,
+                                 dicom_window=args.dicom_window, skip_bad=args.skip_bad)
     else:
         device = _device(args.device)
         model = load_model(args, device)

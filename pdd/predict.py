@@ -141,8 +141,15 @@ def predict_files(model: nn.Module, inputs: Sequence[str | os.PathLike], out_dir
 
 
 def predict_server(inputs: Sequence[str | os.PathLike], url: str, protocol: str = "http", shm: bool = False,
-                   out_dir: str | os.PathLike | None = None, model_name: str = "pdd") -> dict[str, Any]:
-    """Score inputs on a Triton Inference Server serving the PDD ensemble (see ``export/client.py``)."""
+                   out_dir: str | os.PathLike | None = None, model_name: str = "pdd", batch_size: int = 8,
+                   nifti_axis: int = 2, dicom_window: Sequence[float] | None = None,
+                   skip_bad: bool = False) -> dict[str, Any]:
+    """Score inputs on a Triton Inference Server serving the PDD ensemble (see ``export/client.py``).
+
+    The options mean what they mean for :func:`predict_files`; DICOM files are decoded by the server.
+    """
     from export.client import predict_server_files
 
-    return predict_server_files(inputs, url, protocol=protocol, shm=shm, out_dir=out_dir, model_name=model_name)
+    return predict_server_files(inputs, url, protocol=protocol, shm=shm, out_dir=out_dir, model_name=model_name,
+                                batch_size=batch_size, nifti_axis=nifti_axis, dicom_window=dicom_window,
+                                skip_bad=skip_bad)

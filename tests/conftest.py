@@ -1,10 +1,12 @@
-"""Shared fixtures: seeded RNG per test, one small PDD model per session."""
+"""Shared fixtures: seeded RNG per test, one small PDD model per session, a DICOM writer."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,3 +35,28 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _write_dicom(path: Path, stored: np.ndarray, *, photometric: str = "MONOCHROME2", slope: float = 1.0,
+                 intercept: float = -1024.0, centre: list[float] | None = None,
+                 width: list[float] | None = None) -> Path:
+    """A CT DICOM file with its preamble: 12-bit values ``stored`` (2-D, or 3-D for frames) as uint16."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.set_pixel_data(stored.astype(np.uint16), photometric, 12)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if centre is not None:
+        ds.WindowCenter, ds.WindowWidth = centre, width
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_dicom() -> Callable[..., Path]:
+    """``write_dicom(path, stored, photometric=, slope=, intercept=, centre=, width=)`` -> path."""
+    return _write_dicom

@@ -1,5 +1,5 @@
 """The end-to-end benchmark (benchmarks/run.py): statistics and accuracy helpers on known inputs, stage
-grouping, targets, and the --quick path run end to end on the CPU at 64²."""
+grouping, targets, and the quick preset run end to end on the CPU at 64²."""
 
 from __future__ import annotations
 
@@ -143,30 +143,34 @@ def test_targets_from_measured_medians(bench) -> None:
 
 def test_parse_args_quick_defaults_and_errors(bench) -> None:
     run, _ = bench
-    args = run.parse_args(["--quick", "--runtimes", "cpu,torch:triton", "--batch", "4,1,4"])
-    assert args.image_size == 64 and args.repeats == 2 and args.batch == [1, 4]
+    args = run.parse_args(["--runtimes", "cpu,torch:triton", "--batch", "4,1,4"])
+    assert args.preset == "quick" and args.image_size == 64 and args.repeats == 3 and args.batch == [1, 4]
     assert args.runtimes[:2] == ["torch:reference", "torch:chunked"] and "torch:triton" in args.runtimes
-    assert args.requests == args.repeats
-    full = run.parse_args(["--repeats", "5"])
-    assert full.image_size == 256 and full.batch == [1, 8, 32] and full.repeats == 5 and full.runtimes == list(
-        run.RUNTIMES)
+    assert args.requests == args.repeats and args.paired_rounds == 2
+    quick = run.parse_args([])
+    assert quick.batch == quick.concurrency == [1] and "torch:chunked:compile" not in quick.runtimes
+    assert {"onnxruntime:cpu:portable", "server:http"} <= set(quick.runtimes)
+    full = run.parse_args(["--full", "--repeats", "5"])
+    assert full.preset == "full" and full.image_size == 256 and full.batch == [1, 8, 32] and full.repeats == 5
+    assert full.runtimes == list(run.RUNTIMES) and full.paired_rounds == 6
     for bad in (["--runtimes", "torch:magic"], ["--image-size", "100"], ["--batch", "0"], ["--prepare-only"]):
         with pytest.raises(SystemExit):
             run.parse_args(bad)
 
 
 def test_quick_run_end_to_end(bench, tmp_path: Path) -> None:
-    """--quick on the CPU: PyTorch chunked and reference scan measured, GPU runtimes listed as skipped."""
+    """The quick preset on the CPU: PyTorch chunked and reference scan measured, GPU runtimes listed as skipped."""
     run, common = bench
     out = tmp_path / "results"
-    result = run.main(["--quick", "--repeats", "1", "--device", "cpu", "--threads", "1", "--out", str(out),
+    result = run.main(["--batch", "1,2", "--repeats", "1", "--device", "cpu", "--threads", "1", "--out", str(out),
                        "--runtimes", "torch:chunked,torch:reference,torch:triton,tensorrt:plugin"])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["runtimes"] == json.loads(json.dumps(result["runtimes"], default=str))
     env = on_disk["environment"]
     assert {"torch", "onnxruntime", "triton", "tensorrt"} <= set(env["versions"])
     assert env["cpu_count"] >= 1 and len(on_disk["load_average"]["before"]) == 3
-    assert on_disk["command"].startswith("python benchmarks/run.py --quick")
+    assert on_disk["command"].startswith("python benchmarks/run.py --batch 1,2")
+    assert on_disk["config"]["preset"] == "quick"
     assert on_disk["config"]["image_size"] == 64 and on_disk["config"]["batch"] == [1, 2]
     assert "brain-synth" in on_disk["config"]["images"] or "textures" in on_disk["config"]["images"]
 

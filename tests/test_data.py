@@ -23,6 +23,7 @@ from pdd.data import (
     MetaJsonDataset,
     MVTecStyleDataset,
     read_image,
+    read_image_bytes,
     read_mask,
     read_volume_slices,
     robust_normalise,
@@ -37,28 +38,6 @@ def _png(path: Path, arr: np.ndarray, mode: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(arr) if mode is None else Image.fromarray(arr).convert(mode)
     img.save(path)
-    return path
-
-
-def _dicom(
-    path: Path,
-    stored: np.ndarray,
-    *,
-    photometric: str = "MONOCHROME2",
-    slope: float = 1.0,
-    intercept: float = -1024.0,
-    centre: list[float] | None = None,
-    width: list[float] | None = None,
-) -> Path:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.set_pixel_data(stored.astype(np.uint16), photometric, 12)
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if centre is not None:
-        ds.WindowCenter, ds.WindowWidth = centre, width
-    ds.save_as(path, enforce_file_format=True)
     return path
 
 
@@ -151,9 +130,9 @@ def test_unreadable_files_raise_image_read_error(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- DICOM
 
 
-def test_dicom_rescale_and_first_of_multi_valued_window(tmp_path: Path) -> None:
+def test_dicom_rescale_and_first_of_multi_valued_window(tmp_path: Path, write_dicom) -> None:
     stored = np.array([[0, 1000, 1040, 1064], [1100, 1500, 3000, 4095]])
-    path = _dicom(tmp_path / "ct.dcm", stored, centre=[40.0, 400.0], width=[80.0, 2000.0])
+    path = write_dicom(tmp_path / "ct.dcm", stored, centre=[40.0, 400.0], width=[80.0, 2000.0])
     hu = stored - 1024.0
     np.testing.assert_allclose(read_image(path), _linear_voi(hu, 40.0, 80.0), atol=1e-6)
     # Spot values: HU 16 -> (16 − 39.5)/79 + 0.5 = 0.20253.
@@ -166,18 +145,18 @@ def test_dicom_rescale_and_first_of_multi_valued_window(tmp_path: Path) -> None:
         read_image(path, dicom_window=(40.0, 0.5))
 
 
-def test_dicom_slope_no_window_and_monochrome1(tmp_path: Path) -> None:
+def test_dicom_slope_no_window_and_monochrome1(tmp_path: Path, write_dicom) -> None:
     stored = np.arange(1001).reshape(7, 143)
-    path = _dicom(tmp_path / "a.dcm", stored, slope=2.0, intercept=-100.0)
+    path = write_dicom(tmp_path / "a.dcm", stored, slope=2.0, intercept=-100.0)
     np.testing.assert_allclose(read_image(path), robust_normalise(stored * 2.0 - 100.0), atol=1e-6)
-    inv = _dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1", centre=[500.0], width=[1000.0])
+    inv = write_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1", centre=[500.0], width=[1000.0])
     expected = 1.0 - _linear_voi(stored - 1024.0, 500.0, 1000.0)
     np.testing.assert_allclose(read_image(inv), expected, atol=1e-6)
 
 
-def test_dicom_multiframe_picks_frame(tmp_path: Path) -> None:
+def test_dicom_multiframe_picks_frame(tmp_path: Path, write_dicom) -> None:
     frames = np.stack([np.full((4, 4), 1024), np.full((4, 4), 1064), np.full((4, 4), 1200)])
-    path = _dicom(tmp_path / "mf.dcm", frames, centre=[40.0], width=[80.0])
+    path = write_dicom(tmp_path / "mf.dcm", frames, centre=[40.0], width=[80.0])
     assert read_image(path)[0, 0] == pytest.approx(0.0, abs=1e-6)  # HU 0 is just below the window
     assert read_image(path, dicom_frame=1)[0, 0] == pytest.approx(_linear_voi(np.array(40.0), 40, 80), abs=1e-6)
     assert read_image(path, dicom_frame=-1)[0, 0] == 1.0
@@ -185,8 +164,8 @@ def test_dicom_multiframe_picks_frame(tmp_path: Path) -> None:
         read_image(path, dicom_frame=3)
 
 
-def test_broken_dicom_files(tmp_path: Path) -> None:
-    path = _dicom(tmp_path / "ok.dcm", np.full((64, 64), 500))
+def test_broken_dicom_files(tmp_path: Path, write_dicom) -> None:
+    path = write_dicom(tmp_path / "ok.dcm", np.full((64, 64), 500))
     data = path.read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 3000])
     with pytest.raises(ImageReadError, match=r"cut\.dcm.*pixel data"):
@@ -199,6 +178,50 @@ def test_broken_dicom_files(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "nopix.dcm", enforce_file_format=True)
     with pytest.raises(ImageReadError, match="no pixel data"):
         read_image(tmp_path / "nopix.dcm")
+
+
+def test_read_image_bytes_decodes_as_read_image(tmp_path: Path, write_dicom) -> None:
+    """The bytes of a file (what the server receives) read exactly as the file does, DICOM options included."""
+    stored = np.arange(1200).reshape(30, 40) * 3
+    ct = write_dicom(tmp_path / "ct.dcm", stored, slope=0.5, intercept=-300.0, centre=[100.0], width=[500.0])
+    mono1 = write_dicom(tmp_path / "m1.dcm", stored, photometric="MONOCHROME1", slope=2.0, intercept=-100.0)
+    deep = _png(tmp_path / "deep.png", (np.arange(600).reshape(20, 30) * 97).astype(np.uint16))
+    for path, window in ((ct, None), (ct, (50.0, 80.0)), (mono1, None), (deep, None)):
+        np.testing.assert_array_equal(read_image_bytes(path.read_bytes(), dicom_window=window),
+                                      read_image(path, dicom_window=window))
+    # Windowed DICOM: the linear VOI of the rescaled values (HU = stored / 2 − 300).
+    np.testing.assert_allclose(read_image_bytes(ct.read_bytes()), _linear_voi(stored * 0.5 - 300.0, 100.0, 500.0),
+                               atol=1e-6)
+
+
+def test_read_image_bytes_refusals_name_the_data(tmp_path: Path, write_dicom) -> None:
+    big = write_dicom(tmp_path / "big.dcm", np.zeros((8, 70)))
+    small = write_dicom(tmp_path / "small.dcm", np.zeros((8, 8)))
+    cases = [(b"", "file is empty"), (b"%PDF-1.4 not an image", "unrecognised image format"),
+             (small.read_bytes()[:-100], "pixel data"), (big.read_bytes(), "largest side accepted is 64")]
+    for data, phrase in cases:
+        with pytest.raises(ImageReadError, match=rf"cannot read image upload\[3\]: .*{phrase}"):
+            read_image_bytes(data, "upload[3]", max_side=64)
+    wide = _png(tmp_path / "wide.png", np.zeros((4, 65), np.uint8))
+    with pytest.raises(ImageReadError, match="is 4x65 pixels"):
+        read_image_bytes(wide.read_bytes(), max_side=64)
+
+
+def test_readers_run_without_torch(tmp_path: Path, write_dicom) -> None:
+    """The server's preprocess runs readers.py in an environment without torch (or this package)."""
+    import subprocess
+    import sys
+
+    import pdd.data.readers as readers
+
+    path = write_dicom(tmp_path / "ct.dcm", np.arange(64).reshape(8, 8) * 40, centre=[40.0], width=[400.0])
+    code = ("import importlib.util, sys; sys.modules['torch'] = None; "
+            f"spec = importlib.util.spec_from_file_location('readers', {readers.__file__!r}); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            f"print(float(m.read_image_bytes(open({str(path)!r}, 'rb').read()).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == pytest.approx(float(read_image(path).sum()), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- NIfTI

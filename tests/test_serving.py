@@ -8,6 +8,7 @@ log is printed when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -170,7 +171,8 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, refe
         ("images", images[:, :, :, 0], "UINT8", "pdd", "unexpected shape"),
         ("images", np.zeros((0, SIZE, SIZE, 3), np.uint8), "UINT8", "pdd", "images"),
         ("images", np.zeros((1, MAX_SIDE + 1, 4, 3), np.uint8), "UINT8", "pdd", f"largest side accepted is {MAX_SIDE}"),
-        ("images_encoded", np.array([[b"%PDF-1.4 not an image"]], np.object_), "BYTES", "pdd", "not an image file"),
+        ("images_encoded", np.array([[b"%PDF-1.4 not an image"]], np.object_), "BYTES", "pdd",
+         "cannot read image 'images_encoded'[0]: unrecognised image format"),
         ("images", np.full((1, 3, SIZE, SIZE), np.nan, np.float32), "FP32", "pdd_engine", "NaN or infinite"),
     ]
     for name, array, datatype, model, phrase in cases:
@@ -180,7 +182,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, refe
         with PDDClient(url) as client:
             _assert_matches(client.predict(images[:1]), {k: v[:1] for k, v in ref.items()}, threshold)
     with PDDClient(server.grpc_url, protocol="grpc") as client:
-        with pytest.raises(InferenceError, match="damaged image file"):
+        with pytest.raises(InferenceError, match="corrupt or truncated image data"):
             client.predict([b"\x89PNG\r\n\x1a\n truncated"])
         with pytest.raises(ValueError, match="uint8"):
             client.predict(images.astype(np.float32))
@@ -240,6 +242,67 @@ def test_predict_server_files_writes_results_and_heatmaps(server, reference, tmp
     assert Image.open(out / summary["results"][0]["heatmap"]).size == (SIZE, SIZE)
 
 
+def _ct_series(folder: Path, write_dicom) -> list[Path]:
+    """Two DICOM files: 16-bit CT with slope/intercept and its own window, and MONOCHROME1 without a window."""
+    folder.mkdir()
+    yy, xx = np.mgrid[0:90, 0:76]
+    stored = (1000 + 900 * np.exp(-((yy - 45) ** 2 + (xx - 38) ** 2) / 600.0)).astype(np.uint16)
+    stored[30:44, 40:52] = 3000
+    return [write_dicom(folder / "ct.dcm", stored, slope=0.5, intercept=-512.0, centre=[40.0], width=[400.0]),
+            write_dicom(folder / "x-ray.dcm", stored[::-1], photometric="MONOCHROME1", slope=2.0, intercept=-100.0)]
+
+
+def test_dicom_through_the_server_matches_local_predict(server, small_pdd, tmp_path, write_dicom):
+    """DICOM bytes decoded by the server give `pdd predict`'s local scores and maps; bad files fail the same way."""
+    from pdd.data.readers import ImageReadError, read_image
+    from pdd.predict import predict_files
+
+    files = _ct_series(tmp_path / "dicom", write_dicom)
+    for window in (None, (80.0, 600.0)):
+        local = predict_files(small_pdd, files, batch_size=2, dicom_window=window)
+        served = predict_server_files(files, server.grpc_url, protocol="grpc", batch_size=2, dicom_window=window)
+        with torch.inference_mode():
+            ref = small_pdd(torch.stack([to_model_input(read_image(f, dicom_window=window), SIZE) for f in files]))
+        with PDDClient(server.http_url) as client:
+            out = client.predict([f.read_bytes() for f in files], dicom_window=window)
+        tol = _tolerance(ref.anomaly_map.numpy())
+        np.testing.assert_allclose(out["anomaly_map"], ref.anomaly_map.numpy(), atol=tol, rtol=0)
+        names = [r["input"] for r in served["results"]]
+        assert names == [r["input"] for r in local["results"]] == list(map(str, files))
+        np.testing.assert_allclose([r["score"] for r in served["results"]], [r["score"] for r in local["results"]],
+                                   atol=tol, rtol=0)
+    # A damaged file between two good ones: the server's refusal names the file as `pdd predict` does locally.
+    bad = tmp_path / "dicom" / "cut.dcm"
+    bad.write_bytes(files[0].read_bytes()[:-4000])
+    with pytest.raises(ImageReadError) as here:
+        predict_files(small_pdd, [*files, bad])
+    with pytest.raises(ImageReadError) as there:
+        predict_server_files([bad, *files], server.http_url, batch_size=3)
+    assert str(there.value) == str(here.value) and str(bad) in str(there.value)
+    served = predict_server_files([files[0], bad, files[1]], server.http_url, batch_size=3, skip_bad=True)
+    assert served["skipped"] == [{"path": str(bad), "reason": here.value.reason}]
+    assert [r["input"] for r in served["results"]] == list(map(str, files))
+
+
+def test_nifti_slices_through_the_server(server, small_pdd, tmp_path):
+    """NIfTI: sliced by the client along --nifti-axis with the local reader, sent as 8-bit pixels."""
+    import nibabel as nib
+
+    from pdd.predict import predict_files
+
+    zz, yy, xx = np.mgrid[0:3, 0:40, 0:48]
+    volume = (np.exp(-((yy - 20.0) ** 2 + (xx - 24.0) ** 2) / 200.0) * (1 + zz) * 100).astype(np.float32)
+    path = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(np.transpose(volume, (1, 2, 0)), np.eye(4)), path)
+    local = predict_files(small_pdd, [path], nifti_axis=2, batch_size=4)
+    served = predict_server_files([path], server.http_url, nifti_axis=2, batch_size=4)
+    assert [r["input"] for r in served["results"]] == [r["input"] for r in local["results"]] == [
+        f"{path}#slice{k}" for k in range(3)]
+    # The slices travel as uint8: the scores agree to the 8-bit rounding of the slice.
+    np.testing.assert_allclose([r["score"] for r in served["results"]], [r["score"] for r in local["results"]],
+                               rtol=1e-2)
+
+
 def test_metrics_expose_the_autoscaling_inputs(server, reference):
     with PDDClient(server.http_url) as client:
         client.predict(reference[0][:1])
@@ -272,6 +335,66 @@ def test_serve_prints_docker_line_and_stops_on_ctrl_c(repo, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "docker run --rm --shm-size=1g --ipc=host -p 9000:8000 -p 9001:8001 -p 9002:8002" in out
     assert "nvcr.io/nvidia/tritonserver:24.10-py3" in out and "Serving model 'pdd'" in out
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """Live (not zombie) processes: pid -> (command name, parent pid, process group id), from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        # A zombie has stopped running; only its parent's wait() removes it.
+        if state != "Z":
+            found[int(entry.name)] = (name, int(ppid), int(pgrp))
+    return found
+
+
+def test_sigterm_to_pdd_serve_leaves_no_server_process(repo, tmp_path):
+    """`pdd serve` killed by SIGTERM stops tritonserver and its Python-backend stubs (the server's group)."""
+    import os
+    import signal
+    import subprocess
+
+    http, grpc, metrics = free_ports(3)
+    cmd = [sys.executable, "-m", "pdd.cli", "serve", "--repo", str(repo), "--http-port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    group: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        processes = _processes()
+        [server] = [pid for pid, (name, ppid, _) in processes.items() if ppid == proc.pid and name == "tritonserver"]
+        # The server leads its own group; its stubs (one per Python model instance) are in it.
+        group = {pid for pid, (_, _, pgrp) in processes.items() if pgrp == server}
+        stubs = [pid for pid in group if processes[pid][0].startswith("triton_python")]
+        assert server in group and len(stubs) >= 3, {pid: processes[pid] for pid in group}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        left = {pid: info for pid, info in _processes().items() if pid in group or info[2] == server}
+        assert not left, f"still running after SIGTERM: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in group:  # only after a failure above: what this test started must not outlive it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
 
 
 def test_serve_refuses_flavours_the_bundled_server_lacks(repo, tmp_path, capsys):

@@ -37,7 +37,7 @@ from export.triton_repo import (
     parse_config,
     repository_flavour,
 )
-from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, read_image, read_image_bytes, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "export" / "triton_models"
@@ -126,7 +126,8 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
     ens = parsed["pdd"]
     assert ens.platform == "ensemble"
     assert [(i.name, mc.DataType.Name(i.data_type), list(i.dims), i.optional) for i in ens.input] == [
-        ("images", "TYPE_UINT8", [-1, -1, -1], True), ("images_encoded", "TYPE_STRING", [1], True)]
+        ("images", "TYPE_UINT8", [-1, -1, -1], True), ("images_encoded", "TYPE_STRING", [1], True),
+        ("dicom_window", "TYPE_FP32", [2], True)]
     assert {o.name: list(o.dims) for o in ens.output} == {
         "pred_score": [1], "anomaly_map": [64, 64], "pred_label": [1], "pred_mask": [64, 64]}
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocess", "pdd_engine", "postprocess"]
@@ -168,6 +169,8 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
     assert [float(v) for v in pre.parameters["std"].string_value.split(",")] == list(IMAGENET_STD)
     assert pre.parameters["image_size"].string_value == "64"
     assert (repo / "preprocess" / "1" / "model.py").read_text() == (TEMPLATES / "preprocess.py").read_text()
+    assert (repo / "preprocess" / "1" / "readers.py").read_text() == (ROOT / "pdd/data/readers.py").read_text()
+    assert [i.name for i in pre.input] == [i.name for i in ens.input]
     post = parsed["postprocess"]
     expected = 0.25 if flavour == "tensorrt" else DEFAULT_THRESHOLD
     assert float(post.parameters["anomaly_threshold"].string_value) == expected
@@ -375,9 +378,9 @@ def test_preprocess_encoded_equals_pixels_and_refuses_bad_requests(tmp_path, onn
     _, model = backend_model("preprocess", repo, "preprocess")
     rng = np.random.default_rng(1)
     rgb, grey = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), rng.integers(0, 256, (64, 64), dtype=np.uint8)
-    encoded = np.array([[_png(rgb)], [_png(grey)]], dtype=np.object_)
+    deep = (np.arange(48 * 40).reshape(48, 40) * 31).astype(np.uint16)
+    encoded = np.array([[_png(rgb)], [_png(grey)], [_png(deep)]], dtype=np.object_)
     big_png = _png(np.zeros((8, MAX_SIDE + 1), np.uint8))
-    deep_png = _png(np.full((16, 16), 40000, np.uint16))
     requests = [
         {"images_encoded": _Tensor("images_encoded", encoded)},
         {"images": _Tensor("images", rgb[None])},
@@ -387,11 +390,11 @@ def test_preprocess_encoded_equals_pixels_and_refuses_bad_requests(tmp_path, onn
         {"images": _Tensor("images", np.zeros((1, 0, 8, 3), np.uint8))},
         {},
         {"images": _Tensor("images", rgb[None]), "images_encoded": _Tensor("images_encoded", encoded)},
-        {"images_encoded": _Tensor("images_encoded", np.array([[b"GIF89a but not really"]], np.object_))},
+        {"images_encoded": _Tensor("images_encoded", np.array([[b"%PDF-1.4 not an image"]], np.object_))},
         {"images_encoded": _Tensor("images_encoded", np.array([[big_png]], np.object_))},
-        {"images_encoded": _Tensor("images_encoded", np.array([[deep_png]], np.object_))},
         {"images_encoded": _Tensor("images_encoded", np.array([[b""]], np.object_))},
-        {"images_encoded": _Tensor("images_encoded", np.array([[_png(rgb)[:60]]], np.object_))},
+        {"images_encoded": _Tensor("images_encoded", np.array([[_png(grey)], [_png(rgb)[:60]]], np.object_))},
+        {"images": _Tensor("images", rgb[None]), "dicom_window": _Tensor("dicom_window", np.ones((1, 2), np.float32))},
     ]
     responses = model.execute(requests)
     assert len(responses) == len(requests)
@@ -399,12 +402,47 @@ def test_preprocess_encoded_equals_pixels_and_refuses_bad_requests(tmp_path, onn
     np.testing.assert_array_equal(responses[0].outputs["normalised"][0], responses[1].outputs["normalised"][0])
     grey_ref = to_model_input(grey.astype(np.float32) / 255, 64).numpy()
     np.testing.assert_allclose(responses[0].outputs["normalised"][1], grey_ref, atol=2e-6)
+    # A 16-bit file is decoded by the same reader as locally (robust min/max), then resized the same way.
+    deep_ref = to_model_input(read_image_bytes(_png(deep)), 64).numpy()
+    np.testing.assert_allclose(responses[0].outputs["normalised"][2], deep_ref, atol=2e-6)
     expected = ["1 (grey) or 3 (RGB) channels", "empty batch", f"largest side accepted is {MAX_SIDE}",
-                "empty image", "exactly one of", "exactly one of", "not an image file", f"accepted is {MAX_SIDE}",
-                "not 8-bit", "is empty", "damaged image file"]
-    for resp, phrase in zip(responses[2:], expected):
+                "empty image", "exactly one of", "exactly one of",
+                "cannot read image 'images_encoded'[0]: unrecognised image format",
+                f"'images_encoded'[0]: the image is 8x{MAX_SIDE + 1} pixels; the largest side accepted is {MAX_SIDE}",
+                "cannot read image 'images_encoded'[0]: file is empty",
+                "cannot read image 'images_encoded'[1]: corrupt or truncated image data",
+                "'dicom_window' applies to DICOM files"]
+    for resp, phrase in zip(responses[2:], expected, strict=True):
         assert resp.error is not None and phrase in resp.error.message, (phrase, resp.error and resp.error.message)
         assert resp.error.code == _TritonError.INVALID_ARG
+
+
+def test_preprocess_decodes_dicom_as_pdd_predict_does(tmp_path, onnx_dir, backend_model, write_dicom):
+    """DICOM bytes: rescale slope/intercept, the file's window or the request's, MONOCHROME1; clear refusals."""
+    repo = build_triton_repo(tmp_path / "repo", engine_dir=onnx_dir)
+    _, model = backend_model("preprocess", repo, "preprocess")
+    stored = (np.add.outer(np.arange(80), np.arange(72)) * 20).astype(np.uint16)
+    ct = write_dicom(tmp_path / "ct.dcm", stored, slope=0.5, intercept=-500.0, centre=[200.0], width=[700.0])
+    mono1 = write_dicom(tmp_path / "m1.dcm", stored[:50], photometric="MONOCHROME1", slope=2.0, intercept=-100.0)
+    files = np.array([[ct.read_bytes()], [mono1.read_bytes()]], dtype=np.object_)
+    window = np.array([[40.0, 400.0], [40.0, 400.0]], np.float32)
+    requests = [
+        {"images_encoded": _Tensor("images_encoded", files)},
+        {"images_encoded": _Tensor("images_encoded", files), "dicom_window": _Tensor("dicom_window", window)},
+        {"images_encoded": _Tensor("images_encoded", np.array([[ct.read_bytes()[:-500]]], np.object_))},
+        {"images_encoded": _Tensor("images_encoded", files), "dicom_window": _Tensor("dicom_window", window[:1])},
+        {"images_encoded": _Tensor("images_encoded", files), "dicom_window": _Tensor("dicom_window", window * 0)},
+    ]
+    responses = model.execute(requests)
+    for resp, win in zip(responses[:2], (None, (40.0, 400.0))):
+        assert resp.error is None, resp.error.message
+        ref = torch.stack([to_model_input(read_image(path, dicom_window=win), 64) for path in (ct, mono1)]).numpy()
+        np.testing.assert_allclose(resp.outputs["normalised"], ref, atol=2e-6, rtol=0)
+    # The windows change the output: the request's window overrides the file's.
+    assert np.abs(responses[0].outputs["normalised"][0] - responses[1].outputs["normalised"][0]).max() > 0.1
+    for resp, phrase in zip(responses[2:], ["cannot read image 'images_encoded'[0]: cannot decode DICOM pixel data",
+                                            "(batch, 2)", "widths >= 1"], strict=True):
+        assert resp.error is not None and phrase in resp.error.message, (phrase, resp.error and resp.error.message)
 
 
 def test_postprocess_thresholds(tmp_path, backend_model):

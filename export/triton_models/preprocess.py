@@ -1,32 +1,42 @@
 """Triton Python-backend model ``preprocess``: images in, the engine's normalised float batch out.
 
-Inputs (a request carries exactly one of them; the batch dimension B is Triton's):
+Inputs (a request carries exactly one of ``images`` and ``images_encoded``; the batch dimension B is Triton's):
 
 * ``images``          UINT8 (B, H, W, C), C = 1 (grey) or 3 (RGB), any H, W from 1 to ``max_side``;
-* ``images_encoded``  BYTES (B, 1), each element the bytes of an 8-bit PNG / JPEG / BMP / TIFF file
-  (grey, RGB, RGBA or palette); images of different sizes may share a request.
+* ``images_encoded``  BYTES (B, 1), each element the bytes of one file: PNG / JPEG / BMP / TIFF (8- or
+  16-bit, grey, RGB, RGBA or palette) or DICOM with its preamble (rescale slope and intercept, the file's
+  window, MONOCHROME1 inverted); images of different sizes may share a request;
+* ``dicom_window``    FP32 (B, 2), optional, with ``images_encoded`` only: (centre, width) per image in
+  rescaled units (HU for CT), overriding the DICOM file's own window; ignored for other formats.
 
-Output: ``normalised`` FP32 (B, 3, S, S): pixels / 255, resized bilinearly with antialiasing (the same
-resampling as ``pdd.data.to_model_input``: a triangle filter widened by the shrink factor), grey
-replicated to three channels, then ``(x - mean) / std``.
+Files are decoded by ``readers.py`` beside this file: ``pdd/data/readers.py``, which
+``export/triton_repo.py`` places there, so the server decodes exactly as ``pdd predict`` does locally.
+Output: ``normalised`` FP32 (B, 3, S, S): the image in [0, 1] (uint8 pixels / 255), resized bilinearly
+with antialiasing (the same resampling as ``pdd.data.to_model_input``: a triangle filter widened by the
+shrink factor), grey replicated to three channels, then ``(x - mean) / std``.
 
 Parameters from ``config.pbtxt`` (written by ``export/triton_repo.py`` from the export metadata):
 ``image_size`` (S), ``mean`` and ``std`` (three comma-separated floats each), ``max_side``, ``output_dtype``
 (the engine's input type: float32, or float16 for an fp16 TensorRT engine).
 
 A bad request (both or neither input, a wrong channel count, an empty or oversized image, bytes that
-are not an image) gets an error response of its own; the other requests of the batch are served.
-This file is self-contained: it runs in the server's Python environment, which needs only numpy
-(and Pillow for ``images_encoded``).
+are not an image) gets an error response of its own; the other requests of the batch are served. A file
+that cannot be decoded gets the reader's error, ``cannot read image 'images_encoded'[i]: <reason>``, with
+the index of the file in its request (clients map it back to their file).
+The server's Python environment needs numpy and Pillow, and pydicom for DICOM files.
 """
 
 from __future__ import annotations
 
-import io
+import importlib.util
 import json
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+READERS_FILE = "readers.py"
 
 
 class RequestError(ValueError):
@@ -49,8 +59,8 @@ def resize_weights(n_in: int, n_out: int) -> np.ndarray:
 
 
 def normalise(images: np.ndarray, size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, C), C in {1, 3} -> float32 (B, 3, size, size), resized and normalised."""
-    x = images.astype(np.float32) / np.float32(255.0)
+    """float32 (B, H, W, C) in [0, 1], C in {1, 3} -> float32 (B, 3, size, size), resized and normalised."""
+    x = images
     _, h, w, _ = x.shape
     if (h, w) != (size, size):
         # Separable resampling as two matrix products: rows, then columns.
@@ -79,32 +89,29 @@ def check_pixels(images: np.ndarray, max_side: int) -> None:
                            "downscale before sending")
 
 
-def decode(data: bytes, max_side: int, index: int) -> np.ndarray:
-    """The bytes of one 8-bit image file -> uint8 (H, W, 3); size checked before the pixels are decoded."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise RequestError("this server's Python environment lacks Pillow, so 'images_encoded' is unavailable; "
-                           "send uint8 pixels in 'images' instead") from None
-    if not data:
-        raise RequestError(f"'images_encoded'[{index}] is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if max(w, h) > max_side:
-                raise RequestError(f"'images_encoded'[{index}] is {h}x{w}; the largest side accepted is "
-                                   f"{max_side} pixels: downscale before sending")
-            if img.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
-                raise RequestError(f"'images_encoded'[{index}] has pixel mode {img.mode} (not 8-bit); send "
-                                   "uint8 pixels in 'images' (pdd.data.read_image normalises 16-bit files)")
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except RequestError:
-        raise
-    except UnidentifiedImageError:
-        raise RequestError(f"'images_encoded'[{index}] ({len(data)} bytes) is not an image file Pillow can "
-                           "read (PNG, JPEG, BMP, TIFF)") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise RequestError(f"'images_encoded'[{index}] ({len(data)} bytes) is a damaged image file: {exc}") from None
+def load_readers(version_dir: Path) -> ModuleType:
+    """The image readers bundled beside this model (``pdd/data/readers.py``), imported from their file."""
+    path = version_dir / READERS_FILE
+    if not path.is_file():
+        raise pb_utils.TritonModelException(f"{path} is missing; regenerate the repository with "
+                                            "`pdd export triton-repo`, which places it there")
+    spec = importlib.util.spec_from_file_location("pdd_readers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dicom_windows(tensor: object, batch: int) -> np.ndarray | None:
+    """The optional ``dicom_window`` input as float64 (B, 2), checked against the batch of files."""
+    if tensor is None:
+        return None
+    windows = np.asarray(tensor.as_numpy(), dtype=np.float64)
+    if windows.shape != (batch, 2):
+        raise RequestError(f"'dicom_window' must be FP32 (batch, 2) = (centre, width) per file, got shape "
+                           f"{windows.shape} for {batch} files")
+    if not np.isfinite(windows).all() or (windows[:, 1] < 1).any():
+        raise RequestError(f"'dicom_window' needs finite centres and widths >= 1, got {windows.tolist()}")
+    return windows
 
 
 def error_response(message: str) -> pb_utils.InferenceResponse:
@@ -118,6 +125,7 @@ class TritonPythonModel:
     """Validates, decodes, resizes and normalises each request; see the module docstring."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        self.readers = load_readers(Path(args["model_repository"]) / args["model_version"])
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.size = int(params["image_size"])
         self.max_side = int(params["max_side"])
@@ -128,18 +136,35 @@ class TritonPythonModel:
     def _one(self, request: pb_utils.InferenceRequest) -> np.ndarray:
         pixels = pb_utils.get_input_tensor_by_name(request, "images")
         encoded = pb_utils.get_input_tensor_by_name(request, "images_encoded")
+        window = pb_utils.get_input_tensor_by_name(request, "dicom_window")
         if (pixels is None) == (encoded is None):
             raise RequestError("send exactly one of 'images' (uint8 pixels) and 'images_encoded' (image file bytes)")
         if pixels is not None:
+            if window is not None:
+                raise RequestError("'dicom_window' applies to DICOM files in 'images_encoded'; pixels in 'images' "
+                                   "are already windowed")
             images = pixels.as_numpy()
             check_pixels(images, self.max_side)
-            return normalise(images, self.size, self.mean, self.std)
+            return normalise(images.astype(np.float32) / np.float32(255.0), self.size, self.mean, self.std)
         items = encoded.as_numpy().reshape(-1)
         if items.size == 0:
             raise RequestError("'images_encoded' holds an empty batch; send at least one image")
-        # Decoded images may differ in size: resize each on its own.
-        return np.concatenate([normalise(decode(bytes(item), self.max_side, i)[None], self.size, self.mean,
-                                         self.std) for i, item in enumerate(items)])
+        windows = dicom_windows(window, items.size)
+        out = []
+        for i, item in enumerate(items):
+            try:
+                image = self.readers.read_image_bytes(
+                    bytes(item), f"'images_encoded'[{i}]", max_side=self.max_side,
+                    dicom_window=None if windows is None else tuple(windows[i]))
+            except ImportError as exc:
+                raise RequestError(f"'images_encoded'[{i}] needs {exc.name}, which this server's Python "
+                                   f"environment lacks: pip install {exc.name}") from None
+            except ValueError as exc:  # the reader's ImageReadError, or a window it refuses
+                raise RequestError(str(exc)) from None
+            # Decoded images may differ in size: resize each on its own.
+            grey_or_rgb = image[:, :, None] if image.ndim == 2 else image
+            out.append(normalise(grey_or_rgb[None].astype(np.float32), self.size, self.mean, self.std))
+        return np.concatenate(out)
 
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
         responses = []

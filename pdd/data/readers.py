@@ -13,6 +13,11 @@ NIfTI volumes are reoriented to the closest RAS+ axes first, so ``axis`` 0/1/2 a
 for any well-formed file, and each slice is rotated (``np.rot90``) so anterior (axial) or superior (sagittal,
 coronal) is at the top of the image. ``np.rot90(slice_map, -1)`` undoes the rotation.
 
+:func:`read_image_bytes` decodes the bytes of one file the same way (what an inference server receives).
+The readers need numpy and Pillow (pydicom and nibabel load only for their formats), not torch: the Triton
+server's preprocess model runs this very file, which ``export/triton_repo.py`` bundles into the model
+repository. Only :func:`to_model_input` and :func:`read_mask` import torch, when called.
+
 Example::
 
     >>> img = read_image("case_001.dcm", dicom_window=(40, 80))   # head CT, brain window
@@ -22,14 +27,17 @@ Example::
 from __future__ import annotations
 
 import gzip
+import io
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DICOM_SUFFIXES",
@@ -38,7 +46,9 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",
     "ImageReadError",
+    "has_dicom_preamble",
     "read_image",
+    "read_image_bytes",
     "read_mask",
     "read_volume_slices",
     "robust_normalise",
@@ -54,6 +64,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Files a folder-based dataset treats as one 2-D image each; NIfTI volumes are not among them.
 IMAGE_SUFFIXES = PILLOW_SUFFIXES + DICOM_SUFFIXES
 
+_PILLOW_FORMATS = "PNG, JPEG, BMP, TIFF"
 # Percentiles for the robust min/max: ignores a few hot pixels and burnt-in labels.
 _ROBUST_PERCENTILES = (0.5, 99.5)
 
@@ -92,6 +103,11 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
+def has_dicom_preamble(head: bytes) -> bool:
+    """Whether a file's first bytes (at least 132) are a DICOM Part 10 preamble: ``DICM`` at byte 128."""
+    return head[128:132] == b"DICM"
+
+
 def _sniff(path: Path) -> str:
     """Return "dicom", "nifti" or "pillow" from the file's first bytes, falling back to its extension."""
     try:
@@ -104,7 +120,7 @@ def _sniff(path: Path) -> str:
     if not head:
         raise ImageReadError(path, "file is empty")
     suffix = _suffix(path)
-    if head[128:132] == b"DICM" or suffix in DICOM_SUFFIXES:
+    if has_dicom_preamble(head) or suffix in DICOM_SUFFIXES:
         return "dicom"
     if head[:2] == b"\x1f\x8b":
         # A gzip stream: look at the decompressed header to tell NIfTI from anything else.
@@ -138,13 +154,41 @@ def read_image(
     path = Path(path)
     kind = _sniff(path)
     if kind == "dicom":
-        return _read_dicom(path, dicom_window, dicom_frame)
+        return _read_dicom(path, str(path), dicom_window, dicom_frame)
     if kind == "nifti":
         _check_axis(path, nifti_axis)
         volume = _read_nifti_volume(path)
         index = volume.shape[nifti_axis] // 2 if nifti_slice is None else nifti_slice
         return _nifti_slices(path, volume, nifti_axis, [index])[0]
-    return _read_pillow(path)
+    return _read_pillow(path, str(path), f"{_PILLOW_FORMATS}, DICOM or NIfTI")
+
+
+def read_image_bytes(
+    data: bytes,
+    name: str = "<bytes>",
+    *,
+    dicom_window: tuple[float, float] | None = None,
+    dicom_frame: int = 0,
+    max_side: int | None = None,
+) -> np.ndarray:
+    """Read one 2-D image from the bytes of a file, as :func:`read_image` reads the file itself.
+
+    ``data``: a PNG / JPEG / BMP / TIFF file, or a DICOM file with its preamble (``DICM`` at byte 128; NIfTI
+    volumes are sliced by the sender with :func:`read_volume_slices`). ``name`` is what errors call the data.
+    ``max_side``: refuse images with a larger side, checked from the header before the pixels are decoded.
+    Raises :class:`ImageReadError` for data that is empty, too large, or not a readable image.
+    """
+    if not data:
+        raise ImageReadError(name, "file is empty")
+    if has_dicom_preamble(data):
+        return _read_dicom(io.BytesIO(data), name, dicom_window, dicom_frame, max_side)
+    return _read_pillow(io.BytesIO(data), name, f"{_PILLOW_FORMATS}, or DICOM with its 128-byte preamble", max_side)
+
+
+def _check_side(name: str, height: int, width: int, max_side: int | None) -> None:
+    if max_side is not None and max(height, width) > max_side:
+        raise ImageReadError(name, f"the image is {height}x{width} pixels; the largest side accepted is {max_side} "
+                                   "pixels: downscale it first")
 
 
 def read_volume_slices(path: str | Path, axis: int = 2, slices: Sequence[int] | None = None) -> list[np.ndarray]:
@@ -161,19 +205,21 @@ def read_volume_slices(path: str | Path, axis: int = 2, slices: Sequence[int] | 
     return _nifti_slices(path, volume, axis, list(range(volume.shape[axis]) if slices is None else slices))
 
 
-def _read_pillow(path: Path) -> np.ndarray:
+def _read_pillow(source: Path | IO[bytes], name: str, formats: str, max_side: int | None = None) -> np.ndarray:
+    """``formats``: what the error for an unrecognised file says is expected instead."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            _check_side(name, img.height, img.width, max_side)
             img.load()
             # Cameras and some scanners store the display orientation in EXIF only.
             img = ImageOps.exif_transpose(img)
             return _pillow_to_array(img)
+    except ImageReadError:
+        raise
     except UnidentifiedImageError:
-        raise ImageReadError(
-            path, "unrecognised image format (expected PNG, JPEG, BMP, TIFF, DICOM or NIfTI)"
-        ) from None
+        raise ImageReadError(name, f"unrecognised image format (expected {formats})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(path, f"corrupt or truncated image data ({exc})") from None
+        raise ImageReadError(name, f"corrupt or truncated image data ({exc})") from None
 
 
 def _pillow_to_array(img: Image.Image) -> np.ndarray:
@@ -210,37 +256,39 @@ def _dicom_attr(ds: object, frame: int, sequence: str, keyword: str) -> object |
     return None
 
 
-def _read_dicom(path: Path, window: tuple[float, float] | None, frame: int) -> np.ndarray:
+def _read_dicom(source: Path | IO[bytes], name: str, window: tuple[float, float] | None, frame: int,
+                max_side: int | None = None) -> np.ndarray:
     # pydicom and nibabel belong to the optional "data" extra, so they load only when such a file shows up.
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(source, force=True)
     except Exception as exc:
         # force=True parses anything, so garbage fails with arbitrary exception types; all mean "not DICOM".
-        raise ImageReadError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+        raise ImageReadError(name, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         hint = "" if getattr(ds, "preamble", None) else " (and no DICOM preamble: it may not be a DICOM file at all)"
-        raise ImageReadError(path, f"DICOM file has no pixel data{hint}")
+        raise ImageReadError(name, f"DICOM file has no pixel data{hint}")
+    _check_side(name, int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0), max_side)
     try:
         pixels = ds.pixel_array
     except Exception as exc:
         # pydicom raises a wide range of types (missing codec, bad length, unknown syntax); all mean the same.
-        raise ImageReadError(path, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
+        raise ImageReadError(name, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if n_frames > 1:
         if not -n_frames <= frame < n_frames:
-            raise ValueError(f"{path}: dicom_frame={frame} is out of range, the file has {n_frames} frames")
+            raise ValueError(f"{name}: dicom_frame={frame} is out of range, the file has {n_frames} frames")
         pixels = pixels[frame]
         frame %= n_frames
     elif frame not in (0, -1):
-        raise ValueError(f"{path}: dicom_frame={frame} is out of range, the file has a single frame")
+        raise ValueError(f"{name}: dicom_frame={frame} is out of range, the file has a single frame")
     if samples == 3:
         bits = int(getattr(ds, "BitsStored", 8) or 8)
         return np.clip(pixels.astype(np.float32) / np.float32(2**bits - 1), 0.0, 1.0)
     if pixels.ndim != 2:
-        raise ImageReadError(path, f"expected a 2-D grey frame, got pixel array of shape {pixels.shape}")
+        raise ImageReadError(name, f"expected a 2-D grey frame, got pixel array of shape {pixels.shape}")
 
     values = pixels.astype(np.float64)
     slope = _dicom_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
@@ -255,7 +303,7 @@ def _read_dicom(path: Path, window: tuple[float, float] | None, frame: int) -> n
     if window is not None:
         centre, width = float(window[0]), float(window[1])
         if width < 1:
-            raise ValueError(f"{path}: DICOM window width must be >= 1, got {width}")
+            raise ValueError(f"{name}: DICOM window width must be >= 1, got {width}")
         if width == 1:
             # The standard's width-1 window is a threshold at centre − 0.5.
             out = (values > centre - 0.5).astype(np.float32)
@@ -310,6 +358,9 @@ def to_model_input(img: np.ndarray, image_size: int) -> torch.Tensor:
     Resizing is bilinear with antialiasing (no aliasing when shrinking large radiographs); grey images are
     replicated to three channels.
     """
+    import torch
+    import torch.nn.functional as F
+
     arr = np.asarray(img)
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"to_model_input expects a float image in [0, 1], got dtype {arr.dtype}; use read_image")
@@ -332,6 +383,9 @@ def read_mask(path: str | Path, size: int | None = None) -> np.ndarray:
     Shrinking uses an area-weighted majority (antialiased bilinear, >= 0.5) so thin defects survive as well
     as they can.
     """
+    import torch
+    import torch.nn.functional as F
+
     path = Path(path)
     try:
         with Image.open(path) as img:
