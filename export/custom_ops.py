@@ -32,7 +32,7 @@ from onnx.defs import OpSchema
 from torch import Tensor
 
 from pdd.anomaly import anomaly_head_ref
-from pdd.ssm import SS2D_ROUTES, ss2d_scan
+from pdd.ssm import SS2D_ROUTES, resolve_scan_impl, ss2d_scan
 
 __all__ = [
     "DOMAIN",
@@ -170,17 +170,23 @@ def translation_table() -> dict:
 # --- ONNX Runtime: Python ops ----------------------------------------------------------------------
 
 _ort_registered = False
+# The scan behind ONNX Runtime's SS2DScan node, chosen by register_ort_ops (one per process: the Python op
+# is registered process-wide by onnxruntime-extensions).
+_ort_scan_impl = "chunked"
 
 
-def register_ort_ops() -> str:
-    """Register both ops as onnxruntime-extensions Python ops (once per process); returns the library path.
+def register_ort_ops(scan_impl: str = "auto") -> str:
+    """Register both ops as onnxruntime-extensions Python ops; returns the library path.
 
-    Add the path to a session with ``SessionOptions.register_custom_ops_library``. The bodies call the
-    PyTorch references (chunked scan, reference head) on CPU.
+    Add the path to a session with ``SessionOptions.register_custom_ops_library``. The SS2DScan body runs
+    :func:`pdd.ssm.ss2d_scan` with ``scan_impl`` (``auto``: the compiled CPU kernel where it can be built,
+    else the chunked PyTorch scan, with a warning); the head runs the PyTorch reference on CPU. The op is
+    process-wide: the last call's ``scan_impl`` serves every session.
     """
-    global _ort_registered
+    global _ort_registered, _ort_scan_impl
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
+    _ort_scan_impl = resolve_scan_impl(scan_impl, "cpu")
     if not _ort_registered:
         f32 = PyCustomOpDef.dt_float
 
@@ -188,7 +194,7 @@ def register_ort_ops() -> str:
         def _ss2d(x, delta, B, C, A, D, delta_bias):  # numpy arrays in, out
             args = [torch.from_numpy(np.ascontiguousarray(a)) for a in (x, delta, B, C, A, D, delta_bias)]
             with torch.no_grad():
-                return ss2d_scan_op(*args).numpy()
+                return ss2d_scan(*args, impl=_ort_scan_impl).numpy()
 
         @onnx_op(op_type=HEAD_OP, inputs=[f32] * (2 * HEAD_PAIRS), outputs=[f32, f32],
                  attrs={"sigma": PyCustomOpDef.dt_float})

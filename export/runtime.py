@@ -160,12 +160,13 @@ class TorchRuntime(Runtime):
 class OnnxRuntime(Runtime):
     """ONNX Runtime on an exported ``model.onnx`` (either form).
 
-    Plugin-form graphs are served by the Python ops of :mod:`export.custom_ops` (the PyTorch references),
+    Plugin-form graphs are served by the Python ops of :mod:`export.custom_ops` (the SS2D scan with
+    ``scan_impl``: by default the compiled CPU kernel where it can be built; the head's PyTorch reference),
     on a copy of the graph moved to onnxruntime-extensions' domain; ``session`` is the ORT session.
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None, name: str | None = None) -> None:
+                 threads: int | None = None, name: str | None = None, scan_impl: str = "auto") -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -183,7 +184,7 @@ class OnnxRuntime(Runtime):
         # Only a graph with custom nodes needs parsing here (its copy is moved to the Python ops' domain).
         proto = None if self.metadata and not self.metadata.custom_ops else load_onnx(path)
         if proto is not None and any(n.domain == DOMAIN for n in proto.graph.node):
-            options.register_custom_ops_library(register_ort_ops())
+            options.register_custom_ops_library(register_ort_ops(scan_impl))
             # The Python ops run on the calling thread; spinning pool threads would only steal its CPU.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             source: Any = to_ort_domain(proto).SerializeToString()

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pdd.config import SCAN_CHOICES
+
 __all__ = ["CONFIG_DIR", "load_model", "main", "resolve_config"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -224,7 +226,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="a PDD checkpoint (best.pt / last.pt)")
     g.add_argument("--config", help="config name or YAML file: a freshly initialised model")
-    p.add_argument("--scan-impl", choices=["auto", "reference", "chunked", "triton", "mamba_ssm"])
+    p.add_argument("--scan-impl", choices=SCAN_CHOICES)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (with --config)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
 

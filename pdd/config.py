@@ -28,7 +28,7 @@ __all__ = [
     "atomic_write_bytes", "atomic_write_text",
 ]
 
-SCAN_CHOICES = ("auto", "reference", "chunked", "triton", "mamba_ssm")
+SCAN_CHOICES = ("auto", "reference", "chunked", "triton", "cpu_kernel", "mamba_ssm")
 HEAD_CHOICES = ("reference", "triton")
 
 

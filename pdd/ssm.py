@@ -66,7 +66,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCAN_IMPLS = ("reference", "chunked", "triton", "mamba_ssm")
+SCAN_IMPLS = ("reference", "chunked", "triton", "cpu_kernel", "mamba_ssm")
 
 # Chunk length of traced/exported graphs, which cannot adapt to the data: 16 steps keep |A|·Σδ over a
 # chunk far inside float32's exponent range for trained VMamba weights.
@@ -79,7 +79,7 @@ _EXP_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
 
 _registry: dict[str, Callable[..., Tensor | tuple[Tensor, Tensor]]] = {}
 # Modules that register an implementation when imported, tried on first use of that name.
-_providers = {"triton": "kernels.selective_scan", "mamba_ssm": "pdd._mamba_ssm"}
+_providers = {"triton": "kernels.selective_scan", "cpu_kernel": "pdd._cpu_kernel", "mamba_ssm": "pdd._mamba_ssm"}
 _announced: set[str] = set()
 
 
@@ -113,20 +113,23 @@ def _lookup(impl: str) -> Callable[..., Tensor | tuple[Tensor, Tensor]]:
 def resolve_scan_impl(impl: str, device: torch.device | str = "cpu") -> str:
     """Turn ``"auto"`` into a concrete implementation for ``device`` and log the choice.
 
-    ``auto`` means the Triton kernel on a CUDA device, the chunked PyTorch path elsewhere.
-    Any other name is checked and returned unchanged.
+    ``auto`` means the Triton kernel on a CUDA device and the compiled CPU kernel (``cpu_kernel``) on a
+    CPU, each where it can run, else the chunked PyTorch path with a warning saying why. Both kernels are
+    for inference; the scan only runs in the frozen VMamba teacher, so training needs no backward through
+    it. Any other name is checked and returned unchanged.
     """
     if impl != "auto":
         _lookup(impl)
         return impl
     device = torch.device(device)
     chosen = "chunked"
-    if device.type == "cuda":
+    preferred = {"cuda": "triton", "cpu": "cpu_kernel"}.get(device.type)
+    if preferred is not None:
         try:
-            _lookup("triton")
-            chosen = "triton"
+            _lookup(preferred)
+            chosen = preferred
         except ScanImplUnavailable as exc:
-            log.warning("scan impl 'auto' on %s: Triton kernel unavailable (%s); using 'chunked'", device, exc)
+            log.warning("scan impl 'auto' on %s: %s unavailable (%s); using 'chunked'", device, preferred, exc)
     log.info("scan impl 'auto' resolved to %r on %s", chosen, device)
     return chosen
 

@@ -275,11 +275,34 @@ def test_to_ort_domain_moves_nodes_and_keeps_readable_attributes(plugin_report: 
     assert ORT_DOMAIN in {o.domain for o in moved.opset_import} and DOMAIN not in {o.domain for o in moved.opset_import}
 
 
+def test_plugin_form_in_onnxruntime_runs_the_compiled_cpu_scan(small_pdd: torch.nn.Module, labelled: tuple,
+                                                               reference: dict[str, np.ndarray],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph TensorRT gets is also served on CPU by the compiled kernel (maps within 1e-5 of the range)."""
+    cpu_scan = pytest.importorskip("kernels.cpu_scan")
+    try:
+        cpu_scan.load()
+    except cpu_scan.CpuKernelUnavailable as exc:
+        pytest.skip(f"no CPU kernel here: {exc}")
+    import pdd.ssm as ssm
+
+    calls = []
+    candidate = OnnxRuntime(exported("plugin", small_pdd).path, threads=1, scan_impl="cpu_kernel")
+    kernel = ssm._ss2d_registry["cpu_kernel"]
+    monkeypatch.setitem(ssm._ss2d_registry, "cpu_kernel", lambda *a: calls.append(1) or kernel(*a))
+    images, labels = labelled
+    parity = compare_predictions(reference, predict_all(candidate, images, batch=2), labels, "torch:chunked",
+                                 "onnxruntime:cpu:plugin+cpu_kernel")
+    assert len(calls) == 15 * -(-len(images) // 2)  # every SS2D node of every batch ran the kernel
+    assert parity.map_relative_error < 1e-5 and parity.rank_identical, str(parity)
+
+
 @pytest.mark.parametrize("form", ["portable", "plugin"])
 def test_onnxruntime_parity_with_pytorch(form: str, small_pdd: torch.nn.Module, labelled: tuple,
                                          reference: dict[str, np.ndarray]) -> None:
     images, labels = labelled
-    candidate = OnnxRuntime(exported(form, small_pdd).path, threads=1, name=f"onnxruntime:cpu:{form}")
+    candidate = OnnxRuntime(exported(form, small_pdd).path, threads=1, name=f"onnxruntime:cpu:{form}",
+                            scan_impl="chunked")
     parity = compare_predictions(reference, predict_all(candidate, images, batch=2), labels, "torch:chunked",
                                  candidate.name)
     assert parity.ok(), str(parity)

@@ -123,7 +123,30 @@ def test_dispatch_is_explicit():
         selective_scan(**x, impl="fast")
     with pytest.raises(ScanImplUnavailable, match="mamba_ssm"):
         selective_scan(**x, impl="mamba_ssm")
-    assert resolve_scan_impl("auto", "cpu") == "chunked"
+    # auto on a CPU: the compiled kernel where this machine can build it, else chunked (with a warning).
+    try:
+        from kernels.cpu_scan import CpuKernelUnavailable, load
+
+        load()
+        expected = "cpu_kernel"
+    except (ImportError, CpuKernelUnavailable):
+        expected = "chunked"
+    assert resolve_scan_impl("auto", "cpu") == expected
+    assert resolve_scan_impl("auto", "meta") == "chunked"
+
+
+def test_auto_falls_back_to_chunked_with_a_warning_when_the_cpu_kernel_cannot_build(
+        monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    import pdd.ssm as ssm
+
+    monkeypatch.setattr(ssm, "_registry", {k: v for k, v in ssm._registry.items() if k != "cpu_kernel"})
+    monkeypatch.setattr(ssm, "_ss2d_registry", {k: v for k, v in ssm._ss2d_registry.items() if k != "cpu_kernel"})
+    monkeypatch.setitem(ssm._providers, "cpu_kernel", "pdd._cpu_kernel_missing_for_this_test")
+    with caplog.at_level("WARNING", logger="pdd.ssm"):
+        assert resolve_scan_impl("auto", "cpu") == "chunked"
+    assert "cpu_kernel unavailable" in caplog.text
+    with pytest.raises(ScanImplUnavailable, match="cpu_kernel"):
+        resolve_scan_impl("cpu_kernel", "cpu")
 
 
 @pytest.mark.parametrize("bad, match", [

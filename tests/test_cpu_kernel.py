@@ -1,0 +1,111 @@
+"""The compiled CPU scan (kernels/cpu/scan.c) against the float64 reference, and behind the scan API.
+
+Tolerances as the other kernels' fp32 tables (relative to the reference's largest magnitude).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pdd.ssm import selective_scan, ss2d_scan
+
+cpu_scan = pytest.importorskip("kernels.cpu_scan")
+try:
+    cpu_scan.load()
+except cpu_scan.CpuKernelUnavailable as exc:  # no C compiler on this machine
+    pytest.skip(f"the CPU scan kernel cannot be built here: {exc}", allow_module_level=True)
+
+RTOL = 2e-5  # of the output's largest magnitude; fp32 accumulation over a few hundred steps
+
+
+def _ss2d_inputs(b: int, d: int, h: int, w: int, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, h, w, generator=g)
+    delta = torch.randn(b, 4, d, h, w, generator=g) * 0.5
+    B, C = torch.randn(b, 4, n, h, w, generator=g), torch.randn(b, 4, n, h, w, generator=g)
+    A = -(torch.rand(4 * d, n, generator=g) * 2 + 0.1)
+    D, bias = torch.randn(4 * d, generator=g), torch.randn(4 * d, generator=g) * 0.3
+    return x, delta, B, C, A, D, bias
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize(("b", "d", "h", "w", "n"), [(1, 8, 4, 4, 16), (2, 13, 5, 7, 16), (3, 9, 3, 11, 1),
+                                                     (1, 17, 1, 6, 16), (2, 8, 6, 1, 4)])
+def test_ss2d_matches_the_float64_reference(b: int, d: int, h: int, w: int, n: int) -> None:
+    args = _ss2d_inputs(b, d, h, w, n)
+    ref = ss2d_scan(*(t.double() for t in args), impl="reference")
+    got = cpu_scan.ss2d_scan_cpu(*args)
+    assert got.dtype == torch.float32 and got.shape == (b, d, h, w)
+    assert _rel(got, ref) < RTOL
+    # The numpy entry (ONNX Runtime's custom op) is the same kernel.
+    np.testing.assert_array_equal(cpu_scan.ss2d_scan_numpy(*(t.numpy() for t in args)), got.numpy())
+
+
+@pytest.mark.parametrize(("groups", "n", "with_z"), [(1, 16, True), (2, 4, False), (1, 1, False)])
+def test_selective_scan_matches_the_float64_reference(groups: int, n: int, with_z: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    b, d, length = 2, 12, 37
+    u, delta = torch.randn(b, d, length, generator=g), torch.randn(b, d, length, generator=g)
+    A = -torch.rand(d, n, generator=g)
+    B, C = torch.randn(b, groups, n, length, generator=g), torch.randn(b, groups, n, length, generator=g)
+    if groups == 1:
+        B, C = B[:, 0], C[:, 0]
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    z = torch.randn(b, d, length, generator=g) if with_z else None
+    ref, ref_state = selective_scan(u.double(), delta.double(), A.double(), B.double(), C.double(), D.double(),
+                                    None if z is None else z.double(), bias.double(), delta_softplus=True,
+                                    return_last_state=True, impl="reference")
+    got, state = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True,
+                                impl="cpu_kernel")
+    assert _rel(got, ref) < RTOL and _rel(state, ref_state) < RTOL
+    plain = selective_scan(u, delta, A, B, C, impl="cpu_kernel")  # no D, z, bias, softplus
+    assert _rel(plain, selective_scan(u.double(), delta.double(), A.double(), B.double(), C.double(),
+                                      impl="reference")) < RTOL
+
+
+def test_fp16_inputs_compute_in_fp32_and_return_their_dtype() -> None:
+    args = _ss2d_inputs(1, 8, 4, 5, 16)
+    half = [t.half() if i < 4 else t for i, t in enumerate(args)]
+    got = ss2d_scan(*half, impl="cpu_kernel")
+    ref = ss2d_scan(*(t.double() for t in half), impl="reference")
+    assert got.dtype == torch.float16 and _rel(got, ref) < 1e-3
+
+
+def test_autograd_and_bad_shapes_are_refused_with_the_reason() -> None:
+    x, delta, B, C, A, D, bias = _ss2d_inputs(1, 8, 4, 4, 16)
+    with pytest.raises(RuntimeError, match="inference"):
+        cpu_scan.ss2d_scan_cpu(x.requires_grad_(), delta, B, C, A, D, bias)
+    with torch.no_grad():
+        assert cpu_scan.ss2d_scan_cpu(x, delta, B, C, A, D, bias).shape == x.shape
+    with pytest.raises(ValueError, match=r"delta must be \(1, 4, 8, 4, 4\)"):
+        cpu_scan.ss2d_scan_cpu(x.detach(), delta[:, :3], B, C, A, D, bias)
+    with pytest.raises(ValueError, match=r"d_state 1\.\.16"):
+        cpu_scan.ss2d_scan_cpu(x.detach(), delta, B, C, torch.zeros(32, 17), D, bias)
+
+
+def test_the_model_runs_the_kernel_it_was_built_with(small_pdd: torch.nn.Module) -> None:
+    """Teacher features with the kernel equal those of the chunked scan (same weights)."""
+    x = torch.randn(2, 3, 64, 64)
+    vmamba = small_pdd.teachers.vmamba
+    with torch.no_grad():
+        vmamba.set_scan_impl("chunked")
+        expected = vmamba(x)
+        vmamba.set_scan_impl("cpu_kernel")
+        try:
+            got = vmamba(x)
+        finally:
+            vmamba.set_scan_impl("chunked")
+    for e, g in zip(expected, got):
+        assert float((g - e).abs().max() / e.abs().max()) < 1e-4
+
+
+def test_a_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("PDD_CACHE_DIR", str(tmp_path))  # nothing cached: it would have to build
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(cpu_scan.CpuKernelUnavailable, match="does not run"):
+        cpu_scan.library_path()
