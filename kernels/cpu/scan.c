@@ -37,18 +37,25 @@ static inline __attribute__((always_inline)) void walk(
     memset(h, 0, sizeof(h));
     for (int j = 0; j < nd; ++j)
         for (int n = 0; n < N; ++n) a[j][n] = A[j * N + n];
+    float xs[BLOCK_D], dts[BLOCK_D];
     for (int64_t t = 0; t < L; ++t) {
         const int64_t p = pos ? pos[t] : t;
         for (int n = 0; n < N; ++n) {
             bv[n] = b_ptr[n * L + p];
             cv[n] = c_ptr[n * L + p];
         }
+        for (int j = 0; j < BLOCK_D; ++j) { /* lanes past nd stay 0: the softplus below runs on all */
+            xs[j] = j < nd ? u[j * row_stride + p] : 0.0f;
+            dts[j] = j < nd ? dl[j * row_stride + p] + (bias ? bias[j] : 0.0f) : 0.0f;
+        }
+        /* softplus across the block's channels at once: vectorised like the exponentials below */
+        if (softplus_dt) {
+#pragma omp simd
+            for (int j = 0; j < BLOCK_D; ++j) dts[j] = softplus(dts[j]);
+        }
         for (int j = 0; j < nd; ++j) {
             const int64_t i = j * row_stride + p;
-            const float x = u[i];
-            float dt = dl[i] + (bias ? bias[j] : 0.0f);
-            if (softplus_dt) dt = softplus(dt);
-            const float dx = dt * x;
+            const float x = xs[j], dt = dts[j], dx = dt * x;
             float y = 0.0f;
 #pragma omp simd reduction(+ : y)
             for (int n = 0; n < N; ++n) {
