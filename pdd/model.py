@@ -202,7 +202,8 @@ class StudentDecoder(nn.Module):
 
 
 def _init_trainable(m: nn.Module) -> None:
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+    # As the authors' (and RD4AD's) code: Kaiming for Conv2d only; ConvTranspose2d keeps PyTorch's default.
+    if isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     elif isinstance(m, nn.BatchNorm2d):
         nn.init.ones_(m.weight)

@@ -11,7 +11,7 @@ from pdd import PDDConfig, PDDOutput, build_pdd
 from pdd.backbones import WeightsError
 from pdd.checkpoint import load_pdd, save_pdd
 from pdd.losses import pdd_loss
-from pdd.model import UpConv2x2
+from pdd.model import DecoderStage, UpConv2x2, _init_trainable
 
 logging.getLogger("pdd.model").setLevel(logging.ERROR)
 
@@ -84,6 +84,23 @@ def test_upconv_gemm_equals_transposed_convolution(shape):
     rx, rw = torch.autograd.grad(ref, (x, up.weight), g)
     torch.testing.assert_close(gx, rx, rtol=0, atol=1e-12)
     torch.testing.assert_close(gw, rw, rtol=0, atol=1e-12)
+
+
+def test_init_is_kaiming_for_conv2d_only():
+    """As the authors' code: Conv2d gets Kaiming normal (fan_out); ConvTranspose2d keeps PyTorch's default."""
+    stage = DecoderStage(256, 128, blocks=2)
+    before = {n: p.detach().clone() for n, p in stage.named_parameters()}
+    stage.apply(_init_trainable)
+    deconvs = [n for n, m in stage.named_modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    convs = [(n, m) for n, m in stage.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(deconvs) == 2 and len(convs) == 5
+    for name in deconvs:
+        torch.testing.assert_close(stage.get_submodule(name).weight, before[f"{name}.weight"], rtol=0, atol=0)
+    for name, conv in convs:
+        w = conv.weight.detach()
+        assert not torch.equal(w, before[f"{name}.weight"]), name
+        fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+        assert w.std().item() == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.05), name
 
 
 def test_frozen_teachers_get_no_gradient():
