@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pdd.config import atomic_write_text
-from pdd.metrics import IMAGE_METRICS, compute_metrics, pixel_metrics
+from pdd.metrics import IMAGE_METRICS, METRIC_NAMES, compute_metrics, pixel_metrics
 
 __all__ = ["EvalResult", "evaluate", "predict_dataset"]
 
@@ -89,6 +89,10 @@ def _metrics(p: Predictions) -> dict[str, Any]:
             values.update(pixel_metrics(p.maps[idx], p.masks[idx]))
     keys = set.intersection(*(set(v) for v in res["per_class"].values()))
     res["mean"] = {k: float(np.mean([v[k] for v in res["per_class"].values()])) for k in sorted(keys)}
+    if "pooled" in res and (p.labels[keep] == 1).any():
+        pooled = res["pooled"]
+        pooled.update(pixel_metrics(p.maps[keep], p.masks[keep]))
+        pooled["mAD"] = float(np.mean([pooled[k] for k in METRIC_NAMES]))
     res["note"] = "pixel metrics leave out anomalous images without a ground-truth mask"
     return res
 
@@ -129,13 +133,15 @@ def evaluate(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLike | No
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """Markdown table: one row per class plus the mean, percentages."""
+    """Markdown table: one row per class plus the mean over classes and the pooled metrics, percentages."""
     mean = metrics["mean"]
     keys = [k for k in (*IMAGE_METRICS, "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro", "mAD") if k in mean]
     lines = ["| class | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     rows = list(metrics["per_class"].items())
     if len(rows) > 1:
         rows.append(("mean", mean))
+        if "pooled" in metrics:
+            rows.append(("pooled", metrics["pooled"]))
     for name, vals in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * vals[k]:.1f}" for k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{100 * vals[k]:.1f}" if k in vals else "–" for k in keys) + " |")
     return "\n".join(lines)

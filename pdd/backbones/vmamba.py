@@ -2,7 +2,8 @@
 
 Returns the four post-downsample stage features z1..z4 (B, C, H, W): 192@/8, 384@/16, 768@/32, 768@/32.
 Parameter names follow the official release (``vssmtiny_dp01_ckpt_epoch_292.pth``); the legacy names of
-older files and the current official code's names (``downsample.1`` / ``downsample.2``) are mapped on load. Registered with timm, so ``timm.create_model("vmamba_tiny_v0")``
+older files and the current official code's names (``downsample.1`` / ``downsample.2``) are mapped on
+load. Registered with timm, so ``timm.create_model("vmamba_tiny_v0")``
 builds it.
 
 Example::
