@@ -6,6 +6,7 @@ Written atomically (temporary file, fsync, rename), so a kill mid-write never da
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,8 @@ from pdd.config import ConfigError, PDDConfig, atomic_file
 __all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "load_pdd", "read_checkpoint", "save_pdd"]
 
 CHECKPOINT_FORMAT = "pdd-checkpoint/1"
+
+log = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -70,4 +73,9 @@ def load_pdd(path: str | os.PathLike, device: torch.device | str = "cpu", **over
     check_and_load(model, obj["state_dict"], f"PDD checkpoint {path}")
     model.cfg = dataclasses.replace(cfg, vmamba_weights=obj["config"].get("vmamba_weights"),
                                     wrn_weights=obj["config"].get("wrn_weights"))
+    random = model.cfg.teachers_without_weights()
+    if random:
+        log.warning("%s was trained with randomly initialised %s teacher(s): its scores only show that the "
+                    "pipeline works, not what PDD detects (README: 'Pretrained teachers')",
+                    path, " and ".join(name for name, _ in random))
     return model.to(device)

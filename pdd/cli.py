@@ -151,9 +151,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"image_size={args.image_size}", f"train.epochs={args.epochs}", "train.batch_size=8", "train.eval_every=1",
         f"train.seed={args.seed}", "train.cosine_t_max=" + str(max(args.epochs, 1)), f"data.root={data}",
         f"train.amp={'true' if device.startswith('cuda') else 'false'}",
-        # The conventional prior term: with the released "+cos" a briefly trained model's maps come out
-        # inverted (see benchmarks/results/brain-synth.md); the dataset configs keep "+cos" for parity.
-        "loss.prior_cos_form=one_minus_cos",
+        # No weights offline: random teachers, with the conventional prior term (the released "+cos" inverts
+        # the maps with them, see benchmarks/results/brain-synth.md); brain-synth already says both.
+        "random_teachers=true", "loss.prior_cos_form=one_minus_cos",
     ])
     print(f"[demo] training PDD for {args.epochs} epochs on {device} (random teachers: no weights offline; "
           "prior term 1 − cos)", flush=True)

@@ -37,7 +37,8 @@ from pdd.config import ConfigError, DataConfig, PDDConfig
 from pdd.losses import pdd_loss
 from pdd.model import TeacherFeatures
 
-__all__ = ["FeatureCache", "TrainResult", "open_dataset", "teacher_features", "train", "training_loss"]
+__all__ = ["FeatureCache", "TrainResult", "check_teachers", "open_dataset", "teacher_features", "train",
+           "training_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,36 @@ def _features_of(model: nn.Module, data: Dataset, idx: np.ndarray, device: torch
     return teacher_features(model, images)
 
 
+_DOWNLOAD_HINT = {"vmamba_weights": "vmamba_weights=hub", "wrn_weights": "wrn_weights=timm|torchvision"}
+
+
+def check_teachers(cfg: PDDConfig, warn: bool = True) -> None:
+    """Refuse to train on random teachers unless the config says they are intended; warn on ``+cos`` with them.
+
+    Random teachers give features that mean nothing about images: a run on them only shows the pipeline
+    works. The released ``+cos`` prior term inverts the anomaly maps with such features (the training loss
+    goes negative within a few epochs), so configs meant for random teachers use ``one_minus_cos``.
+    """
+    missing = cfg.teachers_without_weights()
+    if not missing:
+        return
+    names = " and ".join(name for name, _ in missing)
+    if not cfg.random_teachers:
+        keys = " and ".join(key for _, key in missing)
+        downloads = ", ".join(_DOWNLOAD_HINT[key] for _, key in missing)
+        raise ConfigError(
+            f"the config names no weights for the {names} teacher(s): set {keys} to a weight file (or "
+            f"{downloads} to download), see the README section 'Pretrained teachers'; or set "
+            f"random_teachers=true if randomly initialised teachers are intended (smoke tests, the offline demo)")
+    if not warn:
+        return
+    log.warning("training with randomly initialised %s teacher(s) (random_teachers: true): the scores will "
+                "not mean what PDD's do with pretrained teachers", names)
+    if cfg.model == "pdd" and cfg.loss.prior_cos_form == "plus_cos":
+        log.warning("loss.prior_cos_form is plus_cos (the released +cos term) with random teachers: it tends to "
+                    "invert the anomaly maps; loss.prior_cos_form=one_minus_cos is the form for random teachers")
+
+
 def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, device: str | None = None,
           data_root: str | os.PathLike | None = None) -> TrainResult:
     """Train PDD (or the RD4AD baseline) on the normal images of ``cfg.data``; returns where the results are."""
@@ -230,6 +261,7 @@ def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, devi
         dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    check_teachers(cfg, warn=_is_main())
     tc = cfg.train
     _seed_everything(tc.seed)
     last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "train_log.jsonl"

@@ -146,6 +146,19 @@ def test_checkpoint_round_trip(tmp_path, small_pdd):
     torch.testing.assert_close(after.anomaly_map, before.anomaly_map, rtol=0, atol=0)
 
 
+def test_checkpoint_from_before_the_random_teachers_flag_loads_and_warns(tmp_path, small_pdd, caplog):
+    path = tmp_path / "old.pt"
+    save_pdd(small_pdd, path)
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["random_teachers"]  # written before the flag existed
+    torch.save(payload, path)
+    with caplog.at_level(logging.WARNING, logger="pdd.checkpoint"):
+        model = load_pdd(path)
+    assert model.cfg.random_teachers is False
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pdd.checkpoint"]
+    assert len(warnings) == 1 and "randomly initialised WRN50-2 and VMamba-T" in warnings[0]
+
+
 def test_checkpoint_with_unknown_key_is_refused(tmp_path, small_pdd):
     path = tmp_path / "model.pt"
     save_pdd(small_pdd, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import socket
@@ -17,9 +18,9 @@ import torch
 from pdd.checkpoint import load_pdd, read_checkpoint
 from pdd.cli import main as pdd_main
 from pdd.cli import resolve_config
-from pdd.config import apply_overrides
+from pdd.config import ConfigError, apply_overrides
 from pdd.evaluate import evaluate
-from pdd.train import open_dataset, train
+from pdd.train import check_teachers, open_dataset, train
 
 TINY = ["image_size=64", "train.epochs=2", "train.batch_size=4", "train.eval_every=1", "train.amp=false",
         "train.val_fraction=0.25"]
@@ -79,6 +80,28 @@ def test_feature_cache_matches_uncached(tmp_path, synth, cache):
     other = train(tiny_cfg(synth, "train.epochs=1", f"train.feature_cache={cache}"), tmp_path / cache)
     # fp16 cached features vs fp32 live ones: the same training up to fp16 rounding
     assert other.history[0]["train_loss"] == pytest.approx(cached, rel=2e-2)
+
+
+def test_training_refuses_random_teachers_unless_intended(tmp_path, synth, capsys, caplog):
+    cfg = apply_overrides(resolve_config("headct"), [*TINY, f"data.root={synth}"])
+    with pytest.raises(ConfigError) as err:
+        train(cfg, tmp_path / "refused")
+    for part in ("vmamba_weights", "wrn_weights", "Pretrained teachers", "random_teachers=true"):
+        assert part in str(err.value)
+    assert not (tmp_path / "refused").exists()
+    assert pdd_main(["train", "--config", "rd4ad-headct", "--data", str(synth), "--out", str(tmp_path / "r")]) == 2
+    message = capsys.readouterr().err
+    assert "wrn_weights" in message and "vmamba_weights" not in message  # RD4AD has no VMamba teacher
+    # Configs made for random teachers say so, and use the 1 − cos prior term.
+    for name in ("brain-synth", "rd4ad-brain-synth"):
+        assert resolve_config(name).random_teachers
+    assert resolve_config("brain-synth").loss.prior_cos_form == "one_minus_cos"
+    with caplog.at_level(logging.WARNING, logger="pdd.train"):
+        check_teachers(tiny_cfg(synth))
+        assert not any("plus_cos" in r.getMessage() for r in caplog.records)
+        check_teachers(tiny_cfg(synth, "loss.prior_cos_form=plus_cos"))
+    assert any("plus_cos" in r.getMessage() and "one_minus_cos" in r.getMessage() for r in caplog.records)
+    check_teachers(cfg.replace(vmamba_weights="v.pth", wrn_weights="w.pth"))  # weights named: no objection
 
 
 def test_rd4ad_trains_with_the_same_code(tmp_path, synth):
