@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -138,18 +138,32 @@ class OperatingPoint:
 
     def describe(self) -> str:
         """One line: how it was chosen and what it does on the calibration set."""
-        how = {"fpr": f"false-positive rate ≤ {self.target:g} on normals" if self.target is not None else "",
-               "f1_max": "highest F1", "sensitivity": f"sensitivity ≥ {self.target:g}",
-               "specificity": f"specificity ≥ {self.target:g}", "manual": "set by hand"}[self.method]
-        parts = [f"threshold {self.threshold:.6g} ({how}; {self.source})"]
-        if self.method != "manual":
-            parts.append(f"TP {self.true_positives}, FP {self.false_positives}, TN {self.true_negatives}, "
-                         f"FN {self.false_negatives}")
-            for name in ("sensitivity", "specificity", "f1"):
-                value = getattr(self, name)
-                if value is not None:
-                    parts.append(f"{name} {value:.3f}")
-        return "; ".join(parts)
+        if self.method == "fpr":
+            how = f"false-positive rate on normals ≤ {self.target:g}"
+        elif self.method in ("sensitivity", "specificity"):
+            how = f"{self.method} ≥ {self.target:g}"
+        else:
+            how = "highest F1" if self.method == "f1_max" else "set by hand"
+        head = f"threshold {self.threshold:.6g} ({how}; {self.source})"
+        return head if self.method == "manual" else f"{head}; {self.counts()}"
+
+    def counts(self) -> str:
+        """The confusion counts and the rates they define, e.g. ``TP 3, FP 0, TN 4, FN 1; sensitivity 0.750 …``."""
+        text = (f"TP {self.true_positives}, FP {self.false_positives}, TN {self.true_negatives}, "
+                f"FN {self.false_negatives}")
+        rates = [f"{name} {value:.3f}" for name in ("sensitivity", "specificity", "f1")
+                 if (value := getattr(self, name)) is not None]
+        return "; ".join([text, *rates])
+
+    def measured_on(self, scores: Any, labels: Any = None, source: str = "") -> OperatingPoint:
+        """The same threshold with the counts it gives on other scores (labels 0/1, None: all normal)."""
+        s = np.asarray(scores, dtype=np.float64).ravel()
+        y = np.zeros(s.size, dtype=bool) if labels is None else np.asarray(labels).ravel().astype(bool)
+        if y.size != s.size:
+            raise CalibrationError(f"{source}: {s.size} scores but {y.size} labels")
+        flagged = self.decide(s)
+        return replace(self, source=source, normal=int((~y).sum()), anomalous=int(y.sum()),
+                       true_positives=int((flagged & y).sum()), false_positives=int((flagged & ~y).sum()))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

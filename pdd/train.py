@@ -7,6 +7,8 @@ Epochs only run the trainable parts: the teachers are frozen and there is no aug
 features are computed once (kept fp16 in memory, or in memory-mapped files on disk) and reused. Model
 selection uses the distillation loss on a validation split of normal training images, never the test set.
 ``last.pt`` is written after every epoch (atomically), so a killed run resumes losing at most one epoch.
+At the end, the best checkpoint is calibrated on the validation normals (an image and a pixel threshold at
+a 1 % false-positive rate, see :mod:`pdd.calibration`), stored in ``best.pt`` and ``calibration.json``.
 Multi-GPU: launch with ``torchrun --nproc_per_node N -m pdd.cli train ...`` (nccl on GPU, gloo on CPU).
 """
 
@@ -32,8 +34,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pdd.baselines import RD4ADModel, build_model, rd4ad_loss
-from pdd.checkpoint import read_checkpoint, save_pdd
-from pdd.config import ConfigError, DataConfig, PDDConfig
+from pdd.calibration import Calibration
+from pdd.checkpoint import read_checkpoint, save_pdd, store_calibration
+from pdd.config import ConfigError, DataConfig, PDDConfig, atomic_write_text
 from pdd.losses import pdd_loss
 from pdd.model import TeacherFeatures
 
@@ -139,6 +142,7 @@ class TrainResult:
     best_val_loss: float
     epochs_run: int
     history: list[dict[str, Any]]
+    calibration: Calibration | None = None
 
 
 def _is_main() -> bool:
@@ -372,6 +376,33 @@ def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, devi
             log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
         if dist.is_initialized():
             dist.barrier()
-    if _is_main() and not best_path.exists():
-        _link_or_copy(last_path, best_path)
-    return TrainResult(out, best_path, last_path, best_epoch, best_val, len(history), history)
+    calibration = None
+    if _is_main():
+        if not best_path.exists():
+            _link_or_copy(last_path, best_path)
+        calibration = _calibrate_best(model, val_set, out, dev, tc.batch_size)
+    return TrainResult(out, best_path, last_path, best_epoch, best_val, len(history), history, calibration)
+
+
+def _calibrate_best(model: nn.Module, val_set: Dataset | None, out: Path, device: torch.device,
+                    batch_size: int) -> Calibration | None:
+    """Calibrate the best checkpoint on the validation normals; store it there and in ``calibration.json``."""
+    from pdd.evaluate import calibrate
+
+    best_path, last_path = out / "best.pt", out / "last.pt"
+    if val_set is None:
+        log.warning("no validation split (train.val_fraction is 0): %s has no operating threshold; run "
+                    "`pdd calibrate --checkpoint %s --data DIR`", best_path, best_path)
+        return None
+    model.load_state_dict(read_checkpoint(best_path)["state_dict"])
+    model.eval()
+    calibration = calibrate(model, val_set, source="validation normals", batch_size=batch_size, device=device)
+    # best.pt is a hard link to last.pt when the last epoch was the best: keep it one file.
+    linked = os.path.samefile(best_path, last_path)
+    store_calibration(best_path, calibration)
+    if linked:
+        _link_or_copy(best_path, last_path)
+    atomic_write_text(out / "calibration.json", json.dumps(calibration.to_dict(), indent=2) + "\n")
+    log.info("operating point from %d validation normals: image %s; pixel %s", len(val_set),
+             calibration.image.describe(), calibration.pixel_point.describe())
+    return calibration

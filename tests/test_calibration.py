@@ -165,3 +165,11 @@ def test_record_round_trip_and_errors():
     with pytest.raises(CalibrationError, match="NaN"):
         fit_operating_point([1.0, np.nan])
     assert "TP 0, FP 0, TN 4, FN 0" in fit_operating_point([1.0, 2.0, 3.0, 4.0], target=0.0).describe()
+
+
+def test_measured_on_other_scores():
+    op = fit_operating_point([0.1, 0.2, 0.3, 0.8, 0.9], [0, 0, 0, 1, 1])
+    test = op.measured_on([0.2, 0.6, 0.4, 0.7, 0.5], [0, 0, 1, 1, 1], source="test set")
+    assert test.threshold == op.threshold == pytest.approx(0.55)
+    assert (test.true_positives, test.false_positives, test.true_negatives, test.false_negatives) == (1, 1, 1, 2)
+    assert test.counts() == "TP 1, FP 1, TN 1, FN 2; sensitivity 0.333; specificity 0.500; f1 0.400"
