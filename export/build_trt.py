@@ -246,7 +246,7 @@ def build_engine(plan: BuildPlan, timing_cache: Path | None = None, workspace_gi
         image_size=m.image_size, preprocess=m.preprocess, normalisation=m.normalisation, config=m.config,
         cuda_arch=here.sm if plan.plugins else None, ptx_isa=plan.ptx_isa, triton_version=plan.triton_version,
         versions={**versions("torch", "onnx", "triton"), "tensorrt": trt.__version__},
-        anomaly_threshold=m.anomaly_threshold,
+        calibration=m.calibration,
     )
     write_metadata(plan.out / ENGINE_METADATA, meta)
     log.info("engine written to %s (%.0f s, %.1f MiB)", engine_path, time.perf_counter() - start,

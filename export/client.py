@@ -30,11 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from pdd.calibration import Calibration
+
 __all__ = ["OUTPUTS", "InferenceError", "PDDClient", "predict_server_files", "run_load"]
 
 # Ensemble outputs, with the dtype each arrives in and whether Triton's trailing (B, 1) is squeezed to (B,).
 OUTPUTS = {"pred_score": (np.float32, True), "anomaly_map": (np.float32, False),
-           "pred_label": (np.bool_, True), "pred_mask": (np.bool_, False)}
+           "normalised_score": (np.float32, True), "pred_label": (np.bool_, True), "pred_mask": (np.bool_, False)}
 # How the server's preprocess reports a file it cannot decode (the reader's ImageReadError, named by index).
 _UNREADABLE = re.compile(r"cannot read image 'images_encoded'\[(\d+)\]: (.+)", re.DOTALL)
 
@@ -129,11 +131,20 @@ class PDDClient:
         """The ensemble's ``max_batch_size``."""
         return int(self._ensemble().get("max_batch_size", 1))
 
-    def threshold(self) -> float | None:
-        """The served anomaly threshold (postprocess parameter), None when the server flags nothing (inf)."""
+    def calibration(self) -> Calibration | None:
+        """The served calibration (the postprocess model's ``calibration`` parameter), None if it has none."""
         params = self.model_config("postprocess").get("parameters", {})
-        value = float(params.get("anomaly_threshold", {}).get("string_value", "inf"))
-        return None if math.isinf(value) else value
+        record = params.get("calibration", {}).get("string_value", "")
+        return Calibration.from_dict(json.loads(record), f"{self.url} postprocess calibration") if record else None
+
+    def threshold(self) -> float | None:
+        """The image threshold the server applies (its config override, else the calibration's); None: none."""
+        params = self.model_config("postprocess").get("parameters", {})
+        override = params.get("image_threshold", {}).get("string_value", "")
+        if override:
+            return float(override)
+        calibration = self.calibration()
+        return None if calibration is None else calibration.image.threshold
 
     def health(self) -> dict[str, bool]:
         """``live``, ``ready`` (server) and ``model_ready`` (the ensemble); False where unreachable."""
@@ -190,13 +201,15 @@ class PDDClient:
         inp.set_shared_memory(region.name, size)
         return inp, data.shape[0]
 
-    def predict(self, images: np.ndarray | Sequence[bytes],
-                dicom_window: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    def predict(self, images: np.ndarray | Sequence[bytes], dicom_window: Sequence[float] | None = None, *,
+                image_threshold: float | None = None, pixel_threshold: float | None = None) -> dict[str, np.ndarray]:
         """Score a batch: uint8 (B, H, W, 1|3) / (H, W, 1|3) pixels, or a list of files' bytes (PNG, JPEG, BMP,
         TIFF, DICOM); ``dicom_window`` (centre, width) overrides the DICOM files' own window.
 
-        Returns ``pred_score`` float32 (B,), ``anomaly_map`` float32 (B, S, S), ``pred_label`` bool (B,),
-        ``pred_mask`` bool (B, S, S). Raises :class:`InferenceError` with the server's message on a refusal.
+        Returns ``pred_score`` float32 (B,), ``anomaly_map`` float32 (B, S, S), ``normalised_score`` float32
+        (B,) in [0, 1] (NaN when the server has no calibration), ``pred_label`` bool (B,), ``pred_mask`` bool
+        (B, S, S). ``image_threshold`` / ``pixel_threshold`` (raw) replace the served thresholds for this
+        request only. Raises :class:`InferenceError` with the server's message on a refusal.
         """
         from tritonclient.utils import InferenceServerException
 
@@ -228,11 +241,16 @@ class PDDClient:
                 outputs.append(out)
         else:
             outputs = [self._triton.InferRequestedOutput(name) for name in OUTPUTS]
+        # Request parameters reach the postprocess step: Triton forwards an ensemble's to every step.
+        params = {k: float(v) for k, v in (("image_threshold", image_threshold),
+                                           ("pixel_threshold", pixel_threshold)) if v is not None}
+        extra: dict[str, Any] = {"parameters": params} if params else {}
         try:
             if self.protocol == "grpc":
-                result = self.client.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout_s)
+                result = self.client.infer(self.model_name, inputs, outputs=outputs, client_timeout=self.timeout_s,
+                                           **extra)
             else:
-                result = self.client.infer(self.model_name, inputs, outputs=outputs)
+                result = self.client.infer(self.model_name, inputs, outputs=outputs, **extra)
         except InferenceServerException as exc:
             raise InferenceError(f"{self.url} ({self.protocol}): request failed: {exc.message()}") from None
         arrays = {}
@@ -356,9 +374,11 @@ def predict_server_files(inputs: Sequence[str | os.PathLike], url: str, protocol
             if pred is None:
                 return
             vmax = max(float(pred["anomaly_map"].max()), 1e-6)
-            for up, score, label, amap in zip(batch, pred["pred_score"], pred["pred_label"], pred["anomaly_map"]):
+            for up, score, normalised, label, amap in zip(batch, pred["pred_score"], pred["normalised_score"],
+                                                          pred["pred_label"], pred["anomaly_map"]):
                 rec: dict[str, Any] = {"input": up.name, "score": float(score)}
                 if threshold is not None:
+                    rec["normalised_score"] = None if np.isnan(normalised) else float(normalised)
                     rec["anomalous"] = bool(label)
                 if out is not None:
                     image = up.image if up.image is not None else read_image(up.name, dicom_window=window)

@@ -2,7 +2,8 @@
 
 ``model.onnx`` gets ``model.json`` (:class:`OnnxMetadata`); a TensorRT engine folder holds
 ``engine.plan`` and ``engine.json`` (:class:`EngineMetadata`). Serving reads these files instead of
-guessing: input layout and normalisation, batch range, the anomaly threshold once one is known. An
+guessing: input layout and normalisation, batch range, the calibration (operating thresholds and score
+normalisation, :class:`pdd.calibration.Calibration`) once one is known. An
 engine only runs on the TensorRT version and GPU compute capability that built it, so
 :func:`check_engine_compatible` refuses any other, naming both sides.
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kernels.target import parse_ptx_isa
+from pdd.calibration import Calibration, CalibrationError
 from pdd.config import atomic_write_bytes
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "read_onnx_metadata",
     "sha256_file",
     "sha256_texts",
+    "store_metadata_calibration",
     "versions",
     "write_metadata",
 ]
@@ -90,8 +93,9 @@ class OnnxMetadata:
     versions: dict[str, str] = field(default_factory=dict)
     # How the portable form's scans join their chunks ("sequential" or "parallel"); "plugin" for custom ops.
     scan_graph: str = "parallel"
-    # Set by calibration on normal images; serving turns scores into decisions with it.
-    anomaly_threshold: float | None = None
+    # The checkpoint's calibration; serving and the runtimes turn scores into decisions with it. Files written
+    # before it existed have ``anomaly_threshold`` (a bare threshold), read as a manual calibration.
+    calibration: Calibration | None = None
     format: str = ONNX_FORMAT
 
 
@@ -122,7 +126,7 @@ class EngineMetadata:
     ptx_isa: str | None = None
     triton_version: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
-    anomaly_threshold: float | None = None
+    calibration: Calibration | None = None
     format: str = ENGINE_FORMAT
 
 
@@ -133,7 +137,9 @@ def metadata_path(artifact: str | os.PathLike) -> Path:
 
 def write_metadata(path: str | os.PathLike, meta: OnnxMetadata | EngineMetadata) -> Path:
     """Write ``meta`` as indented JSON (atomically) and return the path."""
-    text = json.dumps(dataclasses.asdict(meta), indent=1, sort_keys=False) + "\n"
+    data = dataclasses.asdict(meta)
+    data["calibration"] = None if meta.calibration is None else meta.calibration.to_dict()
+    text = json.dumps(data, indent=1, sort_keys=False) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
     return Path(path)
 
@@ -164,6 +170,13 @@ def _from_dict(cls: type, data: dict[str, Any], path: str | os.PathLike) -> Any:
     if missing:
         raise MetadataError(f"metadata file {path} lacks {missing}; re-export the artifact")
     values = {k: v for k, v in data.items() if k in names}
+    try:
+        if values.get("calibration") is not None:
+            values["calibration"] = Calibration.from_dict(values["calibration"], f"{path} calibration")
+        elif data.get("anomaly_threshold") is not None:
+            values["calibration"] = Calibration.manual(data["anomaly_threshold"], f"anomaly_threshold of {path}")
+    except CalibrationError as exc:
+        raise MetadataError(str(exc)) from None
     for key in ("inputs", "outputs"):
         values[key] = _specs(values[key])
     for key in ("image_size", "batch"):
@@ -188,6 +201,20 @@ def read_engine_metadata(path: str | os.PathLike) -> EngineMetadata:
     elif path.suffix == ".plan":
         path = metadata_path(path)
     return _from_dict(EngineMetadata, _load(path, ENGINE_FORMAT), path)
+
+
+def store_metadata_calibration(path: str | os.PathLike, calibration: Calibration) -> Path:
+    """Write ``calibration`` into the metadata of an export (``model.onnx`` / ``model.json``, or an engine
+    folder / ``engine.json``) without re-exporting it; returns the metadata file."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".plan" or path.name == ENGINE_METADATA:
+        meta: OnnxMetadata | EngineMetadata = read_engine_metadata(path)
+        target = path / ENGINE_METADATA if path.is_dir() else metadata_path(path)
+    else:
+        meta = read_onnx_metadata(path)
+        target = metadata_path(path)
+    meta.calibration = calibration
+    return write_metadata(target, meta)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

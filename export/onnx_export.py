@@ -343,6 +343,7 @@ def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable"
         config=cfg, custom_ops=sorted(k for k in ops if k.startswith(f"{DOMAIN}::")),
         scan_graph=scan_graph if form == "portable" else "plugin",
         versions={**versions("torch", "onnx", "onnxscript"), "pdd": _pdd_version()},
+        calibration=getattr(model, "calibration", None),
     )
     meta_file = write_metadata(metadata_path(path), meta)
     report = ExportReport(path, meta_file, form, opset, meta.nodes, meta.size_bytes, digest, (lo, hi), (size, size),

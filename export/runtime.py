@@ -48,6 +48,7 @@ from export.metadata import (
 )
 from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, load_onnx, weight_sharing_copy
 from kernels.target import driver_ptx_isa
+from pdd.calibration import Calibration, apply_calibration
 from pdd.ssm import ScanImplUnavailable, resolve_scan_impl
 
 __all__ = [
@@ -80,15 +81,32 @@ class Runtime(abc.ABC):
     """Runs PDD: ``predict(images)`` -> ``{"pred_score": (B,) fp32, "anomaly_map": (B, H, W) fp32}``.
 
     images: (B, 3, H, W) float32 ImageNet-normalised numpy array (for an ONNX/TensorRT artifact exported
-    with ``preprocess=True``: (B, H, W, 3) uint8, as its metadata says).
+    with ``preprocess=True``: (B, H, W, 3) uint8, as its metadata says). ``decide(images)`` adds the
+    calibrated decisions, as the served postprocess model does; ``calibration`` comes from the model
+    (PyTorch) or the artifact's metadata.
     """
 
     name: str
     device: str
+    calibration: Calibration | None = None
 
     @abc.abstractmethod
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Scores (B,) and maps (B, H, W), float32 numpy arrays on the host."""
+
+    def decide(self, images: np.ndarray, *, image_threshold: float | None = None,
+               pixel_threshold: float | None = None) -> dict[str, np.ndarray]:
+        """``predict`` plus ``normalised_score`` (B,) fp32 in [0, 1], ``pred_label`` (B,) bool and ``pred_mask``
+        (B, H, W) bool from the calibration; ``image_threshold`` / ``pixel_threshold`` (raw) replace its."""
+        calibration = self.calibration
+        if calibration is None:
+            if image_threshold is None:
+                raise ValueError(f"{self.name}: the model has no calibration; run `pdd calibrate` (and re-read the "
+                                 f"export) or pass image_threshold=")
+            calibration = Calibration.manual(image_threshold, "image_threshold=")
+        out = self.predict(images)
+        return {**out, **apply_calibration(calibration, out["pred_score"], out["anomaly_map"],
+                                           image_threshold=image_threshold, pixel_threshold=pixel_threshold)}
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -141,6 +159,7 @@ class TorchRuntime(Runtime):
         if hasattr(self.model, "set_scan_impl"):  # PDD; the RD4AD baseline has no scan
             self.model.set_scan_impl(scan_impl)
         self._forward = torch.compile(self.model) if compile else self.model
+        self.calibration = getattr(model, "calibration", None)
         self.name = f"torch:{scan_impl}" + (":compile" if compile else "")
         self.device = str(dev)
         self._dev = dev
@@ -197,6 +216,7 @@ class OnnxRuntime(Runtime):
         if set(OUTPUT_NAMES) - set(self.output_names):
             raise ValueError(f"{path}: outputs {self.output_names}, expected {list(OUTPUT_NAMES)}")
         self._uint8 = bool(self.metadata and self.metadata.preprocess)
+        self.calibration = self.metadata.calibration if self.metadata else None
         self.name = name or f"onnxruntime:{providers[0].removesuffix('ExecutionProvider').lower()}"
         self.device = "cuda" if providers[0] != "CPUExecutionProvider" else "cpu"
 
@@ -253,6 +273,7 @@ class TensorRTRuntime(Runtime):
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self._uint8 = self.metadata.preprocess
+        self.calibration = self.metadata.calibration
         self.name = f"tensorrt:{self.metadata.precision}"
         self.device = str(self._dev)
 

@@ -12,16 +12,19 @@ is checked before the repository is moved into place)::
                                        "onnxruntime" model.onnx + model.json    (ONNX Runtime backend)
                                        "python"      model.py + model.onnx      (ONNX Runtime inside the
                                                                                   Python backend)
-    <out>/postprocess/1/model.py     Python backend: threshold -> pred_label (B, 1), pred_mask (B, S, S)
+    <out>/postprocess/1/model.py     Python backend: calibration -> normalised_score (B, 1), pred_label (B, 1),
+                                     pred_mask (B, S, S); pdd_calibration.py beside it is pdd/calibration.py
 
 Clients call ``pdd`` with ``images`` (UINT8, (B, H, W, 1|3)) or ``images_encoded`` (BYTES, (B, 1); with
 DICOM files optionally ``dicom_window``, FP32 (B, 2) = centre, width) and get ``pred_score`` (FP32
-(B, 1)), ``anomaly_map`` (FP32 (B, S, S)), ``pred_label`` (BOOL (B, 1)) and ``pred_mask`` (BOOL
-(B, S, S)). Images larger than :data:`MAX_SIDE` pixels on a side are refused.
+(B, 1)), ``anomaly_map`` (FP32 (B, S, S)), ``normalised_score`` (FP32 (B, 1)), ``pred_label`` (BOOL
+(B, 1)) and ``pred_mask`` (BOOL (B, S, S)). Images larger than :data:`MAX_SIDE` pixels on a side are
+refused.
 
-The anomaly threshold comes from the export metadata (``anomaly_threshold``) or the ``threshold``
-argument; without either it is ``inf`` (:data:`DEFAULT_THRESHOLD`): nothing is flagged, and clients
-threshold ``pred_score`` themselves.
+The decisions come from the export metadata's calibration (:mod:`pdd.calibration`), written into the
+postprocess config; ``threshold`` / ``pixel_threshold`` override its raw thresholds, and so can each
+request. :func:`store_calibration` replaces the calibration of a built repository (or of an ONNX /
+engine export) without re-exporting. Without a calibration nothing is flagged.
 
 Example::
 
@@ -32,7 +35,7 @@ Example::
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import shutil
 import tempfile
@@ -43,11 +46,13 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.metadata import TensorSpec, read_engine_metadata, read_onnx_metadata
+import pdd.calibration
+from export.metadata import TensorSpec, read_engine_metadata, read_onnx_metadata, store_metadata_calibration
+from pdd.calibration import Calibration
+from pdd.config import ConfigError, PDDConfig, atomic_write_text
 from pdd.data import readers
 
 __all__ = [
-    "DEFAULT_THRESHOLD",
     "ENGINE",
     "ENSEMBLE",
     "FLAVOURS",
@@ -61,6 +66,7 @@ __all__ = [
     "check_repository",
     "parse_config",
     "repository_flavour",
+    "store_calibration",
 ]
 
 FLAVOURS = ("tensorrt", "onnxruntime", "python")
@@ -69,11 +75,13 @@ MODEL_NAMES = (ENSEMBLE, PREPROCESS, ENGINE, POSTPROCESS)
 # Largest image side the preprocess model accepts: a 4096² RGB image is 48 MiB of uint8 and ~200 MiB as
 # float32 before resizing; larger requests are refused rather than risk the server's memory.
 MAX_SIDE = 4096
-DEFAULT_THRESHOLD = math.inf
 # Dynamic batching of the engine: how long a request may wait for others to share its batch.
 DEFAULT_QUEUE_DELAY_US = 500
 
 _TEMPLATES = Path(__file__).resolve().parent / "triton_models"
+# The calibration maths (numpy only), copied beside the postprocess model: one implementation for both sides.
+_CALIBRATION_SOURCE = Path(pdd.calibration.__file__)
+_CALIBRATION_COPY = "pdd_calibration.py"
 _OUTPUTS = ("pred_score", "anomaly_map")
 _TYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "uint8": mc.TYPE_UINT8, "bool": mc.TYPE_BOOL}
 _KINDS = {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU,
@@ -90,7 +98,8 @@ class EngineArtifact:
 
     files: name inside the version folder -> source file; input: the float (B, 3, S, S) image tensor;
     outputs: ``pred_score`` (B,) and ``anomaly_map`` (B, S, S) specs; min_batch / max_batch: the batch
-    range the artifact accepts (max None: no limit known).
+    range the artifact accepts (max None: no limit known); random_teachers: the teachers it was trained
+    without weights for, as recorded in its config.
     """
 
     files: dict[str, Path]
@@ -99,10 +108,11 @@ class EngineArtifact:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    threshold: float | None
+    calibration: Calibration | None
     max_batch: int | None
     description: str
     min_batch: int = 1
+    random_teachers: tuple[str, ...] = ()
 
 
 def _square_size(image_size: Sequence[int], where: Path) -> int:
@@ -138,6 +148,14 @@ def _normalisation(where: Path, norm: dict) -> tuple[tuple[float, ...], tuple[fl
     return mean, std
 
 
+def _random_teachers(config: dict) -> tuple[str, ...]:
+    """Teachers the exported model's config names no weights for (nothing when there is no valid config)."""
+    try:
+        return tuple(name for name, _ in PDDConfig.from_dict(config).teachers_without_weights()) if config else ()
+    except ConfigError:
+        return ()
+
+
 def _from_onnx(path: Path) -> EngineArtifact:
     """A portable ONNX (``model.onnx``) and its ``model.json``."""
     if path.is_dir():
@@ -151,8 +169,9 @@ def _from_onnx(path: Path) -> EngineArtifact:
     inp, outs = _tensors(path, meta.inputs, meta.outputs, meta.preprocess)
     mean, std = _normalisation(path, meta.normalisation)
     return EngineArtifact({"model.onnx": path, "model.json": path.with_suffix(".json")}, inp, outs,
-                          _square_size(meta.image_size, path), mean, std, meta.anomaly_threshold, meta.batch[1],
-                          f"portable ONNX, opset {meta.opset}, sha256 {meta.sha256[:12]}")
+                          _square_size(meta.image_size, path), mean, std, meta.calibration, meta.batch[1],
+                          f"portable ONNX, opset {meta.opset}, sha256 {meta.sha256[:12]}",
+                          _random_teachers(meta.config))
 
 
 def _from_engine(folder: Path) -> EngineArtifact:
@@ -168,11 +187,12 @@ def _from_engine(folder: Path) -> EngineArtifact:
         raise RepositoryError(f"{folder / 'engine.json'}: no optimisation profile for input {inp.name!r} "
                               f"(has {sorted(meta.profile)}); rebuild the engine with export/build_trt.py")
     return EngineArtifact({"model.plan": plan, "engine.json": folder / "engine.json"}, inp, outs,
-                          _square_size(meta.image_size, folder), mean, std, meta.anomaly_threshold,
+                          _square_size(meta.image_size, folder), mean, std, meta.calibration,
                           int(profile["max"][0]),
                           f"TensorRT {meta.tensorrt_version} engine ({meta.precision}) for {meta.device_name} "
                           f"(compute capability {meta.compute_capability}); the server's TensorRT must be "
-                          f"{meta.tensorrt_version}", min_batch=int(profile["min"][0]))
+                          f"{meta.tensorrt_version}", min_batch=int(profile["min"][0]),
+                          random_teachers=_random_teachers(meta.config))
 
 
 # --- config builders -----------------------------------------------------------------------------------
@@ -255,15 +275,23 @@ def _engine_config(art: EngineArtifact, flavour: str, max_batch_size: int, insta
     return cfg
 
 
-def _postprocess_config(art: EngineArtifact, max_batch_size: int, threshold: float) -> mc.ModelConfig:
+def _threshold_param(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def _postprocess_config(art: EngineArtifact, max_batch_size: int, image_threshold: float | None,
+                        pixel_threshold: float | None) -> mc.ModelConfig:
     s = art.image_size
     score_type, map_type = _TYPES[art.outputs["pred_score"].dtype], _TYPES[art.outputs["anomaly_map"].dtype]
     cfg = _python_model(POSTPROCESS, max_batch_size)
     cfg.input.extend([_tensor(mc.ModelInput, "pred_score", score_type, [1]),
                       _tensor(mc.ModelInput, "anomaly_map", map_type, [s, s])])
-    cfg.output.extend([_tensor(mc.ModelOutput, "pred_label", mc.TYPE_BOOL, [1]),
+    cfg.output.extend([_tensor(mc.ModelOutput, "normalised_score", mc.TYPE_FP32, [1]),
+                       _tensor(mc.ModelOutput, "pred_label", mc.TYPE_BOOL, [1]),
                        _tensor(mc.ModelOutput, "pred_mask", mc.TYPE_BOOL, [s, s])])
-    _set_params(cfg, anomaly_threshold=repr(float(threshold)))
+    record = "" if art.calibration is None else json.dumps(art.calibration.to_dict(), separators=(",", ":"))
+    _set_params(cfg, calibration=record, image_threshold=_threshold_param(image_threshold),
+                pixel_threshold=_threshold_param(pixel_threshold), random_teachers=", ".join(art.random_teachers))
     cfg.model_warmup.extend(_warmup([1], {"pred_score": (score_type, [1]), "anomaly_map": (map_type, [s, s])}))
     return cfg
 
@@ -280,6 +308,7 @@ def _ensemble_config(art: EngineArtifact, max_batch_size: int) -> mc.ModelConfig
     cfg.output.extend([
         _tensor(mc.ModelOutput, "pred_score", _TYPES[art.outputs["pred_score"].dtype], [1]),
         _tensor(mc.ModelOutput, "anomaly_map", _TYPES[art.outputs["anomaly_map"].dtype], [s, s]),
+        _tensor(mc.ModelOutput, "normalised_score", mc.TYPE_FP32, [1]),
         _tensor(mc.ModelOutput, "pred_label", mc.TYPE_BOOL, [1]),
         _tensor(mc.ModelOutput, "pred_mask", mc.TYPE_BOOL, [s, s]),
     ])
@@ -291,17 +320,63 @@ def _ensemble_config(art: EngineArtifact, max_batch_size: int) -> mc.ModelConfig
              output_map={"pred_score": "pred_score", "anomaly_map": "anomaly_map"}),
         Step(model_name=POSTPROCESS, model_version=-1,
              input_map={"pred_score": "pred_score", "anomaly_map": "anomaly_map"},
-             output_map={"pred_label": "pred_label", "pred_mask": "pred_mask"}),
+             output_map={"normalised_score": "normalised_score", "pred_label": "pred_label",
+                         "pred_mask": "pred_mask"}),
     ])
     return cfg
 
 
-def _write_config(folder: Path, cfg: mc.ModelConfig, role: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+def _config_text(cfg: mc.ModelConfig, role: str) -> str:
     header = "".join(f"# {line}\n" for line in role.splitlines())
     text = f"{header}# Generated by export/triton_repo.py; regenerate it rather than edit it.\n\n"
-    body = text_format.MessageToString(cfg, use_short_repeated_primitives=True)
-    (folder / "config.pbtxt").write_text(text + body, encoding="utf-8")
+    return text + text_format.MessageToString(cfg, use_short_repeated_primitives=True)
+
+
+def _write_config(folder: Path, cfg: mc.ModelConfig, role: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(_config_text(cfg, role), encoding="utf-8")
+
+
+def _postprocess_note(calibration: Calibration | None, threshold: float | None,
+                      pixel_threshold: float | None) -> str:
+    """The postprocess config's header: the thresholds in force and where they come from."""
+    if calibration is None and threshold is None:
+        return ("No calibration in the export: nothing is flagged. Set one without re-exporting:\n"
+                "pdd calibrate --checkpoint CKPT --data DIR --export <this repository>.")
+    lines = []
+    if calibration is not None:
+        lines.append(f"image {calibration.image.describe()}")
+        lines.append(f"pixel {calibration.pixel_point.describe()}")
+    for name, value in (("image_threshold", threshold), ("pixel_threshold", pixel_threshold)):
+        if value is not None:
+            lines.append(f"{name} {value!r} replaces the calibrated one.")
+    return "\n".join(lines)
+
+
+def store_calibration(path: str | os.PathLike, calibration: Calibration) -> Path:
+    """Put ``calibration`` into an export without re-exporting it; returns what was written.
+
+    ``path``: a Triton model repository (the postprocess config's ``calibration`` parameter and the
+    engine's metadata file; threshold overrides there are kept), an ONNX file or its ``model.json``, or a
+    TensorRT engine folder. A running server picks it up when the postprocess model is reloaded.
+    """
+    path = Path(path)
+    config_path = path / POSTPROCESS / "config.pbtxt"
+    if not config_path.is_file():
+        return store_metadata_calibration(path, calibration)
+    cfg = parse_config(config_path)
+    if "calibration" not in cfg.parameters:
+        raise RepositoryError(f"{config_path} predates calibration records; regenerate the repository with "
+                              "`pdd export triton-repo`")
+    version = path / ENGINE / "1"
+    for meta in (version / "model.json", version / "engine.json"):
+        if meta.is_file():
+            store_metadata_calibration(meta, calibration)
+    cfg.parameters["calibration"].string_value = json.dumps(calibration.to_dict(), separators=(",", ":"))
+    thresholds = [cfg.parameters[k].string_value or None for k in ("image_threshold", "pixel_threshold")]
+    note = _postprocess_note(calibration, *(None if t is None else float(t) for t in thresholds))
+    atomic_write_text(config_path, _config_text(cfg, note))
+    return config_path
 
 
 # --- checks ---------------------------------------------------------------------------------------------
@@ -403,14 +478,16 @@ def _place(src: Path, dst: Path, move: bool) -> None:
 
 def build_triton_repo(out: str | os.PathLike, flavour: str = "python", model: object | None = None,
                       engine_dir: str | os.PathLike | None = None, max_batch_size: int = 8,
-                      image_size: int | None = None, *, threshold: float | None = None, instance_count: int = 1,
+                      image_size: int | None = None, *, threshold: float | None = None,
+                      pixel_threshold: float | None = None, instance_count: int = 1,
                       instance_kind: str | None = None, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> Path:
     """Write the PDD model repository to ``out`` and return its path.
 
     The network comes from ``model`` (a :class:`pdd.model.PDDModel`, exported here to a portable ONNX at
     ``image_size``, default its config's) or from ``engine_dir``: a TensorRT engine folder
     (``engine.plan`` + ``engine.json``) for ``flavour="tensorrt"``, else a folder holding ``model.onnx`` +
-    ``model.json`` (or the ``.onnx`` path itself). ``threshold`` overrides the metadata's anomaly threshold.
+    ``model.json`` (or the ``.onnx`` path itself). The metadata's calibration drives the postprocess model;
+    ``threshold`` / ``pixel_threshold`` (raw) replace its image / pixel threshold.
     ``instance_kind``: "cpu", "gpu" or "auto" for the engine (default: gpu for TensorRT, auto for ONNX
     Runtime, cpu for the Python flavour), with ``instance_count`` instances.
 
@@ -449,10 +526,7 @@ def build_triton_repo(out: str | os.PathLike, flavour: str = "python", model: ob
         if art.min_batch > 1:
             raise RepositoryError(f"the engine's profile starts at batch {art.min_batch}: the server sends single "
                                   f"requests as batch 1 and warms up with it; rebuild with --batch 1:OPT:MAX")
-        thr = threshold if threshold is not None else art.threshold
-        thr = DEFAULT_THRESHOLD if thr is None else float(thr)
-        threshold_note = ("anomaly threshold inf: none known at export, nothing is flagged; threshold "
-                          "pred_score yourself or regenerate with one" if math.isinf(thr) else f"threshold {thr!r}")
+        note = _postprocess_note(art.calibration, threshold, pixel_threshold)
         repo = staging / "repo"
         _write_config(repo / ENSEMBLE, _ensemble_config(art, max_batch_size),
                       "PDD ensemble: preprocess -> pdd_engine -> postprocess.")
@@ -465,12 +539,15 @@ def build_triton_repo(out: str | os.PathLike, flavour: str = "python", model: ob
         _write_config(repo / ENGINE, _engine_config(art, flavour, max_batch_size, instance_count, instance_kind,
                                                     queue_delay_us),
                       f"PDD network, {flavour} flavour: {art.description}.")
-        _write_config(repo / POSTPROCESS, _postprocess_config(art, max_batch_size, thr), threshold_note + ".")
+        _write_config(repo / POSTPROCESS, _postprocess_config(art, max_batch_size, threshold, pixel_threshold),
+                      note)
         for name, template in ((PREPROCESS, "preprocess.py"), (POSTPROCESS, "postprocess.py")):
             (repo / name / "1").mkdir()
             shutil.copy2(_TEMPLATES / template, repo / name / "1" / "model.py")
-        # The repository is deployed without this project: it carries the one image-reading module with it.
+        # The repository is deployed without this project: it carries the image reader and the calibration
+        # maths with it, one implementation each for local and served results.
         shutil.copy2(readers.__file__, repo / PREPROCESS / "1" / "readers.py")
+        shutil.copy2(_CALIBRATION_SOURCE, repo / POSTPROCESS / "1" / _CALIBRATION_COPY)
         version = repo / ENGINE / "1"
         version.mkdir()
         if flavour == "python":

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from pdd.anomaly import anomaly_head
 from pdd.backbones import wide_resnet50_2_features
+from pdd.calibration import Calibration
 from pdd.config import PDDConfig
 from pdd.model import DecoderStage, PDDModel, PDDOutput, _init_trainable, build_pdd
 
@@ -76,6 +77,7 @@ class RD4ADModel(nn.Module):
         self.d3 = DecoderStage(512, 256, RD4AD_DECODER_BLOCKS[2])
         for part in (self.bottleneck, self.d1, self.d2, self.d3):
             part.apply(_init_trainable)
+        self.calibration: Calibration | None = None  # as PDDModel.calibration
 
     def train(self, mode: bool = True) -> RD4ADModel:
         super().train(mode)

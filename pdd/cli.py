@@ -1,4 +1,4 @@
-"""The ``pdd`` command: data synth, train, eval, predict, demo, export, serve, bench.
+"""The ``pdd`` command: data synth, train, calibrate, eval, predict, demo, export, serve, bench.
 
 Every command that takes ``--checkpoint`` also accepts ``--config NAME`` alone, meaning a freshly
 initialised model (random teachers unless the config names weight files): for smoke tests and speed runs.
@@ -93,6 +93,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best checkpoint: {result.best_checkpoint} "
               f"(epoch {result.best_epoch}, val loss {result.best_val_loss:.5f})")
+        if result.calibration is not None:
+            print(f"operating point: image {result.calibration.image.describe()}")
+    return 0
+
+
+def _calibration_choice(args: argparse.Namespace) -> tuple[str | None, float | None]:
+    for method, value in (("fpr", args.target_fpr), ("sensitivity", args.target_sensitivity),
+                          ("specificity", args.target_specificity)):
+        if value is not None:
+            return method, value
+    return None, None
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pdd.checkpoint import load_pdd, store_calibration
+    from pdd.config import DataConfig, atomic_write_text
+    from pdd.evaluate import calibrate
+    from pdd.train import open_dataset
+
+    device = _device(args.device)
+    model = load_pdd(args.checkpoint, device=device)
+    data = model.cfg.data
+    data = DataConfig(root=str(args.data), layout=args.layout or data.layout, class_names=data.class_names,
+                      skip_bad=args.skip_bad or data.skip_bad)
+    dataset = open_dataset(data, args.split, model.cfg.image_size)
+    method, target = _calibration_choice(args)
+    calibration = calibrate(model, dataset, method, target, source=f"{args.data} ({args.split} split)",
+                            batch_size=args.batch_size, device=device)
+    store_calibration(args.checkpoint, calibration)
+    text = json.dumps(calibration.to_dict(), indent=2) + "\n"
+    if args.out:
+        atomic_write_text(args.out, text)
+    for target_path in args.export or []:
+        from export.triton_repo import store_calibration
+
+        print(f"calibration written to {store_calibration(target_path, calibration)}")
+    print(f"image: {calibration.image.describe()}")
+    print(f"pixel: {calibration.pixel_point.describe()}")
+    print(f"stored in {args.checkpoint}" + (f" and {args.out}" if args.out else ""))
     return 0
 
 
@@ -132,7 +171,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model = load_model(args, device)
         results = predict_files(model, args.inputs, out_dir=args.out, device=device, batch_size=args.batch_size,
                                 nifti_axis=args.nifti_axis, dicom_window=args.dicom_window, skip_bad=args.skip_bad,
-                                threshold=args.threshold)
+                                threshold=args.threshold, pixel_threshold=args.pixel_threshold)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -154,9 +193,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"image_size={args.image_size}", f"train.epochs={args.epochs}", "train.batch_size=8", "train.eval_every=1",
         f"train.seed={args.seed}", "train.cosine_t_max=" + str(max(args.epochs, 1)), f"data.root={data}",
         f"train.amp={'true' if device.startswith('cuda') else 'false'}",
-        # The conventional prior term: with the released "+cos" a briefly trained model's maps come out
-        # inverted (see benchmarks/results/brain-synth.md); the dataset configs keep "+cos" for parity.
-        "loss.prior_cos_form=one_minus_cos",
+        # No weights offline: random teachers, with the conventional prior term (the released "+cos" inverts
+        # the maps with them, see benchmarks/results/brain-synth.md); brain-synth already says both.
+        "random_teachers=true", "loss.prior_cos_form=one_minus_cos",
     ])
     print(f"[demo] training PDD for {args.epochs} epochs on {device} (random teachers: no weights offline; "
           "prior term 1 − cos)", flush=True)
@@ -265,6 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true")
     p.set_defaults(fn=cmd_eval, image_size=None)
 
+    p = sub.add_parser("calibrate", help="choose the operating thresholds on a validation set, store them")
+    p.add_argument("--checkpoint", required=True, type=Path, help="the checkpoint to calibrate (updated in place)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="a validation set in the dataset layout (not the test set)")
+    p.add_argument("--split", choices=["test", "train"], default="test",
+                   help="test: the labelled part (good and anomalous); train: normal images only")
+    p.add_argument("--layout", choices=["mvtec", "meta_json"])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target-fpr", type=float, help="false-positive rate on the normals (default without "
+                   "labels: 0.01)")
+    g.add_argument("--target-sensitivity", type=float, help="lowest sensitivity to keep (needs labels)")
+    g.add_argument("--target-specificity", type=float, help="lowest specificity to keep (needs labels)")
+    p.add_argument("--export", type=Path, action="append", metavar="PATH",
+                   help="also update an export without re-exporting: an ONNX file, a TensorRT engine folder or "
+                        "a Triton model repository (repeatable)")
+    p.add_argument("--out", type=Path, help="also write the calibration as JSON here")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--device")
+    p.set_defaults(fn=cmd_calibrate)
+
     p = sub.add_parser("predict", help="score images, folders, DICOM or NIfTI files (locally or on a server)")
     _model_args(p)
     p.add_argument("inputs", nargs="+", type=Path)
@@ -272,7 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--nifti-axis", type=int, default=2)
     p.add_argument("--dicom-window", type=float, nargs=2, metavar=("CENTRE", "WIDTH"))
-    p.add_argument("--threshold", type=float, help="score above which an image is called anomalous")
+    p.add_argument("--threshold", type=float,
+                   help="raw score above which an image is anomalous (default: the checkpoint's calibration)")
+    p.add_argument("--pixel-threshold", type=float,
+                   help="raw map value above which a pixel is in the mask (default: the calibration's)")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--server", help="Triton server URL (host:port) instead of a local model")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")

@@ -149,7 +149,8 @@ class PDDConfig:
 
     ``vmamba_weights`` / ``wrn_weights``: None (random init, for tests and speed runs), a local file
     path, or a hub name (``"hub"`` for VMamba; ``"timm"`` = racm_in1k or ``"torchvision"`` =
-    IMAGENET1K_V1 for WRN50-2).
+    IMAGENET1K_V1 for WRN50-2). ``random_teachers``: training refuses a teacher without weights unless
+    this says that random teachers are intended (smoke tests, the offline demo, ``brain-synth``).
     """
 
     model: str = "pdd"
@@ -161,6 +162,7 @@ class PDDConfig:
     scan_impl: str = "auto"
     head_impl: str = "reference"
     sigma: float = 4.0
+    random_teachers: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -184,6 +186,12 @@ class PDDConfig:
         self.train.validate()
         self.data.validate()
         return self
+
+    def teachers_without_weights(self) -> list[tuple[str, str]]:
+        """The teachers this model uses that no weights are given for, as ``(name, config key)`` pairs."""
+        used = (("WRN50-2", "wrn_weights"),) if self.model == "rd4ad" else (
+            ("WRN50-2", "wrn_weights"), ("VMamba-T", "vmamba_weights"))
+        return [(name, key) for name, key in used if getattr(self, key) is None]
 
     def replace(self, **changes: Any) -> PDDConfig:
         return dataclasses.replace(self, **changes).validate()

@@ -21,10 +21,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pdd.calibration import Calibration, CalibrationError, OperatingPoint, apply_calibration, fit_operating_point
 from pdd.config import atomic_write_text
-from pdd.metrics import IMAGE_METRICS, compute_metrics, pixel_metrics
+from pdd.metrics import IMAGE_METRICS, METRIC_NAMES, compute_metrics, pixel_metrics
 
-__all__ = ["EvalResult", "evaluate", "predict_dataset"]
+__all__ = ["EvalResult", "calibrate", "calibrate_predictions", "evaluate", "operating_point_metrics",
+           "predict_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,71 @@ def _metrics(p: Predictions) -> dict[str, Any]:
             values.update(pixel_metrics(p.maps[idx], p.masks[idx]))
     keys = set.intersection(*(set(v) for v in res["per_class"].values()))
     res["mean"] = {k: float(np.mean([v[k] for v in res["per_class"].values()])) for k in sorted(keys)}
+    if "pooled" in res and (p.labels[keep] == 1).any():
+        pooled = res["pooled"]
+        pooled.update(pixel_metrics(p.maps[keep], p.masks[keep]))
+        pooled["mAD"] = float(np.mean([pooled[k] for k in METRIC_NAMES]))
     res["note"] = "pixel metrics leave out anomalous images without a ground-truth mask"
     return res
+
+
+def calibrate_predictions(p: Predictions, method: str | None = None, target: float | None = None,
+                          source: str = "calibration set") -> Calibration:
+    """Image and pixel operating points from a model's predictions (see :mod:`pdd.calibration`).
+
+    With normal and anomalous images: ``method`` (default F1-optimal) on the labels; pixels likewise on the
+    ground-truth masks of those that have one (and every pixel of the normal images). With normal images
+    only: the false-positive rate ``target`` (default 1 %) on them, for images and for pixels alike.
+    """
+    labelled = len(set(p.labels.tolist())) == 2
+    if not labelled and method not in (None, "fpr"):
+        raise CalibrationError(f"{source} holds only {'normal' if p.labels.max() == 0 else 'anomalous'} images: "
+                               f"method {method!r} needs labelled normal and anomalous images; give a labelled "
+                               f"set or a target false-positive rate")
+    what = f"{source}, {len(p.labels)} images" + (f" ({int(p.labels.sum())} anomalous)" if labelled else "")
+    image = fit_operating_point(p.scores, p.labels if labelled else None, method=method, target=target,
+                                source=what)
+    anomalous = p.labels == 1
+    with_masks = anomalous & p.has_mask
+    if with_masks.any():
+        keep = with_masks | ~anomalous
+        pixel = fit_operating_point(p.maps[keep], p.masks[keep], method=method, target=target,
+                                    source=f"{source}, pixels of {int(keep.sum())} images "
+                                           f"({int(with_masks.sum())} with anomaly masks)")
+    else:
+        normal = ~anomalous
+        pixel = fit_operating_point(p.maps[normal], None, method="fpr", target=target if method == "fpr" else None,
+                                    source=f"{source}, pixels of {int(normal.sum())} normal images")
+    return Calibration(image, pixel)
+
+
+def calibrate(model: nn.Module, dataset: Dataset, method: str | None = None, target: float | None = None,
+              source: str = "calibration set", batch_size: int = 8, device: torch.device | str = "cpu"
+              ) -> Calibration:
+    """Score ``dataset`` and return its calibration (:func:`calibrate_predictions`); the model is unchanged."""
+    return calibrate_predictions(predict_dataset(model, dataset, batch_size, device), method, target, source)
+
+
+def operating_point_metrics(calibration: Calibration, p: Predictions, source: str) -> dict[str, Any]:
+    """How the calibrated thresholds do on ``p``: counts and rates per level, and how each was chosen."""
+    out: dict[str, Any] = {}
+    image = calibration.image.measured_on(p.scores, p.labels, source)
+    out["image"] = {"chosen": calibration.image.describe(), "threshold": image.threshold, **_rates(image)}
+    keep = p.has_mask | (p.labels == 0)
+    if keep.any():
+        point = calibration.pixel_point
+        pixel = point.measured_on(p.maps[keep], p.masks[keep], f"{source}, pixels")
+        out["pixel"] = {"chosen": point.describe() if calibration.pixel is not None
+                        else "the image threshold (no pixel calibration)", "threshold": pixel.threshold,
+                        **_rates(pixel)}
+    return out
+
+
+def _rates(point: OperatingPoint) -> dict[str, Any]:
+    return {"true_positives": point.true_positives, "false_positives": point.false_positives,
+            "true_negatives": point.true_negatives, "false_negatives": point.false_negatives,
+            "sensitivity": point.sensitivity, "specificity": point.specificity, "f1": point.f1,
+            "summary": point.counts()}
 
 
 def evaluate(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLike | None = None, batch_size: int = 8,
@@ -108,13 +173,25 @@ def evaluate(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLike | No
     metrics["images"]["skipped_unreadable"] = len(skipped)
     if extra:
         metrics["run"] = extra
+    calibration = getattr(model, "calibration", None)
+    if calibration is not None:
+        metrics["operating_point"] = operating_point_metrics(calibration, preds, "test set")
+        decided = apply_calibration(calibration, preds.scores)
+    else:
+        log.warning("the model has no calibration: no operating point is reported (run `pdd calibrate`)")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["path", "class", "label", "score"])
-        for row in zip(preds.paths, preds.class_names, preds.labels.tolist(), preds.scores.tolist()):
+        if calibration is None:
+            w.writerow(["path", "class", "label", "score"])
+            rows = zip(preds.paths, preds.class_names, preds.labels.tolist(), preds.scores.tolist())
+        else:
+            w.writerow(["path", "class", "label", "score", "normalised_score", "pred_label"])
+            rows = zip(preds.paths, preds.class_names, preds.labels.tolist(), preds.scores.tolist(),
+                       decided["normalised_score"].tolist(), decided["pred_label"].astype(int).tolist())
+        for row in rows:
             w.writerow(row)
         atomic_write_text(out / "scores.csv", buf.getvalue())
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -129,13 +206,15 @@ def evaluate(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLike | No
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """Markdown table: one row per class plus the mean, percentages."""
+    """Markdown table: one row per class plus the mean over classes and the pooled metrics, percentages."""
     mean = metrics["mean"]
     keys = [k for k in (*IMAGE_METRICS, "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro", "mAD") if k in mean]
     lines = ["| class | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     rows = list(metrics["per_class"].items())
     if len(rows) > 1:
         rows.append(("mean", mean))
+        if "pooled" in metrics:
+            rows.append(("pooled", metrics["pooled"]))
     for name, vals in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * vals[k]:.1f}" for k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{100 * vals[k]:.1f}" if k in vals else "–" for k in keys) + " |")
     return "\n".join(lines)

@@ -220,13 +220,15 @@ def compute_metrics(
     class_names: Sequence[str] | None = None,
     max_fpr: float = 0.3,
 ) -> dict[str, dict[str, Any]]:
-    """Per-class metrics and their mean over classes.
+    """Per-class metrics, their mean over classes and, with several classes, the pooled metrics.
 
     image_scores float (N,), image_labels 0/1 (N,), anomaly_maps float (N, H, W) and masks bool/0-1
     (N, H, W) or both None (image metrics only), class_names str (N,) or None (one class, "all").
     Images of anomalous classes without ground truth should be left out by the caller: their zero mask
     would count as normal pixels. Returns ``{"per_class": {name: {metric: value}}, "mean": {metric: value}}``
-    with the names of :data:`METRIC_NAMES` plus ``"mAD"`` (mean of the seven) when masks are given.
+    with the names of :data:`METRIC_NAMES` plus ``"mAD"`` (mean of the seven) when masks are given. With
+    more than one class it adds ``"pooled"``: the same metrics over all classes' images and pixels ranked
+    together, as the ADer / Uni-Medical tables report beside the per-class mean.
     """
     scores = _to_numpy(image_scores, np.float64).ravel()
     labels = _to_numpy(image_labels).ravel()
@@ -244,9 +246,7 @@ def compute_metrics(
     if names.size != n:
         raise ValueError(f"{n} image scores but {names.size} class names")
 
-    per_class: dict[str, dict[str, float]] = {}
-    for name in sorted(set(names.tolist())):
-        idx = np.flatnonzero(names == name)
+    def group(idx: np.ndarray, what: str) -> dict[str, float]:
         try:
             r = _image_ranking(scores[idx], labels[idx])
             result = {"image_auroc": _auroc(r), "image_ap": _ap(r), "image_f1max": _f1max(r)}
@@ -254,8 +254,13 @@ def compute_metrics(
                 result.update(pixel_metrics(maps[idx], gt[idx], max_fpr))
                 result["mAD"] = float(np.mean([result[k] for k in METRIC_NAMES]))
         except ValueError as exc:
-            raise ValueError(f"class {name!r}: {exc}") from None
-        per_class[name] = result
+            raise ValueError(f"{what}: {exc}") from None
+        return result
+
+    per_class = {name: group(np.flatnonzero(names == name), f"class {name!r}") for name in sorted(set(names.tolist()))}
     keys = list(next(iter(per_class.values())))
     mean = {k: float(np.mean([per_class[c][k] for c in per_class])) for k in keys}
-    return {"per_class": per_class, "mean": mean}
+    out: dict[str, dict[str, Any]] = {"per_class": per_class, "mean": mean}
+    if len(per_class) > 1:
+        out["pooled"] = group(np.arange(n), "all classes pooled")
+    return out

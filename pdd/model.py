@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from pdd.anomaly import anomaly_head
 from pdd.backbones import vmamba_tiny_v0, wide_resnet50_2_features
+from pdd.calibration import Calibration
 from pdd.config import PDDConfig
 from pdd.ssm import is_tracing, resolve_scan_impl
 
@@ -202,7 +203,8 @@ class StudentDecoder(nn.Module):
 
 
 def _init_trainable(m: nn.Module) -> None:
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+    # As the authors' (and RD4AD's) code: Kaiming for Conv2d only; ConvTranspose2d keeps PyTorch's default.
+    if isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     elif isinstance(m, nn.BatchNorm2d):
         nn.init.ones_(m.weight)
@@ -245,6 +247,8 @@ class PDDModel(nn.Module):
         self.plain_student = self.prior_student if cfg.shared_decoder else StudentDecoder(cfg.decoder_blocks)
         for part in (self.ina, self.mmu, self.mpa, self.prior_student, self.plain_student):
             part.apply(_init_trainable)
+        # The operating point (pdd.calibration), set after training or by `pdd calibrate`; None until then.
+        self.calibration: Calibration | None = None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("teachers.")]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pdd.calibration import Calibration, apply_calibration
 from pdd.config import atomic_write_text
 from pdd.data.readers import (
     IMAGE_SUFFIXES,
@@ -94,12 +95,32 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.strip("/"))[-120:]
 
 
+def _mask_png(mask: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
 def predict_files(model: nn.Module, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
                   device: torch.device | str = "cpu", batch_size: int = 8, nifti_axis: int = 2,
                   dicom_window: Sequence[float] | None = None, skip_bad: bool = False,
-                  threshold: float | None = None) -> dict[str, Any]:
-    """Score every input with a local model; writes heatmaps and results.json to ``out_dir`` if given."""
+                  threshold: float | None = None, pixel_threshold: float | None = None) -> dict[str, Any]:
+    """Score every input with a local model; writes heatmaps, masks and results.json to ``out_dir`` if given.
+
+    Decisions use the model's calibration (``model.calibration``): each result has ``normalised_score``
+    (in [0, 1], 0.5 at the threshold), ``anomalous`` and ``anomalous_pixels`` (pixels of the mask).
+    ``threshold`` / ``pixel_threshold`` (raw scores) replace the calibrated ones; a model without
+    calibration makes decisions only when ``threshold`` is given.
+    """
     files = collect_inputs(inputs)
+    calibration = getattr(model, "calibration", None)
+    if calibration is None and threshold is not None:
+        calibration = Calibration.manual(threshold, "--threshold")
+    if calibration is None:
+        log.warning("the model has no calibration and no --threshold was given: scores only, no decisions "
+                    "(run `pdd calibrate`)")
     window = tuple(dicom_window) if dicom_window else None
     size = model.cfg.image_size
     skipped: list[dict[str, str]] = []
@@ -107,6 +128,8 @@ def predict_files(model: nn.Module, inputs: Sequence[str | os.PathLike], out_dir
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+        if calibration is not None:
+            (out / "masks").mkdir(exist_ok=True)
     model.eval()
     batch: list[Item] = []
 
@@ -116,12 +139,21 @@ def predict_files(model: nn.Module, inputs: Sequence[str | os.PathLike], out_dir
             pred = model(x)
         scores = pred.pred_score.float().cpu().numpy()
         maps = pred.anomaly_map.float().cpu().numpy()
-        for it, s, m in zip(batch, scores, maps):
+        decided = (apply_calibration(calibration, scores, maps, image_threshold=threshold,
+                                     pixel_threshold=pixel_threshold) if calibration is not None else None)
+        for k, (it, s, m) in enumerate(zip(batch, scores, maps)):
             rec: dict[str, Any] = {"input": it.name, "score": float(s)}
-            if threshold is not None:
-                rec["anomalous"] = bool(s > threshold)
+            name = f"{len(results):05d}_{_safe_name(Path(it.name).name)}.png"
+            if decided is not None:
+                normalised = float(decided["normalised_score"][k])
+                rec["normalised_score"] = None if np.isnan(normalised) else normalised
+                rec["anomalous"] = bool(decided["pred_label"][k])
+                rec["anomalous_pixels"] = int(decided["pred_mask"][k].sum())
+                if out is not None:
+                    _mask_png(decided["pred_mask"][k], out / "masks" / name)
+                    rec["mask"] = f"masks/{name}"
             if out is not None:
-                png = out / "heatmaps" / f"{len(results):05d}_{_safe_name(Path(it.name).name)}.png"
+                png = out / "heatmaps" / name
                 _heatmap_png(it, m, png, vmax=max(float(maps.max()), 1e-6))
                 rec["heatmap"] = str(png.relative_to(out))
             results.append(rec)
@@ -133,11 +165,26 @@ def predict_files(model: nn.Module, inputs: Sequence[str | os.PathLike], out_dir
             flush()
     if batch:
         flush()
-    summary = {"model": model.cfg.model, "image_size": size, "threshold": threshold, "scored": len(results),
-               "skipped": skipped, "results": results}
+    summary = {"model": model.cfg.model, "image_size": size,
+               **_decision_summary(calibration, threshold, pixel_threshold),
+               "scored": len(results), "skipped": skipped, "results": results}
     if out is not None:
         atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _decision_summary(calibration: Calibration | None, threshold: float | None,
+                      pixel_threshold: float | None) -> dict[str, Any]:
+    """The thresholds in force and how they were chosen, for ``results.json``."""
+    if calibration is None:
+        return {"threshold": None, "pixel_threshold": None, "operating_point": None}
+    overridden = threshold is not None or pixel_threshold is not None
+    image = calibration.image.threshold if threshold is None else threshold
+    if pixel_threshold is None:
+        pixel_threshold = image if calibration.pixel is None else calibration.pixel.threshold
+    return {"threshold": image, "pixel_threshold": pixel_threshold,
+            "operating_point": {"image": calibration.image.describe(), "pixel": calibration.pixel_point.describe(),
+                                "overridden": overridden}}
 
 
 def predict_server(inputs: Sequence[str | os.PathLike], url: str, protocol: str = "http", shm: bool = False,

@@ -94,6 +94,13 @@ def _curves(out: Path, p: Predictions) -> list[tuple[str, str]]:
     return [("ROC, precision-recall and score histogram", "curves.png")]
 
 
+def _operating_points(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(level, how its threshold was chosen, counts on the evaluated set) for each calibrated level."""
+    op = metrics.get("operating_point", {})
+    return [(f"{level} threshold {op[level]['threshold']:.6g}", op[level]["chosen"], op[level]["summary"])
+            for level in ("image", "pixel") if level in op]
+
+
 def write_report(out: Path, p: Predictions, metrics: dict[str, Any], title: str = "PDD evaluation",
                  k: int = 6, skipped: list[tuple[str, str]] | None = None) -> Path:
     """Write ``report.md`` and ``report.html`` (with the PNG figures) into ``out``; returns the HTML path."""
@@ -109,6 +116,10 @@ def write_report(out: Path, p: Predictions, metrics: dict[str, Any], title: str 
     md += ["", "Metrics (%):", "", metrics_table(metrics), ""]
     if "note" in metrics:
         md += [f"Note: {metrics['note']}", ""]
+    points = _operating_points(metrics)
+    if points:
+        md += ["## Operating point", ""] + [f"- {level}: {chosen}. On this set: {counts}."
+                                            for level, chosen, counts in points] + [""]
     for caption, name in figures:
         md += [f"## {caption}", "", f"![{caption}]({name})", ""]
     if skipped:
@@ -130,6 +141,10 @@ def write_report(out: Path, p: Predictions, metrics: dict[str, Any], title: str 
     ]
     if "note" in metrics:
         parts.append(f"<p>Note: {html.escape(metrics['note'])}</p>")
+    if points:
+        parts.append("<h2>Operating point</h2><ul>" + "".join(
+            f"<li>{html.escape(level)}: {html.escape(chosen)}. On this set: {html.escape(counts)}.</li>"
+            for level, chosen, counts in points) + "</ul>")
     for caption, name in figures:
         parts.append(f"<h2>{html.escape(caption)}</h2><img src='{html.escape(name)}' alt='{html.escape(caption)}'>")
     if skipped:

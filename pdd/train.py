@@ -7,6 +7,8 @@ Epochs only run the trainable parts: the teachers are frozen and there is no aug
 features are computed once (kept fp16 in memory, or in memory-mapped files on disk) and reused. Model
 selection uses the distillation loss on a validation split of normal training images, never the test set.
 ``last.pt`` is written after every epoch (atomically), so a killed run resumes losing at most one epoch.
+At the end, the best checkpoint is calibrated on the validation normals (an image and a pixel threshold at
+a 1 % false-positive rate, see :mod:`pdd.calibration`), stored in ``best.pt`` and ``calibration.json``.
 Multi-GPU: launch with ``torchrun --nproc_per_node N -m pdd.cli train ...`` (nccl on GPU, gloo on CPU).
 """
 
@@ -32,12 +34,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pdd.baselines import RD4ADModel, build_model, rd4ad_loss
-from pdd.checkpoint import read_checkpoint, save_pdd
-from pdd.config import ConfigError, DataConfig, PDDConfig
+from pdd.calibration import Calibration
+from pdd.checkpoint import read_checkpoint, save_pdd, store_calibration
+from pdd.config import ConfigError, DataConfig, PDDConfig, atomic_write_text
 from pdd.losses import pdd_loss
 from pdd.model import TeacherFeatures
 
-__all__ = ["FeatureCache", "TrainResult", "open_dataset", "teacher_features", "train", "training_loss"]
+__all__ = ["FeatureCache", "TrainResult", "check_teachers", "open_dataset", "teacher_features", "train",
+           "training_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +142,7 @@ class TrainResult:
     best_val_loss: float
     epochs_run: int
     history: list[dict[str, Any]]
+    calibration: Calibration | None = None
 
 
 def _is_main() -> bool:
@@ -213,6 +218,36 @@ def _features_of(model: nn.Module, data: Dataset, idx: np.ndarray, device: torch
     return teacher_features(model, images)
 
 
+_DOWNLOAD_HINT = {"vmamba_weights": "vmamba_weights=hub", "wrn_weights": "wrn_weights=timm|torchvision"}
+
+
+def check_teachers(cfg: PDDConfig, warn: bool = True) -> None:
+    """Refuse to train on random teachers unless the config says they are intended; warn on ``+cos`` with them.
+
+    Random teachers give features that mean nothing about images: a run on them only shows the pipeline
+    works. The released ``+cos`` prior term inverts the anomaly maps with such features (the training loss
+    goes negative within a few epochs), so configs meant for random teachers use ``one_minus_cos``.
+    """
+    missing = cfg.teachers_without_weights()
+    if not missing:
+        return
+    names = " and ".join(name for name, _ in missing)
+    if not cfg.random_teachers:
+        keys = " and ".join(key for _, key in missing)
+        downloads = ", ".join(_DOWNLOAD_HINT[key] for _, key in missing)
+        raise ConfigError(
+            f"the config names no weights for the {names} teacher(s): set {keys} to a weight file (or "
+            f"{downloads} to download), see the README section 'Pretrained teachers'; or set "
+            f"random_teachers=true if randomly initialised teachers are intended (smoke tests, the offline demo)")
+    if not warn:
+        return
+    log.warning("training with randomly initialised %s teacher(s) (random_teachers: true): the scores will "
+                "not mean what PDD's do with pretrained teachers", names)
+    if cfg.model == "pdd" and cfg.loss.prior_cos_form == "plus_cos":
+        log.warning("loss.prior_cos_form is plus_cos (the released +cos term) with random teachers: it tends to "
+                    "invert the anomaly maps; loss.prior_cos_form=one_minus_cos is the form for random teachers")
+
+
 def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, device: str | None = None,
           data_root: str | os.PathLike | None = None) -> TrainResult:
     """Train PDD (or the RD4AD baseline) on the normal images of ``cfg.data``; returns where the results are."""
@@ -230,6 +265,7 @@ def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, devi
         dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    check_teachers(cfg, warn=_is_main())
     tc = cfg.train
     _seed_everything(tc.seed)
     last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "train_log.jsonl"
@@ -340,6 +376,33 @@ def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, devi
             log.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()})
         if dist.is_initialized():
             dist.barrier()
-    if _is_main() and not best_path.exists():
-        _link_or_copy(last_path, best_path)
-    return TrainResult(out, best_path, last_path, best_epoch, best_val, len(history), history)
+    calibration = None
+    if _is_main():
+        if not best_path.exists():
+            _link_or_copy(last_path, best_path)
+        calibration = _calibrate_best(model, val_set, out, dev, tc.batch_size)
+    return TrainResult(out, best_path, last_path, best_epoch, best_val, len(history), history, calibration)
+
+
+def _calibrate_best(model: nn.Module, val_set: Dataset | None, out: Path, device: torch.device,
+                    batch_size: int) -> Calibration | None:
+    """Calibrate the best checkpoint on the validation normals; store it there and in ``calibration.json``."""
+    from pdd.evaluate import calibrate
+
+    best_path, last_path = out / "best.pt", out / "last.pt"
+    if val_set is None:
+        log.warning("no validation split (train.val_fraction is 0): %s has no operating threshold; run "
+                    "`pdd calibrate --checkpoint %s --data DIR`", best_path, best_path)
+        return None
+    model.load_state_dict(read_checkpoint(best_path)["state_dict"])
+    model.eval()
+    calibration = calibrate(model, val_set, source="validation normals", batch_size=batch_size, device=device)
+    # best.pt is a hard link to last.pt when the last epoch was the best: keep it one file.
+    linked = os.path.samefile(best_path, last_path)
+    store_calibration(best_path, calibration)
+    if linked:
+        _link_or_copy(best_path, last_path)
+    atomic_write_text(out / "calibration.json", json.dumps(calibration.to_dict(), indent=2) + "\n")
+    log.info("operating point from %d validation normals: image %s; pixel %s", len(val_set),
+             calibration.image.describe(), calibration.pixel_point.describe())
+    return calibration

@@ -38,6 +38,11 @@ def to_legacy(name: str) -> str:
     return name
 
 
+def to_current_official(name: str) -> str:
+    """The current official VMamba code's names: PatchMerging's LayerNorm and Linear as downsample.1 / .2."""
+    return name.replace(".downsample.norm.", ".downsample.1.").replace(".downsample.reduction.", ".downsample.2.")
+
+
 def test_spec_lists_212_tensors():
     assert len(official_state()) == 212
 
@@ -58,6 +63,22 @@ def test_official_checkpoint_loads_strictly(tmp_path, legacy):
         src = state[to_legacy(k)] if legacy else state[k]
         torch.testing.assert_close(own[k], src, msg=k)
     assert ref.keys() - own.keys() == {k for k in ref if k.startswith("classifier.")}
+
+
+def test_current_official_names_load_as_the_legacy_ones(tmp_path):
+    state = {to_current_official(k): v for k, v in official_state().items()}
+    assert "layers.2.downsample.2.weight" in state and "layers.2.downsample.1.bias" in state
+    path = tmp_path / "vssm_tiny_current_names.pth"
+    torch.save({"model": state}, path)
+    own = vmamba_tiny_v0(weights=path).state_dict()
+    for k in own:
+        torch.testing.assert_close(own[k], state[to_current_official(k)], rtol=0, atol=0, msg=k)
+    # The same names also map when the teacher sits inside a larger module (a PDD checkpoint).
+    outer = torch.nn.Module()
+    outer.vmamba = VSSMv0()
+    outer.load_state_dict({f"vmamba.{k}": v for k, v in state.items() if not k.startswith("classifier.")})
+    torch.testing.assert_close(outer.vmamba.layers[0].downsample.reduction.weight,
+                               state["layers.0.downsample.2.weight"], rtol=0, atol=0)
 
 
 def test_legacy_names_map_inside_a_larger_module():

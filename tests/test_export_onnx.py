@@ -204,7 +204,7 @@ def test_metadata_beside_the_onnx(plugin_report: ExportReport) -> None:
     assert (meta.form, meta.batch, meta.image_size, meta.preprocess) == ("plugin", EXPORT_BATCH, (64, 64), False)
     assert meta.custom_ops == [f"{DOMAIN}::{HEAD_OP}", f"{DOMAIN}::{SS2D_OP}"]
     assert meta.normalisation["mean"] == pytest.approx([0.485, 0.456, 0.406])
-    assert meta.config["image_size"] == 64 and meta.anomaly_threshold is None
+    assert meta.config["image_size"] == 64 and meta.calibration is None  # a fresh model has none
     assert {"torch", "onnx", "pdd"} <= set(meta.versions)
     assert [s.name for s in meta.outputs] == ["pred_score", "anomaly_map"]
     assert not list(plugin_report.path.parent.glob(".*.tmp"))

@@ -138,6 +138,15 @@ def test_compute_metrics_per_class_and_mean() -> None:
         assert r["mAD"] == pytest.approx(np.mean([r[k] for k in METRIC_NAMES]), abs=1e-12)
     for key in (*METRIC_NAMES, "mAD"):
         assert res["mean"][key] == pytest.approx((res["per_class"]["a"][key] + res["per_class"]["b"][key]) / 2)
+    # Pooled: all images and pixels of both classes ranked together, against scikit-learn.
+    pooled = res["pooled"]
+    assert pooled["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=TOL)
+    assert pooled["image_ap"] == pytest.approx(average_precision_score(labels, scores), abs=TOL)
+    assert pooled["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=TOL)
+    assert pooled["pixel_f1max"] == pytest.approx(_sk_f1max(masks.ravel(), maps.ravel()), abs=TOL)
+    assert pooled["aupro"] == pytest.approx(_brute_aupro(maps, masks, 0.3, EIGHT), abs=TOL)
+    assert pooled["image_auroc"] != pytest.approx(res["mean"]["image_auroc"], abs=1e-6)
+    assert "pooled" not in compute_metrics(scores[:6], labels[:6], class_names=names[:6])
 
 
 def test_compute_metrics_image_only_from_tensors() -> None:

@@ -11,7 +11,7 @@ from pdd import PDDConfig, PDDOutput, build_pdd
 from pdd.backbones import WeightsError
 from pdd.checkpoint import load_pdd, save_pdd
 from pdd.losses import pdd_loss
-from pdd.model import UpConv2x2
+from pdd.model import DecoderStage, UpConv2x2, _init_trainable
 
 logging.getLogger("pdd.model").setLevel(logging.ERROR)
 
@@ -86,6 +86,23 @@ def test_upconv_gemm_equals_transposed_convolution(shape):
     torch.testing.assert_close(gw, rw, rtol=0, atol=1e-12)
 
 
+def test_init_is_kaiming_for_conv2d_only():
+    """As the authors' code: Conv2d gets Kaiming normal (fan_out); ConvTranspose2d keeps PyTorch's default."""
+    stage = DecoderStage(256, 128, blocks=2)
+    before = {n: p.detach().clone() for n, p in stage.named_parameters()}
+    stage.apply(_init_trainable)
+    deconvs = [n for n, m in stage.named_modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    convs = [(n, m) for n, m in stage.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(deconvs) == 2 and len(convs) == 5
+    for name in deconvs:
+        torch.testing.assert_close(stage.get_submodule(name).weight, before[f"{name}.weight"], rtol=0, atol=0)
+    for name, conv in convs:
+        w = conv.weight.detach()
+        assert not torch.equal(w, before[f"{name}.weight"]), name
+        fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+        assert w.std().item() == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.05), name
+
+
 def test_frozen_teachers_get_no_gradient():
     model = build_pdd(PDDConfig(image_size=64)).train()
     assert not model.teachers.training
@@ -127,6 +144,19 @@ def test_checkpoint_round_trip(tmp_path, small_pdd):
     with torch.no_grad():
         after = loaded(x)
     torch.testing.assert_close(after.anomaly_map, before.anomaly_map, rtol=0, atol=0)
+
+
+def test_checkpoint_from_before_the_random_teachers_flag_loads_and_warns(tmp_path, small_pdd, caplog):
+    path = tmp_path / "old.pt"
+    save_pdd(small_pdd, path)
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["random_teachers"]  # written before the flag existed
+    torch.save(payload, path)
+    with caplog.at_level(logging.WARNING, logger="pdd.checkpoint"):
+        model = load_pdd(path)
+    assert model.cfg.random_teachers is False
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pdd.checkpoint"]
+    assert len(warnings) == 1 and "randomly initialised WRN50-2 and VMamba-T" in warnings[0]
 
 
 def test_checkpoint_with_unknown_key_is_refused(tmp_path, small_pdd):

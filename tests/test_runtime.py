@@ -13,10 +13,12 @@ import torch
 from onnx import TensorProto, helper
 
 from export.custom_ops import DOMAIN, HEAD_MAP_STRIDE, HEAD_OP, SS2D_OP, register_ort_ops, ss2d_shapes, to_ort_domain
+from export.metadata import OnnxMetadata, TensorSpec, metadata_path, write_metadata
 from export.parity import compare_predictions, labelled_images
 from export.runtime import OnnxRuntime, RuntimeUnavailable, TorchRuntime, make_runtime
 from pdd.anomaly import anomaly_head_ref
 from pdd.backbones.vmamba import SS2D
+from pdd.calibration import Calibration, apply_calibration, fit_operating_point
 from pdd.ssm import ss2d_scan
 
 # One intra-op thread for the forward passes of this module (fixture in conftest.py).
@@ -55,6 +57,33 @@ def test_onnxruntime_runs_a_pipeline_graph(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="non-empty"):
         rt.predict(images[:0])
     rt.close()
+
+
+def test_decide_applies_the_artifact_calibration(tmp_path: Path) -> None:
+    path = _toy_pipeline(tmp_path / "toy.onnx")
+    images = np.random.default_rng(1).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    with make_runtime("onnxruntime:cpu", onnx_path=path) as rt:
+        with pytest.raises(ValueError, match="no calibration"):
+            rt.decide(images)
+        manual = rt.decide(images, image_threshold=0.5)
+    np.testing.assert_array_equal(manual["pred_label"], manual["pred_score"] > 0.5)
+    np.testing.assert_array_equal(manual["pred_mask"], manual["anomaly_map"] > 0.5)
+    maps = images.mean(1)
+    cal = Calibration(fit_operating_point(maps.max((1, 2))[:2], target=0.5),
+                      fit_operating_point(maps[:2], target=0.05))
+    spec = [TensorSpec("images", "float32", ("batch", 3, 8, 8))]
+    outs = [TensorSpec("pred_score", "float32", ("batch",)), TensorSpec("anomaly_map", "float32", ("batch", 8, 8))]
+    write_metadata(metadata_path(path), OnnxMetadata(
+        form="portable", opset=18, file=path.name, sha256="0" * 64, size_bytes=1, nodes=2, inputs=spec,
+        outputs=outs, image_size=(8, 8), batch=(1, 8), preprocess=False, input_layout="NCHW", normalisation={},
+        config={}, custom_ops=[], calibration=cal))
+    with make_runtime("onnxruntime:cpu", onnx_path=path) as rt:
+        assert rt.calibration == cal
+        out = rt.decide(images)
+        ref = apply_calibration(cal, out["pred_score"], out["anomaly_map"])
+        for key in ("normalised_score", "pred_label", "pred_mask"):
+            np.testing.assert_array_equal(out[key], ref[key], err_msg=key)
+        assert out["pred_mask"].any() and not out["pred_mask"].all()
 
 
 def test_onnxruntime_serves_the_ss2d_node_with_the_python_op(tmp_path: Path) -> None:

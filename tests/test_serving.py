@@ -24,6 +24,7 @@ from PIL import Image
 from benchmarks.common import free_ports
 from export.client import InferenceError, PDDClient, predict_server_files, run_load
 from export.triton_repo import MAX_SIDE, build_triton_repo
+from pdd.calibration import Calibration, apply_calibration, fit_operating_point
 from pdd.data.readers import to_model_input
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
@@ -56,21 +57,27 @@ def _grey() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(small_pdd):
-    """(images, outputs for images, threshold, outputs for the grey image), one PyTorch forward for all."""
+    """(images, outputs for images, calibration, outputs for the grey image), one PyTorch forward for all."""
     images, grey = _images(), _grey()
     both = _torch_reference(small_pdd, [*images, grey])
     ref = {k: v[:2] for k, v in both.items()}
-    # Halfway between the two scores, so one image is flagged and the other is not.
-    threshold = float(ref["pred_score"].mean())
-    return images, ref, threshold, {k: v[2:] for k, v in both.items()}
+    # F1-optimal on the two images, the higher-scored one called anomalous: the image threshold lies halfway
+    # between their scores, so one is flagged and the other is not. Pixels: 5 % of the first image's.
+    labels = (ref["pred_score"] == ref["pred_score"].max()).astype(int)
+    calibration = Calibration(fit_operating_point(ref["pred_score"], labels),
+                              fit_operating_point(ref["anomaly_map"][labels == 0], target=0.05))
+    return images, ref, calibration, {k: v[2:] for k, v in both.items()}
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, small_pdd, reference):
     pytest.importorskip("pytriton", reason="needs the bundled server: pip install --no-deps nvidia-pytriton==0.7.0")
-    threshold = reference[2]
-    return build_triton_repo(tmp_path_factory.mktemp("serving") / "repo", flavour="python", model=small_pdd,
-                             max_batch_size=4, threshold=threshold)
+    small_pdd.calibration = reference[2]  # the export carries the model's calibration
+    try:
+        return build_triton_repo(tmp_path_factory.mktemp("serving") / "repo", flavour="python", model=small_pdd,
+                                 max_batch_size=4)
+    finally:
+        small_pdd.calibration = None
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +104,14 @@ def _tolerance(ref_map: np.ndarray) -> float:
     return 1e-4 * float(ref_map.max() - ref_map.min())
 
 
-def _assert_matches(out: dict[str, np.ndarray], ref: dict[str, np.ndarray], threshold: float) -> None:
+def _assert_matches(out: dict[str, np.ndarray], ref: dict[str, np.ndarray], calibration: Calibration) -> None:
+    """Scores and maps as PyTorch's; decisions and normalised scores as pdd.calibration makes them locally."""
     tol = _tolerance(ref["anomaly_map"])
     np.testing.assert_allclose(out["anomaly_map"], ref["anomaly_map"], atol=tol, rtol=0)
     np.testing.assert_allclose(out["pred_score"], ref["pred_score"], atol=tol, rtol=0)
-    np.testing.assert_array_equal(out["pred_label"], out["pred_score"] > threshold)
-    np.testing.assert_array_equal(out["pred_mask"], out["anomaly_map"] > threshold)
+    local = apply_calibration(calibration, out["pred_score"], out["anomaly_map"])
+    for key in ("normalised_score", "pred_label", "pred_mask"):
+        np.testing.assert_array_equal(out[key], local[key], err_msg=key)
 
 
 # --- parity ---------------------------------------------------------------------------------------------
@@ -110,34 +119,42 @@ def _assert_matches(out: dict[str, np.ndarray], ref: dict[str, np.ndarray], thre
 
 @pytest.mark.parametrize("protocol, shm", [("http", False), ("grpc", False), ("http", True), ("grpc", True)])
 def test_outputs_match_pytorch(server, reference, protocol, shm):
-    images, ref, threshold, _ = reference
+    images, ref, cal, _ = reference
     url = server.http_url if protocol == "http" else server.grpc_url
     with PDDClient(url, protocol=protocol, shm=shm) as client:
         assert client.health() == {"live": True, "ready": True, "model_ready": True}
         out = client.predict(images)
         assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
             "pred_score": ((2,), np.float32), "anomaly_map": ((2, SIZE, SIZE), np.float32),
-            "pred_label": ((2,), np.bool_), "pred_mask": ((2, SIZE, SIZE), np.bool_)}
-        _assert_matches(out, ref, threshold)
-        assert out["pred_label"].tolist() == (ref["pred_score"] > threshold).tolist()
+            "normalised_score": ((2,), np.float32), "pred_label": ((2,), np.bool_),
+            "pred_mask": ((2, SIZE, SIZE), np.bool_)}
+        _assert_matches(out, ref, cal)
+        assert out["pred_label"].tolist() == (ref["pred_score"] > cal.image.threshold).tolist()
         assert sorted(out["pred_label"].tolist()) == [False, True]
+        assert ((out["normalised_score"] > 0.5) == out["pred_label"]).all()
+        assert out["pred_mask"][0].any() and not out["pred_mask"].all()
         if shm:
             # A second, smaller request reuses the client's shared-memory regions.
-            _assert_matches(client.predict(images[1]), {k: v[1:] for k, v in ref.items()}, threshold)
-        assert client.threshold() == pytest.approx(threshold)
+            _assert_matches(client.predict(images[1]), {k: v[1:] for k, v in ref.items()}, cal)
+        assert client.calibration() == cal and client.threshold() == cal.image.threshold
+        # Thresholds replaced for one request only (request parameters reach the postprocess step).
+        low = float(ref["pred_score"].min()) - 1.0
+        out = client.predict(images, image_threshold=low, pixel_threshold=1e9)
+        assert out["pred_label"].all() and not out["pred_mask"].any()
+        _assert_matches(client.predict(images), ref, cal)
 
 
 def test_resized_grey_and_encoded_inputs(server, reference):
-    _, _, threshold, ref = reference
+    _, _, cal, ref = reference
     grey = _grey()
     with PDDClient(server.grpc_url, protocol="grpc") as client:
-        _assert_matches(client.predict(grey[None]), ref, threshold)
+        _assert_matches(client.predict(grey[None]), ref, cal)
         png = io.BytesIO()
         Image.fromarray(grey[..., 0]).save(png, format="PNG")
         jpeg = io.BytesIO()
         Image.fromarray(np.repeat(grey, 3, axis=2)).save(jpeg, format="JPEG", quality=95)
         out = client.predict([png.getvalue(), jpeg.getvalue()])
-    _assert_matches({k: v[:1] for k, v in out.items()}, ref, threshold)
+    _assert_matches({k: v[:1] for k, v in out.items()}, ref, cal)
     # JPEG is lossy: only close.
     assert abs(out["pred_score"][1] - ref["pred_score"][0]) < 0.05 * float(np.ptp(ref["anomaly_map"]))
 
@@ -163,7 +180,7 @@ def _raw_infer(url: str, name: str, array: np.ndarray, datatype: str, model: str
 
 
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, reference):
-    images, ref, threshold, _ = reference
+    images, ref, cal, _ = reference
     url = server.http_url
     cases = [
         ("images", images.astype(np.float32), "FP32", "pdd", "data-type is 'FP32'"),
@@ -180,7 +197,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, refe
         assert phrase in message, (phrase, message)
         # Each bad request is followed by a good one, which must succeed.
         with PDDClient(url) as client:
-            _assert_matches(client.predict(images[:1]), {k: v[:1] for k, v in ref.items()}, threshold)
+            _assert_matches(client.predict(images[:1]), {k: v[:1] for k, v in ref.items()}, cal)
     with PDDClient(server.grpc_url, protocol="grpc") as client:
         with pytest.raises(InferenceError, match="corrupt or truncated image data"):
             client.predict([b"\x89PNG\r\n\x1a\n truncated"])
@@ -224,7 +241,7 @@ def test_concurrent_load_has_no_errors_and_matches_single_requests(server, refer
 
 
 def test_predict_server_files_writes_results_and_heatmaps(server, reference, tmp_path):
-    images, ref, threshold, _ = reference
+    images, ref, cal, _ = reference
     folder = tmp_path / "scans"
     folder.mkdir()
     # The second image is grey (three equal channels): saved as a one-channel PNG it scores the same.
@@ -232,13 +249,14 @@ def test_predict_server_files_writes_results_and_heatmaps(server, reference, tmp
     Image.fromarray(images[1][..., 0]).save(folder / "b.png")
     out = tmp_path / "out"
     summary = predict_server_files([folder], server.grpc_url, protocol="grpc", shm=True, out_dir=out)
-    assert summary["scored"] == 2 and summary["threshold"] == pytest.approx(threshold)
+    assert summary["scored"] == 2 and summary["threshold"] == cal.image.threshold
     assert json.loads((out / "results.json").read_text()) == summary
     tol = _tolerance(ref["anomaly_map"])
     for k, (rec, path) in enumerate(zip(summary["results"], sorted(folder.iterdir()))):
         assert rec["input"] == str(path) and (out / rec["heatmap"]).is_file()
         assert abs(rec["score"] - float(ref["pred_score"][k])) <= tol
-        assert rec["anomalous"] == bool(ref["pred_score"][k] > threshold)
+        assert rec["anomalous"] == bool(ref["pred_score"][k] > cal.image.threshold)
+        assert (rec["normalised_score"] > 0.5) == rec["anomalous"]
     assert Image.open(out / summary["results"][0]["heatmap"]).size == (SIZE, SIZE)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import socket
@@ -13,13 +14,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from pdd.calibration import Calibration
 from pdd.checkpoint import load_pdd, read_checkpoint
 from pdd.cli import main as pdd_main
 from pdd.cli import resolve_config
-from pdd.config import apply_overrides
+from pdd.config import ConfigError, apply_overrides
 from pdd.evaluate import evaluate
-from pdd.train import open_dataset, train
+from pdd.train import check_teachers, open_dataset, train
 
 TINY = ["image_size=64", "train.epochs=2", "train.batch_size=4", "train.eval_every=1", "train.amp=false",
         "train.val_fraction=0.25"]
@@ -52,6 +55,15 @@ def test_train_writes_checkpoints_and_log(tmp_path, synth):
     assert (tmp_path / "run" / "config.yaml").is_file()
     ckpt = read_checkpoint(result.last_checkpoint)
     assert ckpt["epoch"] == 2 and "optimizer" in ckpt
+    # The best checkpoint is calibrated on the 3 validation normals (FPR ≤ 1 %: above the highest of them).
+    cal = result.calibration
+    assert cal is not None and cal.image.method == "fpr" and cal.image.target == 0.01
+    assert (cal.image.normal, cal.image.anomalous, cal.image.false_positives) == (3, 0, 0)
+    assert cal.pixel is not None and cal.pixel.normal == 3 * 64 * 64
+    assert Calibration.from_dict(read_checkpoint(result.best_checkpoint)["calibration"]) == cal
+    assert Calibration.from_dict(json.loads((tmp_path / "run" / "calibration.json").read_text())) == cal
+    val_scores = evaluate_scores(load_pdd(result.best_checkpoint), synth, result)
+    assert cal.image.threshold == pytest.approx(float(val_scores.max()), rel=1e-5)
 
 
 def test_resume_continues_exactly(tmp_path, synth):
@@ -81,6 +93,28 @@ def test_feature_cache_matches_uncached(tmp_path, synth, cache):
     assert other.history[0]["train_loss"] == pytest.approx(cached, rel=2e-2)
 
 
+def test_training_refuses_random_teachers_unless_intended(tmp_path, synth, capsys, caplog):
+    cfg = apply_overrides(resolve_config("headct"), [*TINY, f"data.root={synth}"])
+    with pytest.raises(ConfigError) as err:
+        train(cfg, tmp_path / "refused")
+    for part in ("vmamba_weights", "wrn_weights", "Pretrained teachers", "random_teachers=true"):
+        assert part in str(err.value)
+    assert not (tmp_path / "refused").exists()
+    assert pdd_main(["train", "--config", "rd4ad-headct", "--data", str(synth), "--out", str(tmp_path / "r")]) == 2
+    message = capsys.readouterr().err
+    assert "wrn_weights" in message and "vmamba_weights" not in message  # RD4AD has no VMamba teacher
+    # Configs made for random teachers say so, and use the 1 − cos prior term.
+    for name in ("brain-synth", "rd4ad-brain-synth"):
+        assert resolve_config(name).random_teachers
+    assert resolve_config("brain-synth").loss.prior_cos_form == "one_minus_cos"
+    with caplog.at_level(logging.WARNING, logger="pdd.train"):
+        check_teachers(tiny_cfg(synth))
+        assert not any("plus_cos" in r.getMessage() for r in caplog.records)
+        check_teachers(tiny_cfg(synth, "loss.prior_cos_form=plus_cos"))
+    assert any("plus_cos" in r.getMessage() and "one_minus_cos" in r.getMessage() for r in caplog.records)
+    check_teachers(cfg.replace(vmamba_weights="v.pth", wrn_weights="w.pth"))  # weights named: no objection
+
+
 def test_rd4ad_trains_with_the_same_code(tmp_path, synth):
     cfg = apply_overrides(resolve_config("rd4ad-brain-synth"), [*TINY, "train.epochs=1", f"data.root={synth}"])
     result = train(cfg, tmp_path / "rd4ad")
@@ -88,17 +122,67 @@ def test_rd4ad_trains_with_the_same_code(tmp_path, synth):
     assert type(model).__name__ == "RD4ADModel"
 
 
-def test_evaluate_scores_every_image_and_writes_report(tmp_path, synth):
-    model = load_pdd(train(tiny_cfg(synth, "train.epochs=1"), tmp_path / "run").best_checkpoint)
+def evaluate_scores(model, synth, result):
+    """Scores of the validation normals a training run held out (the same split as train())."""
+    from pdd.data import split_train_val
+    from pdd.evaluate import predict_dataset
+
+    full = open_dataset(model.cfg.data, "train", 64, synth)
+    _, val = split_train_val(full, model.cfg.train.val_fraction, seed=model.cfg.train.seed)
+    return predict_dataset(model, val, batch_size=4).scores
+
+
+def test_evaluate_calibrate_and_predict_use_the_operating_point(tmp_path, synth, capsys):
+    best = train(tiny_cfg(synth, "train.epochs=1"), tmp_path / "run").best_checkpoint
+    model = load_pdd(best)
     test_set = open_dataset(model.cfg.data, "test", 64)
     res = evaluate(model, test_set, tmp_path / "eval", batch_size=4)
     assert res.metrics["images"]["total"] == len(test_set) == 10
     assert set(res.metrics["mean"]) >= {"image_auroc", "pixel_auroc", "aupro", "mAD"}
     rows = (tmp_path / "eval" / "scores.csv").read_text().splitlines()
-    assert len(rows) == 11
+    assert len(rows) == 11 and rows[0] == "path,class,label,score,normalised_score,pred_label"
     html = (tmp_path / "eval" / "report.html").read_text()
     for png in ("curves.png", "overlays_most_anomalous.png", "overlays_least_anomalous.png"):
         assert png in html and (tmp_path / "eval" / png).stat().st_size > 1000
+    # The operating point on the test set: counts of the calibrated threshold, checked directly.
+    op = res.metrics["operating_point"]["image"]
+    flagged = res.predictions.scores.astype(np.float64) > model.calibration.image.threshold
+    labels = res.predictions.labels == 1
+    assert (op["true_positives"], op["false_positives"]) == (int((flagged & labels).sum()),
+                                                             int((flagged & ~labels).sum()))
+    assert op["sensitivity"] == pytest.approx((flagged & labels).sum() / labels.sum())
+    assert "Operating point" in html and "false-positive rate on normals ≤ 0.01" in html
+    assert res.metrics["operating_point"]["pixel"]["true_negatives"] > 0
+
+    # pdd calibrate on the labelled split (here the test split stands in for a labelled validation set).
+    assert pdd_main(["calibrate", "--checkpoint", str(best), "--data", str(synth), "--target-sensitivity", "0.8",
+                     "--out", str(tmp_path / "cal.json"), "--batch-size", "5"]) == 0
+    assert "sensitivity ≥ 0.8" in capsys.readouterr().out
+    recal = load_pdd(best).calibration
+    assert recal.image.method == "sensitivity" and recal.image.anomalous == 6 and recal.image.normal == 4
+    assert recal.image.true_positives >= 0.8 * 6
+    assert recal.pixel.method == "sensitivity" and recal.pixel.anomalous > 0  # brain-synth has masks
+    assert Calibration.from_dict(json.loads((tmp_path / "cal.json").read_text())) == recal
+    assert pdd_main(["calibrate", "--checkpoint", str(best), "--data", str(synth), "--split", "train",
+                     "--target-specificity", "0.9"]) == 2
+    assert "needs labelled normal and anomalous images" in capsys.readouterr().err
+
+    # pdd predict: normalised score, label and mask from the calibration; --threshold replaces it.
+    images = sorted((synth / "test").rglob("*.png"))[:3]
+    assert pdd_main(["predict", "--checkpoint", str(best), *map(str, images), "--out", str(tmp_path / "p")]) == 0
+    out = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert json.loads(capsys.readouterr().out) == out
+    assert out["threshold"] == recal.image.threshold and out["pixel_threshold"] == recal.pixel.threshold
+    for rec in out["results"]:
+        assert rec["anomalous"] == (rec["score"] > recal.image.threshold)
+        assert (rec["normalised_score"] > 0.5) == rec["anomalous"] and 0 < rec["normalised_score"] < 1
+        mask = np.asarray(Image.open(tmp_path / "p" / rec["mask"]))
+        assert mask.shape == (64, 64) and int((mask > 0).sum()) == rec["anomalous_pixels"]
+    assert pdd_main(["predict", "--checkpoint", str(best), *map(str, images), "--threshold", "-1",
+                     "--pixel-threshold", "1e9"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert all(r["anomalous"] and r["anomalous_pixels"] == 0 for r in printed["results"])
+    assert printed["operating_point"]["overridden"] is True
 
 
 def test_cli_eval_with_fresh_config(tmp_path, synth, capsys):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import math
+import json
 import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -25,10 +26,9 @@ from onnx import TensorProto, helper
 from PIL import Image
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.metadata import EngineMetadata, OnnxMetadata, TensorSpec, write_metadata
+from export.metadata import EngineMetadata, OnnxMetadata, TensorSpec, read_onnx_metadata, write_metadata
 from export.serve import docker_command
 from export.triton_repo import (
-    DEFAULT_THRESHOLD,
     MAX_SIDE,
     MODEL_NAMES,
     RepositoryError,
@@ -36,7 +36,9 @@ from export.triton_repo import (
     check_repository,
     parse_config,
     repository_flavour,
+    store_calibration,
 )
+from pdd.calibration import Calibration, apply_calibration, fit_operating_point
 from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, read_image, read_image_bytes, to_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,15 +69,16 @@ def _specs(size: int, dtype: str = "float32") -> tuple[list[TensorSpec], list[Te
              TensorSpec("anomaly_map", "float32", ("batch", size, size))])
 
 
-def make_onnx_dir(folder: Path, size: int = 64, batch: tuple[int, int] = (1, 8), threshold: float | None = None,
-                  preprocess: bool = False, custom_ops: tuple[str, ...] = ()) -> Path:
+def make_onnx_dir(folder: Path, size: int = 64, batch: tuple[int, int] = (1, 8),
+                  calibration: Calibration | None = None, preprocess: bool = False,
+                  custom_ops: tuple[str, ...] = (), config: dict | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     _tiny_onnx(folder / "model.onnx", size)
     inputs, outputs = _specs(size)
     write_metadata(folder / "model.json", OnnxMetadata(
         form="portable", opset=18, file="model.onnx", sha256="0" * 64, size_bytes=1, nodes=2, inputs=inputs,
         outputs=outputs, image_size=(size, size), batch=batch, preprocess=preprocess, input_layout="NCHW",
-        normalisation=NORMALISATION, config={}, custom_ops=list(custom_ops), anomaly_threshold=threshold))
+        normalisation=NORMALISATION, config=config or {}, custom_ops=list(custom_ops), calibration=calibration))
     return folder
 
 
@@ -91,7 +94,7 @@ def make_engine_dir(folder: Path, size: int = 64, max_batch: int = 8, dtype: str
         profile={"images": {"min": [min_batch, 3, size, size], "opt": [max(4, min_batch), 3, size, size],
                             "max": [max_batch, 3, size, size]}},
         inputs=inputs, outputs=outputs, image_size=(size, size), preprocess=False, normalisation=NORMALISATION,
-        config={}, anomaly_threshold=0.25))
+        config={}, calibration=Calibration.manual(0.25)))
     return folder
 
 
@@ -129,7 +132,8 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
         ("images", "TYPE_UINT8", [-1, -1, -1], True), ("images_encoded", "TYPE_STRING", [1], True),
         ("dicom_window", "TYPE_FP32", [2], True)]
     assert {o.name: list(o.dims) for o in ens.output} == {
-        "pred_score": [1], "anomaly_map": [64, 64], "pred_label": [1], "pred_mask": [64, 64]}
+        "pred_score": [1], "anomaly_map": [64, 64], "normalised_score": [1], "pred_label": [1],
+        "pred_mask": [64, 64]}
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["preprocess", "pdd_engine", "postprocess"]
 
     eng = parsed["pdd_engine"]
@@ -172,21 +176,68 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
     assert (repo / "preprocess" / "1" / "readers.py").read_text() == (ROOT / "pdd/data/readers.py").read_text()
     assert [i.name for i in pre.input] == [i.name for i in ens.input]
     post = parsed["postprocess"]
-    expected = 0.25 if flavour == "tensorrt" else DEFAULT_THRESHOLD
-    assert float(post.parameters["anomaly_threshold"].string_value) == expected
+    record = post.parameters["calibration"].string_value
+    if flavour == "tensorrt":
+        assert Calibration.from_dict(json.loads(record)) == Calibration.manual(0.25)
+    else:
+        assert record == ""
+    assert post.parameters["image_threshold"].string_value == post.parameters["pixel_threshold"].string_value == ""
     assert [(o.name, mc.DataType.Name(o.data_type)) for o in post.output] == [
-        ("pred_label", "TYPE_BOOL"), ("pred_mask", "TYPE_BOOL")]
+        ("normalised_score", "TYPE_FP32"), ("pred_label", "TYPE_BOOL"), ("pred_mask", "TYPE_BOOL")]
+    assert (repo / "postprocess" / "1" / "pdd_calibration.py").read_text() == (
+        ROOT / "pdd" / "calibration.py").read_text()
 
 
-def test_threshold_from_metadata_override_and_default(tmp_path):
-    with_thr = make_onnx_dir(tmp_path / "thr", threshold=0.75)
-    repo = build_triton_repo(tmp_path / "a", engine_dir=with_thr)
-    assert float(_configs(repo)["postprocess"].parameters["anomaly_threshold"].string_value) == 0.75
-    repo = build_triton_repo(tmp_path / "b", engine_dir=with_thr, threshold=1.5)
-    assert float(_configs(repo)["postprocess"].parameters["anomaly_threshold"].string_value) == 1.5
+def _calibration() -> Calibration:
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 20 + [1] * 10)
+    image = fit_operating_point(rng.normal(0.3, 0.05, 30) + 0.2 * labels, labels, source="stand-in")
+    pixel = fit_operating_point(rng.normal(0.2, 0.05, 1000), target=0.01, source="stand-in pixels")
+    return Calibration(image, pixel)
+
+
+def test_calibration_from_metadata_overrides_and_none(tmp_path):
+    cal = _calibration()
+    with_cal = make_onnx_dir(tmp_path / "cal", calibration=cal)
+    post = _configs(build_triton_repo(tmp_path / "a", engine_dir=with_cal))["postprocess"]
+    assert Calibration.from_dict(json.loads(post.parameters["calibration"].string_value)) == cal
+    repo = build_triton_repo(tmp_path / "b", engine_dir=with_cal, threshold=1.5, pixel_threshold=0.75)
+    post = _configs(repo)["postprocess"]
+    assert (float(post.parameters["image_threshold"].string_value),
+            float(post.parameters["pixel_threshold"].string_value)) == (1.5, 0.75)
+    assert "image_threshold 1.5 replaces the calibrated one" in (repo / "postprocess" / "config.pbtxt").read_text()
     repo = build_triton_repo(tmp_path / "c", engine_dir=make_onnx_dir(tmp_path / "none"))
-    assert math.isinf(float(_configs(repo)["postprocess"].parameters["anomaly_threshold"].string_value))
+    assert _configs(repo)["postprocess"].parameters["calibration"].string_value == ""
     assert "nothing is flagged" in (repo / "postprocess" / "config.pbtxt").read_text()
+
+
+def test_store_calibration_updates_a_repository_without_re_export(tmp_path):
+    repo = build_triton_repo(tmp_path / "repo", engine_dir=make_onnx_dir(tmp_path / "o"), pixel_threshold=0.5)
+    onnx_before = (repo / "pdd_engine" / "1" / "model.onnx").read_bytes()
+    cal = _calibration()
+    assert store_calibration(repo, cal) == repo / "postprocess" / "config.pbtxt"
+    check_repository(repo)
+    post = _configs(repo)["postprocess"]
+    assert Calibration.from_dict(json.loads(post.parameters["calibration"].string_value)) == cal
+    assert post.parameters["pixel_threshold"].string_value == "0.5"  # a hand-set override is kept
+    assert read_onnx_metadata(repo / "pdd_engine" / "1" / "model.json").calibration == cal
+    assert (repo / "pdd_engine" / "1" / "model.onnx").read_bytes() == onnx_before
+    # An ONNX export's metadata alone.
+    onnx_dir = make_onnx_dir(tmp_path / "plain")
+    assert store_calibration(onnx_dir / "model.onnx", cal) == onnx_dir / "model.json"
+    assert read_onnx_metadata(onnx_dir / "model.onnx").calibration == cal
+
+
+def test_metadata_with_a_bare_anomaly_threshold_still_loads(tmp_path):
+    folder = make_onnx_dir(tmp_path / "old")
+    data = json.loads((folder / "model.json").read_text())
+    del data["calibration"]
+    data["anomaly_threshold"] = 0.75  # how metadata recorded a threshold before calibration records
+    (folder / "model.json").write_text(json.dumps(data))
+    assert read_onnx_metadata(folder / "model.json").calibration == Calibration.manual(
+        0.75, f"anomaly_threshold of {folder / 'model.json'}")
+    post = _configs(build_triton_repo(tmp_path / "r", engine_dir=folder))["postprocess"]
+    assert json.loads(post.parameters["calibration"].string_value)["image"]["threshold"] == 0.75
 
 
 def test_fp16_engine_gets_fp16_preprocess_output(tmp_path):
@@ -445,20 +496,62 @@ def test_preprocess_decodes_dicom_as_pdd_predict_does(tmp_path, onnx_dir, backen
         assert resp.error is not None and phrase in resp.error.message, (phrase, resp.error and resp.error.message)
 
 
-def test_postprocess_thresholds(tmp_path, backend_model):
-    repo = build_triton_repo(tmp_path / "repo", engine_dir=make_onnx_dir(tmp_path / "o", threshold=0.5))
+class _Request(dict):
+    """A stand-in request: input tensors by name, and the request parameters as Triton gives them (JSON)."""
+
+    def __init__(self, params: dict | None = None, **tensors: np.ndarray) -> None:
+        super().__init__({name: _Tensor(name, array) for name, array in tensors.items()})
+        self.params = json.dumps(params or {})
+
+    def parameters(self) -> str:
+        return self.params
+
+
+class _Logger:
+    warnings: ClassVar[list[str]] = []
+
+    @classmethod
+    def log_warn(cls, message: str) -> None:
+        cls.warnings.append(message)
+
+
+def test_postprocess_applies_the_calibration_as_pdd_does(tmp_path, backend_model, monkeypatch):
+    cal = _calibration()
+    config = {"model": "pdd", "vmamba_weights": None, "wrn_weights": "w.pth"}
+    repo = build_triton_repo(tmp_path / "repo", engine_dir=make_onnx_dir(tmp_path / "o", calibration=cal,
+                                                                          config=config))
+    monkeypatch.setattr(_Logger, "warnings", [])
+    monkeypatch.setattr(sys.modules["triton_python_backend_utils"], "Logger", _Logger, raising=False)
     _, model = backend_model("postprocess", repo, "postprocess")
-    score = np.array([[0.2], [0.9]], np.float32)
-    amap = np.zeros((2, 64, 64), np.float32)
-    amap[1, 3, 4] = 0.9
-    [resp] = model.execute([{"pred_score": _Tensor("pred_score", score), "anomaly_map": _Tensor("anomaly_map", amap)}])
-    assert resp.outputs["pred_label"].tolist() == [[False], [True]]
-    assert resp.outputs["pred_mask"].dtype == np.bool_ and resp.outputs["pred_mask"].sum() == 1
-    assert resp.outputs["pred_mask"][1, 3, 4]
-    inf_repo = build_triton_repo(tmp_path / "inf", engine_dir=make_onnx_dir(tmp_path / "n"))
-    _, model = backend_model("postprocess", inf_repo, "postprocess")
-    [resp] = model.execute([{"pred_score": _Tensor("pred_score", score), "anomaly_map": _Tensor("anomaly_map", amap)}])
-    assert not resp.outputs["pred_label"].any() and not resp.outputs["pred_mask"].any()
+    assert any("randomly initialised teachers (VMamba-T)" in w for w in _Logger.warnings)
+    rng = np.random.default_rng(1)
+    score = rng.normal(0.4, 0.1, (3, 1)).astype(np.float32)
+    amap = rng.normal(0.2, 0.06, (3, 64, 64)).astype(np.float32)
+    requests = [_Request(pred_score=score, anomaly_map=amap),
+                _Request({"image_threshold": 0.45, "pixel_threshold": 0.3}, pred_score=score, anomaly_map=amap),
+                _Request({"image_threshold": "high"}, pred_score=score, anomaly_map=amap)]
+    plain, overridden, bad = model.execute(requests)
+    ref = apply_calibration(cal, score[:, 0], amap)
+    np.testing.assert_array_equal(plain.outputs["normalised_score"][:, 0], ref["normalised_score"])
+    np.testing.assert_array_equal(plain.outputs["pred_label"][:, 0], ref["pred_label"])
+    np.testing.assert_array_equal(plain.outputs["pred_mask"], ref["pred_mask"])
+    assert plain.outputs["pred_mask"].any() and not plain.outputs["pred_mask"].all()
+    ref = apply_calibration(cal, score[:, 0], amap, image_threshold=0.45, pixel_threshold=0.3)
+    np.testing.assert_array_equal(overridden.outputs["pred_label"][:, 0], score[:, 0] > 0.45)
+    np.testing.assert_array_equal(overridden.outputs["pred_mask"], amap > 0.3)
+    np.testing.assert_array_equal(overridden.outputs["normalised_score"][:, 0], ref["normalised_score"])
+    assert bad.error is not None and "image_threshold must be a number" in bad.error.message
+    # Without a calibration nothing is flagged, unless a threshold is given in the config or the request.
+    monkeypatch.setattr(_Logger, "warnings", [])
+    _, model = backend_model("postprocess", build_triton_repo(tmp_path / "none", engine_dir=make_onnx_dir(
+        tmp_path / "n")), "postprocess")
+    assert any("no calibration" in w for w in _Logger.warnings)
+    plain, given = model.execute([_Request(pred_score=score, anomaly_map=amap),
+                                  _Request({"image_threshold": 0.4}, pred_score=score, anomaly_map=amap)])
+    assert np.isnan(plain.outputs["normalised_score"]).all()
+    assert not plain.outputs["pred_label"].any() and not plain.outputs["pred_mask"].any()
+    np.testing.assert_array_equal(given.outputs["pred_label"], score > 0.4)
+    np.testing.assert_array_equal(given.outputs["pred_mask"], amap > 0.4)
 
 
 @pytest.mark.parametrize("kind, run_batch", [("cpu", "1"), ("auto", "8")])

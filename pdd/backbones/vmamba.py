@@ -1,8 +1,9 @@
 """VMamba-Tiny "vanilla" v0, the PDD teacher: SS2D blocks without MLP, PatchMerging v1, channels-last.
 
 Returns the four post-downsample stage features z1..z4 (B, C, H, W): 192@/8, 384@/16, 768@/32, 768@/32.
-Parameter names follow the official release (``vssmtiny_dp01_ckpt_epoch_292.pth``); legacy names of
-older files are mapped on load. Registered with timm, so ``timm.create_model("vmamba_tiny_v0")``
+Parameter names follow the official release (``vssmtiny_dp01_ckpt_epoch_292.pth``); the legacy names of
+older files and the current official code's names (``downsample.1`` / ``downsample.2``) are mapped on
+load. Registered with timm, so ``timm.create_model("vmamba_tiny_v0")``
 builds it.
 
 Example::
@@ -46,19 +47,22 @@ VMAMBA_V0_TINY_URL = (
     "https://github.com/MzeroMiko/VMamba/releases/download/%2320240218/vssmtiny_dp01_ckpt_epoch_292.pth"
 )
 
-# Legacy checkpoint names -> current names (VMamba release history).
+# Other checkpoint names -> the names used here: legacy files (VMamba release history), and the current
+# official code, which holds PatchMerging's LayerNorm and Linear as ``downsample.1`` and ``downsample.2``.
 _LEGACY = (
     (re.compile(r"^patch_embed\.proj\."), "patch_embed.0."),
     (re.compile(r"^patch_embed\.norm\."), "patch_embed.2."),
     (re.compile(r"^(layers\.\d+\.blocks\.\d+\.)ln_1\."), r"\1norm."),
     (re.compile(r"^(layers\.\d+\.blocks\.\d+\.)self_attention\."), r"\1op."),
+    (re.compile(r"^(layers\.\d+\.downsample\.)1\."), r"\1norm."),
+    (re.compile(r"^(layers\.\d+\.downsample\.)2\."), r"\1reduction."),
     (re.compile(r"^norm\."), "classifier.norm."),
     (re.compile(r"^head\."), "classifier.head."),
 )
 
 
 def map_legacy_vmamba_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename legacy VMamba checkpoint keys to the names this module uses."""
+    """Rename legacy and current-official VMamba checkpoint keys to the names this module uses."""
     out = {}
     for key, value in state.items():
         for pattern, repl in _LEGACY:
