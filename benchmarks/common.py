@@ -363,3 +363,29 @@ def exit_on_termination() -> None:
     """
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit)
+
+
+def gemm_rate(size: int = 2048, warmup: int = 2, repeats: int = 7) -> dict[str, float]:
+    """This machine's fp32 matrix-multiply rate with torch's current threads: the yardstick CPU runtimes are
+    compared with. Median GFLOP/s of ``size``² x ``size``² products."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    with torch.inference_mode():
+        times = time_calls(lambda: torch.mm(a, b), warmup, repeats)
+    median = latency_stats(times)["median_ms"] / 1e3
+    return {"gflops": 2 * size**3 / median / 1e9, "size": size, "threads": torch.get_num_threads(),
+            "median_ms": median * 1e3}
+
+
+def model_gflop(model: Any, image_size: int) -> float:
+    """Floating-point operations of one forward at batch 1, in GFLOP (multiply-adds count 2), as counted by
+    torch's FLOP counter: convolutions and matrix products, which the elementwise work (scan, norms) does not
+    add to."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9

@@ -10,7 +10,8 @@ concurrency 1, 3 timed calls. ``--full`` makes the exhaustive run the default in
 
 Runtimes (``--runtimes``; ``cpu`` and ``gpu`` name the ones that compute there)::
 
-    torch:reference  torch:chunked  torch:triton        PyTorch eager, by selective-scan implementation
+    torch:reference  torch:chunked  torch:cpu_kernel  torch:triton
+                                                        PyTorch eager, by selective-scan implementation
     torch:chunked:compile  torch:triton:compile         torch.compile (inductor)
     onnxruntime:cpu:portable  onnxruntime:cpu:plugin    ONNX Runtime (export/runtime.py), by provider
     onnxruntime:cuda:portable  onnxruntime:tensorrt:portable                                  and ONNX form
@@ -44,7 +45,9 @@ Accuracy: every runtime's maps and scores on the labelled images are compared wi
 the chunked scan, on the same device: max map error (absolute and over the reference maps' range) and
 image-AUROC difference. Per-stage time (WRN teacher, VMamba teacher, adapters and students, anomaly head):
 PyTorch eager through the model's submodules; TensorRT through its layer profiler (``IProfiler``), each
-layer assigned to a stage by the ONNX node names it was built from.
+layer assigned to a stage by the ONNX node names it was built from. Yardstick (when a CPU runtime runs): the
+machine's 2048² fp32 GEMM rate measured in the same run, and the model's FLOPs at the run's size, so the
+targets can state each CPU runtime's share of what this machine's matrix units deliver.
 
 The server is the ``tritonserver`` bundled with nvidia-pytriton serving the portable ONNX with ONNX
 Runtime in its Python backend (export/serve.py); load comes from the closed-loop generator
@@ -96,8 +99,10 @@ from benchmarks.common import (
     exit_on_termination,
     folder_images,
     free_ports,
+    gemm_rate,
     group_layer_times,
     latency_stats,
+    model_gflop,
     onnx_node_stages,
     package_version,
     texture_images,
@@ -109,7 +114,8 @@ from pdd.config import atomic_write_text
 
 log = logging.getLogger("benchmarks.run")
 
-TORCH = ("torch:reference", "torch:chunked", "torch:triton", "torch:chunked:compile", "torch:triton:compile")
+TORCH = ("torch:reference", "torch:chunked", "torch:cpu_kernel", "torch:triton", "torch:chunked:compile",
+         "torch:triton:compile")
 ONNXRUNTIME = ("onnxruntime:cpu:portable", "onnxruntime:cpu:plugin", "onnxruntime:cuda:portable",
                "onnxruntime:tensorrt:portable")
 TENSORRT = ("tensorrt:plugin", "tensorrt:portable")
@@ -117,8 +123,8 @@ SERVER = ("server:http", "server:grpc", "server:shm")
 RUNTIMES = TORCH + ONNXRUNTIME + TENSORRT + SERVER
 PRESETS = {
     "all": RUNTIMES,
-    "cpu": ("torch:reference", "torch:chunked", "torch:chunked:compile", "onnxruntime:cpu:portable",
-            "onnxruntime:cpu:plugin", *SERVER),
+    "cpu": ("torch:reference", "torch:chunked", "torch:cpu_kernel", "torch:chunked:compile",
+            "onnxruntime:cpu:portable", "onnxruntime:cpu:plugin", *SERVER),
     "gpu": ("torch:reference", "torch:chunked", "torch:triton", "torch:chunked:compile", "torch:triton:compile",
             "onnxruntime:cuda:portable", "onnxruntime:tensorrt:portable", *TENSORRT),
 }
@@ -136,7 +142,8 @@ _PERF_ANALYZER_FIELDS = {"Inferences/Second": "throughput_infer_per_sec", "p50 l
                          "Server Compute Output": "server_compute_output_us"}
 # The default run: what runs on any machine, small enough for a few minutes on a 2-core CPU (no compile,
 # no plugin form, TensorRT only from prebuilt engines).
-QUICK = {"runtimes": ["torch:reference", "torch:chunked", "torch:triton", "onnxruntime:cpu:portable", *SERVER],
+QUICK = {"runtimes": ["torch:reference", "torch:chunked", "torch:cpu_kernel", "torch:triton",
+                      "onnxruntime:cpu:portable", *SERVER],
          "image_size": 64, "batch": [1], "concurrency": [1], "repeats": 3, "warmup": 1, "reference_repeats": 1,
          "accuracy_images": 4, "paired_rounds": 2}
 # --full: every runtime at the size and batches the targets are stated for.
@@ -370,7 +377,7 @@ class Bench:
         """Where a runtime computes: the Triton scan, ONNX Runtime's GPU providers and TensorRT on CUDA."""
         if name.startswith(("torch:triton", "onnxruntime:cuda", "onnxruntime:tensorrt", "tensorrt")):
             return "cuda"
-        return "cpu" if name.startswith("onnxruntime:cpu") else self.device
+        return "cpu" if name.startswith(("onnxruntime:cpu", "torch:cpu_kernel")) else self.device
 
     def make(self, name: str, precision: str) -> Runtime:
         """The runtime ``name`` at ``precision``; :class:`RuntimeUnavailable` when it cannot run here."""
@@ -827,6 +834,8 @@ def _target_pairs(entries: list[dict[str, Any]], rounds: int) -> list[tuple[str,
         pairs.append((SLOW, best["runtime"], reference_rounds))
     if _ok(entries, "onnxruntime:cpu:portable") and _ok(entries, REFERENCE, device="cpu"):
         pairs.append((REFERENCE, "onnxruntime:cpu:portable", rounds))
+    if best and best["runtime"] != "onnxruntime:cpu:portable" and _ok(entries, "onnxruntime:cpu:portable"):
+        pairs.append(("onnxruntime:cpu:portable", best["runtime"], rounds))
     return pairs
 
 
@@ -834,8 +843,45 @@ def _paired(paired: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | No
     return next((p for p in paired if p["a"] == a and p["b"] == b and p["status"] == "ok"), None)
 
 
-def targets(entries: list[dict[str, Any]], image_size: int, paired: list[dict[str, Any]] = ()
-            ) -> list[dict[str, Any]]:
+def _cpu_kernel_targets(entries: list[dict[str, Any]], paired: list[dict[str, Any]],
+                        yardstick: dict[str, Any] | None, add: Callable[..., None], note: str) -> None:
+    """The compiled CPU scan's targets: teacher balance, speed-up over ONNX Runtime portable, GEMM share."""
+    kernel = _ok(entries, "torch:cpu_kernel", device="cpu")
+    stages = (kernel or {}).get("stages") or {}
+    ms = stages.get("ms", {})
+    if ms.get("vmamba_teacher") and ms.get("wrn_teacher"):
+        ratio = ms["vmamba_teacher"] / ms["wrn_teacher"]
+        add("CPU batch 1: VMamba teacher vs WRN teacher (torch:cpu_kernel)", "<= 1.5x", ratio, ratio <= 1.5,
+            f"{ms['vmamba_teacher']:.0f} ms vs {ms['wrn_teacher']:.0f} ms, each stage timed alone{note}")
+    else:
+        add("CPU batch 1: VMamba teacher vs WRN teacher (torch:cpu_kernel)", "<= 1.5x", None, None,
+            "needs torch:cpu_kernel's per-stage times on the CPU")
+    best, ort = _best_cpu(entries), _ok(entries, "onnxruntime:cpu:portable")
+    if best and ort and _median_ms(ort["latency"], 1):
+        ratio = _median_ms(ort["latency"], 1) / _median_ms(best["latency"], 1)
+        detail = (f"{best['runtime']} {_median_ms(best['latency'], 1):.0f} ms vs onnxruntime:cpu:portable "
+                  f"{_median_ms(ort['latency'], 1):.0f} ms (medians, one after the other)")
+        if pair := _paired(paired, "onnxruntime:cpu:portable", best["runtime"]):
+            detail = f"alternating calls: {pair['b_ms']:.0f} ms vs {pair['a_ms']:.0f} ms; {detail}"
+            ratio = pair["ratio"]
+        add("CPU batch 1: best runtime vs ONNX Runtime portable", ">= 2x", ratio, ratio >= 2, detail + note)
+    else:
+        add("CPU batch 1: best runtime vs ONNX Runtime portable", ">= 2x", None, None,
+            "needs onnxruntime:cpu:portable and another CPU runtime at batch 1")
+    if best and yardstick and _median_ms(best["latency"], 1):
+        rate = yardstick["model_gflop"] / (_median_ms(best["latency"], 1) / 1e3)
+        share = rate / yardstick["gemm_gflops"]
+        add("CPU batch 1: best runtime's share of this machine's GEMM rate", ">= 50%", 100 * share, share >= 0.5,
+            f"{best['runtime']}: {yardstick['model_gflop']:.1f} GFLOP in {_median_ms(best['latency'], 1):.0f} ms = "
+            f"{rate:.0f} GFLOP/s; {yardstick['gemm_size']}² fp32 GEMM {yardstick['gemm_gflops']:.0f} GFLOP/s "
+            f"in the same run{note}")
+    else:
+        add("CPU batch 1: best runtime's share of this machine's GEMM rate", ">= 50%", None, None,
+            "needs the GEMM yardstick and a CPU runtime at batch 1")
+
+
+def targets(entries: list[dict[str, Any]], image_size: int, paired: list[dict[str, Any]] = (),
+            yardstick: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The issue's performance targets, each with the measured ratio and whether it is met (None: not measured).
 
     The CPU ratios come from the alternating (paired) measurement when there is one, since the machine's
@@ -902,6 +948,7 @@ def targets(entries: list[dict[str, Any]], image_size: int, paired: list[dict[st
         add("Served p99 at batch 1 vs engine-only latency", "<= 1.5x", None, None,
             "needs the Triton server and the engine it serves (onnxruntime:cpu:portable) "
             "measured at batch 1")
+    _cpu_kernel_targets(entries, paired, yardstick, add, note)
     return out
 
 
@@ -936,6 +983,9 @@ def markdown(result: dict[str, Any]) -> str:
         + (" (the run's own threads count in the second): other work loaded the CPUs at or just before its start, "
            "so absolute CPU times are pessimistic; ratios measured in this run compare like with like."
            if load["before"][0] > 0.5 * (env["cpu_count"] or 1) else " (the run's own threads count in the second)."),
+        *([f"Yardstick, same run: {y['gemm_size']}² fp32 GEMM {y['gemm_gflops']:.0f} GFLOP/s on {y['threads']} "
+           f"threads; PDD is {y['model_gflop']:.1f} GFLOP per {cfg['image_size']}² image (convolutions and "
+           f"matrix products, torch's FLOP counter)."] if (y := result.get("yardstick")) else []),
         "",
         f"Latency: wall time of `predict()` (host arrays in and out), {cfg['warmup']} warm-up and {cfg['repeats']} "
         "timed calls per case (the reference scan: see notes; with few calls, p90–p99 interpolate between the "
@@ -1241,6 +1291,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 record(bench.measure(name, precision))
                 if name == REFERENCE and precision == "fp32" and bench.reference is None:
                     bench.ensure_reference()
+        if any(bench.device_of(n) == "cpu" for n in args.runtimes):
+            gemm = gemm_rate()
+            result["yardstick"] = {"gemm_gflops": gemm["gflops"], "gemm_size": gemm["size"],
+                                   "threads": gemm["threads"], "model_gflop": model_gflop(model, args.image_size)}
+            print(f"yardstick: {gemm['size']}² fp32 GEMM {gemm['gflops']:.0f} GFLOP/s on {gemm['threads']} threads; "
+                  f"PDD {result['yardstick']['model_gflop']:.1f} GFLOP per image", flush=True)
         result["paired"] = []
         if args.paired_rounds:
             for a, b, rounds in _target_pairs(result["runtimes"], args.paired_rounds):
@@ -1251,7 +1307,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 record(entry)
     result["notes"] = [bench.reference_note] if bench.reference_note else []
     result["load_average"]["after"] = list(os.getloadavg())
-    result["targets"] = targets(result["runtimes"], args.image_size, result.get("paired", []))
+    result["targets"] = targets(result["runtimes"], args.image_size, result.get("paired", []),
+                                result.get("yardstick"))
     result["plots"] = plots(result, args.out)
     result["complete"] = True
     atomic_write_text(args.out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
