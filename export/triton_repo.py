@@ -171,7 +171,7 @@ def _from_onnx(path: Path) -> EngineArtifact:
     return EngineArtifact({"model.onnx": path, "model.json": path.with_suffix(".json")}, inp, outs,
                           _square_size(meta.image_size, path), mean, std, meta.calibration, meta.batch[1],
                           f"portable ONNX, opset {meta.opset}, sha256 {meta.sha256[:12]}",
-                          _random_teachers(meta.config))
+                          random_teachers=_random_teachers(meta.config))
 
 
 def _from_engine(folder: Path) -> EngineArtifact:
