@@ -955,6 +955,11 @@ def targets(entries: list[dict[str, Any]], image_size: int, paired: list[dict[st
 # --- report ---------------------------------------------------------------------------------------------
 
 
+def _target_value(t: dict[str, Any]) -> str:
+    """A target's measured value in its goal's unit (a ratio, or a percentage)."""
+    return f"{t['value']:.0f}%" if t["goal"].endswith("%") else f"{t['value']:.2f}x"
+
+
 def _fmt(value: Any, spec: str = ".1f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -1058,7 +1063,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "Targets (ratios from this run):", ""]
     for t in result["targets"]:
         verdict = "not measured here" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        value = "" if t["value"] is None else f"{t['value']:.2f}x, "
+        value = "" if t["value"] is None else f"{_target_value(t)}, "
         lines.append(f"- {t['target']} (goal {t['goal']}): **{verdict}** — {value}{t['detail']}")
     notes = [(e, n) for e in entries for n in e["notes"] if e["device"] != "server"]
     if notes or result.get("notes"):
@@ -1190,7 +1195,7 @@ def short_table(result: dict[str, Any]) -> str:
     for t in result["targets"]:
         verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
         lines.append(f"target {t['target']} ({t['goal']}): {verdict}"
-                     + ("" if t["value"] is None else f" ({t['value']:.2f}x)"))
+                     + ("" if t["value"] is None else f" ({_target_value(t)})"))
     return "\n".join(lines)
 
 

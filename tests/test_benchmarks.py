@@ -193,7 +193,13 @@ def test_quick_run_end_to_end(bench, tmp_path: Path) -> None:
             assert entries[name]["status"] == "skipped" and entries[name]["reason"]
     assert entries["tensorrt:plugin"]["status"] == "skipped"  # no engine was built for this run
     assert "build_trt.py" in entries["tensorrt:plugin"]["reason"] or "TensorRT" in entries["tensorrt:plugin"]["reason"]
-    assert len(on_disk["targets"]) == 4 and all(t["met"] in (True, False, None) for t in on_disk["targets"])
+    assert len(on_disk["targets"]) == 7 and all(t["met"] in (True, False, None) for t in on_disk["targets"])
+    # The GEMM yardstick is measured in the same run, and the GEMM-share target computed from it.
+    yard = on_disk["yardstick"]
+    assert yard["gemm_gflops"] > 0 and yard["model_gflop"] > 0 and yard["threads"] == 1
+    share = next(t for t in on_disk["targets"] if "GEMM rate" in t["target"])
+    best = chunked["latency"][0]["median_ms"]  # the reference scan is never the "best runtime"
+    assert share["value"] == pytest.approx(100 * yard["model_gflop"] / (best / 1e3) / yard["gemm_gflops"])
     (pair,) = on_disk["paired"]  # reference vs the best other CPU runtime, in alternation
     assert (pair["a"], pair["b"], pair["status"]) == ("torch:reference", "torch:chunked", "ok")
     assert len(pair["times_ms"]["torch:reference"]) == len(pair["times_ms"]["torch:chunked"]) == pair["rounds"]
