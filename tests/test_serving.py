@@ -270,14 +270,19 @@ def _ct_series(folder: Path, write_dicom) -> list[Path]:
             write_dicom(folder / "x-ray.dcm", stored[::-1], photometric="MONOCHROME1", slope=2.0, intercept=-100.0)]
 
 
-def test_dicom_through_the_server_matches_local_predict(server, small_pdd, tmp_path, write_dicom):
-    """DICOM bytes decoded by the server give `pdd predict`'s local scores and maps; bad files fail the same way."""
+def test_dicom_through_the_server_matches_local_predict(server, small_pdd, reference, tmp_path, write_dicom):
+    """DICOM bytes decoded by the server give `pdd predict`'s local scores, maps and calibrated decisions
+    (normalised score, label, mask); bad files fail the same way."""
     from pdd.data.readers import ImageReadError, read_image
     from pdd.predict import predict_files
 
     files = _ct_series(tmp_path / "dicom", write_dicom)
     for window in (None, (80.0, 600.0)):
-        local = predict_files(small_pdd, files, batch_size=2, dicom_window=window)
+        small_pdd.calibration = reference[2]  # the calibration the served export carries
+        try:
+            local = predict_files(small_pdd, files, batch_size=2, dicom_window=window)
+        finally:
+            small_pdd.calibration = None
         served = predict_server_files(files, server.grpc_url, protocol="grpc", batch_size=2, dicom_window=window)
         with torch.inference_mode():
             ref = small_pdd(torch.stack([to_model_input(read_image(f, dicom_window=window), SIZE) for f in files]))
@@ -289,6 +294,13 @@ def test_dicom_through_the_server_matches_local_predict(server, small_pdd, tmp_p
         assert names == [r["input"] for r in local["results"]] == list(map(str, files))
         np.testing.assert_allclose([r["score"] for r in served["results"]], [r["score"] for r in local["results"]],
                                    atol=tol, rtol=0)
+        for there, here in zip(served["results"], local["results"], strict=True):
+            assert there["anomalous"] == here["anomalous"]
+            assert 0.0 <= there["normalised_score"] <= 1.0
+            assert there["normalised_score"] == pytest.approx(here["normalised_score"], abs=1e-3)
+        # Masks: pixels within the map tolerance of the pixel threshold may flip; at most 0.5 % of the image.
+        flagged = out["pred_mask"].reshape(len(files), -1).sum(1)
+        assert np.abs(flagged - [r["anomalous_pixels"] for r in local["results"]]).max() <= 0.005 * SIZE * SIZE
     # A damaged file between two good ones: the server's refusal names the file as `pdd predict` does locally.
     bad = tmp_path / "dicom" / "cut.dcm"
     bad.write_bytes(files[0].read_bytes()[:-4000])
