@@ -133,9 +133,15 @@ def _ptr(a: np.ndarray | Tensor | None) -> int | None:
     return a.data_ptr() if isinstance(a, Tensor) else a.ctypes.data
 
 
+_ERRORS = {-1: "d_state outside 1..16", -2: "a sequence over 2³¹ positions, or dim not a multiple of the groups",
+           -3: "out of memory for its scratch rows"}
+
+
 def _check(code: int, what: str) -> None:
+    if code == -3:
+        raise MemoryError(f"{what}: the CPU kernel ran {_ERRORS[code]}")
     if code != 0:
-        raise ValueError(f"{what}: the CPU kernel refused its arguments (code {code})")
+        raise ValueError(f"{what}: the CPU kernel refused its arguments: {_ERRORS.get(code, f'code {code}')}")
 
 
 def _ss2d_shapes(x: Any, delta: Any, B: Any, C: Any, A: Any, D: Any, bias: Any) -> tuple[int, int, int, int, int]:

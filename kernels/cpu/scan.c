@@ -10,10 +10,10 @@
  * exponentials of a channel are computed over n at once, inline (exp_fast), and the softplus over the
  * block's channels at once (glibc's vector libm).
  * The SS2D scan walks route k of the row-major grid by a position table (0 rows, 1 columns, 2 and 3 the
- * same reversed: the geometry of pdd.ssm.route_order), accumulates the four routes into out in place,
- * and adds the four D skips as one x * sum_k D_k term with route 0. Work items (batch, channel block)
- * are shared by `threads` POSIX threads; every item owns its output rows, so no two threads write the
- * same element.
+ * same reversed: the geometry of pdd.ssm.route_order) with one channel per vector lane (see ss2d_item),
+ * sums the four routes and adds the four D skips as one x * sum_k D_k term. Work items (batch, channel
+ * block) are shared by `threads` POSIX threads; every item owns its output rows, so no two threads write
+ * the same element.
  */
 #include <math.h>
 #include <pthread.h>
@@ -144,27 +144,84 @@ typedef struct {
     const int32_t *pos; /* (4, L) */
     int64_t batch, dim, L;
     int N;
+    int failed; /* set when a work item could not allocate its scratch rows */
 } SS2DArgs;
+
+/* The SS2D scan keeps one channel per vector lane: a work item is a block of LANES channels, copied
+ * position-major into scratch rows (LANES floats per position), so each step updates the N states of every
+ * channel in the block with N full-width vector operations and no horizontal sums, and reads B[n, p],
+ * C[n, p] as scalars broadcast to all lanes. */
+#define LANES 16
+
+static inline __attribute__((always_inline)) void ss2d_route(
+    const float *xs, const float *ds, float *acc, const float *Bk, const float *Ck, const float (*at)[LANES],
+    const int32_t *pos, int64_t L, const int N) {
+    float h[MAX_N][LANES];
+    memset(h, 0, sizeof(h));
+    for (int64_t t = 0; t < L; ++t) {
+        const int64_t p = pos[t];
+        const float *xv = xs + p * LANES, *dv = ds + p * LANES;
+        float dx[LANES], y[LANES];
+        for (int j = 0; j < LANES; ++j) {
+            dx[j] = dv[j] * xv[j];
+            y[j] = 0.0f;
+        }
+        for (int n = 0; n < N; ++n) {
+            const float bn = Bk[n * L + p], cn = Ck[n * L + p];
+#pragma omp simd
+            for (int j = 0; j < LANES; ++j) {
+                const float hn = exp_fast(dv[j] * at[n][j]) * h[n][j] + dx[j] * bn;
+                h[n][j] = hn;
+                y[j] += hn * cn;
+            }
+        }
+        float *o = acc + p * LANES;
+        for (int j = 0; j < LANES; ++j) o[j] += y[j];
+    }
+}
 
 static void ss2d_item(const void *p, int64_t item) {
     const SS2DArgs *s = (const SS2DArgs *)p;
-    const int64_t blocks = (s->dim + BLOCK_D - 1) / BLOCK_D;
-    const int64_t b = item / blocks, d0 = (item % blocks) * BLOCK_D;
-    const int nd = (int)(s->dim - d0 < BLOCK_D ? s->dim - d0 : BLOCK_D);
+    const int64_t blocks = (s->dim + LANES - 1) / LANES;
+    const int64_t b = item / blocks, d0 = (item % blocks) * LANES;
+    const int nd = (int)(s->dim - d0 < LANES ? s->dim - d0 : LANES);
     const int64_t L = s->L, dim = s->dim;
-    float skip[BLOCK_D];
+    const int N = s->N;
+    float *buf = (float *)calloc((size_t)(3 * L * LANES), sizeof(float));
+    if (!buf) {
+        __atomic_store_n(&((SS2DArgs *)p)->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    float *xs = buf, *ds = buf + L * LANES, *acc = buf + 2 * L * LANES;
+    float skip[LANES] = {0};
     for (int j = 0; j < nd; ++j) {
-        skip[j] = 0.0f;
+        const float *row = s->x + (b * dim + d0 + j) * L;
+        for (int64_t q = 0; q < L; ++q) xs[q * LANES + j] = row[q];
         for (int k = 0; k < 4; ++k) skip[j] += s->D[k * dim + d0 + j];
     }
-    const float *u = s->x + (b * dim + d0) * L;
-    float *out = s->out + (b * dim + d0) * L;
     for (int k = 0; k < 4; ++k) {
-        const int64_t ch = k * dim + d0;
-        walk_any(u, s->delta + ((b * 4 + k) * dim + d0) * L, NULL, out, L, s->B + (b * 4 + k) * s->N * L,
-                 s->C + (b * 4 + k) * s->N * L, s->A + ch * s->N, s->bias + ch, k == 0 ? skip : NULL,
-                 s->pos + k * L, nd, s->N, 1, k > 0, NULL);
+        float at[MAX_N][LANES];
+        memset(at, 0, sizeof(at));
+        for (int j = 0; j < nd; ++j) {
+            const int64_t ch = k * dim + d0 + j;
+            for (int n = 0; n < N; ++n) at[n][j] = s->A[ch * N + n];
+            const float *row = s->delta + ((b * 4 + k) * dim + d0 + j) * L;
+            const float bias = s->bias[ch];
+            for (int64_t q = 0; q < L; ++q) ds[q * LANES + j] = row[q] + bias;
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < L * LANES; ++i) ds[i] = softplus(ds[i]);
+        const float *Bk = s->B + (b * 4 + k) * N * L, *Ck = s->C + (b * 4 + k) * N * L;
+        const int32_t *pos = s->pos + k * L;
+        if (N == 16) ss2d_route(xs, ds, acc, Bk, Ck, at, pos, L, 16);
+        else if (N == 1) ss2d_route(xs, ds, acc, Bk, Ck, at, pos, L, 1);
+        else ss2d_route(xs, ds, acc, Bk, Ck, at, pos, L, N);
     }
+    for (int j = 0; j < nd; ++j) {
+        float *row = s->out + (b * dim + d0 + j) * L;
+        for (int64_t q = 0; q < L; ++q) row[q] = acc[q * LANES + j] + skip[j] * xs[q * LANES + j];
+    }
+    free(buf);
 }
 
 /* x, out: (batch, dim, H, W); delta: (batch, 4, dim, H, W); B, C: (batch, 4, N, H, W); A: (4 dim, N);
@@ -185,10 +242,10 @@ int pdd_ss2d_scan(const float *x, const float *delta, const float *B, const floa
         pos[2 * L + (L - 1 - t)] = (int32_t)t;
         pos[3 * L + (L - 1 - t)] = (int32_t)col;
     }
-    SS2DArgs args = {x, delta, B, C, A, D, bias, out, pos, batch, dim, L, N};
-    parallel(batch * ((dim + BLOCK_D - 1) / BLOCK_D), threads, ss2d_item, &args);
+    SS2DArgs args = {x, delta, B, C, A, D, bias, out, pos, batch, dim, L, N, 0};
+    parallel(batch * ((dim + LANES - 1) / LANES), threads, ss2d_item, &args);
     free(pos);
-    return 0;
+    return args.failed ? -3 : 0;
 }
 
 /* ---- 1-D selective scan ----------------------------------------------------------------------------- */
