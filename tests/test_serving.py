@@ -427,6 +427,43 @@ def test_sigterm_to_pdd_serve_leaves_no_server_process(repo, tmp_path):
         log.close()
 
 
+def test_sigterm_to_a_serving_benchmark_leaves_no_server_process(repo, tmp_path):
+    """A benchmark killed by SIGTERM mid-run stops the server it started, stubs included."""
+    import os
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, "benchmarks/serve_bench.py", "--repo", str(repo), "--image-size", str(SIZE),
+           "--images", "2", "--concurrency", "1", "--transports", "http", "--requests", "100000",
+           "--out", str(tmp_path / "bench")]
+    log = open(tmp_path / "bench.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    group: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:  # until the server and its 3 stubs run
+            processes = _processes()
+            servers = [pid for pid, (name, ppid, _) in processes.items()
+                       if ppid == proc.pid and name == "tritonserver"]
+            group = {pid for pid, (_, _, pgrp) in processes.items() if servers and pgrp == servers[0]}
+            if sum(processes[pid][0].startswith("triton_python") for pid in group) >= 3:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None and group, (tmp_path / "bench.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) != 0  # interrupted, not finished
+        left = {pid: info for pid, info in _processes().items() if pid in group}
+        assert not left, f"still running after SIGTERM: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in group:  # only after a failure above: what this test started must not outlive it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
 def test_serve_refuses_flavours_the_bundled_server_lacks(repo, tmp_path, capsys):
     from export.serve import ServerError, TritonServer, serve
 
