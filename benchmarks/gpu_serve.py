@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from benchmarks.common import free_ports
 from export.client import PDDClient
 from export.parity import labelled_images
 from export.runtime import TensorRTRuntime
+from export.serve import stop_group
 from export.triton_repo import build_triton_repo
 from pdd.config import atomic_write_text
 from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
@@ -105,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 client.predict(pixels[i % len(pixels)][None])
                 latencies.append(time.perf_counter() - start)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout_s=30)
         log.close()
     span = float(direct["anomaly_map"].max() - direct["anomaly_map"].min()) or 1.0
     result = {

@@ -56,7 +56,7 @@ from export.metadata import (
     write_metadata,
 )
 from export.onnx_export import FORMS, INPUT_NAME, OUTPUT_NAMES, export_onnx, load_onnx, save_onnx, to_fp16
-from kernels.target import KernelTarget, TargetError, resolve_target
+from kernels.target import KernelTarget, TargetError, resolve_target, version_text
 
 __all__ = ["BuildError", "BuildPlan", "build_engine", "check_engine", "main", "parse_batch", "prepare"]
 
@@ -168,7 +168,7 @@ def prepare(out: Path, *, model: Any = None, onnx: Path | None = None, form: str
     plan = BuildPlan(out=out, onnx_path=onnx, network_path=network_path, form=meta.form, precision=precision,
                      profile=batch, onnx_meta=meta, kernels_sha256=sha256_texts({n: k.ptx for n, k in kernels.items()}),
                      plugins=plugins, ptx_files=sorted(f"ptx/{n}.ptx" for n in kernels), target=target,
-                     ptx_isa=None if isa is None else f"{isa // 10}.{isa % 10}", triton_version=triton_version)
+                     ptx_isa=None if isa is None else version_text(isa), triton_version=triton_version)
     summary = {
         "form": plan.form, "precision": precision, "profile": {"min": lo, "opt": opt, "max": hi},
         "input_shapes": {k: list(plan.input_shape(b)) for k, b in (("min", lo), ("opt", opt), ("max", hi))},

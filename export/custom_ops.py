@@ -40,6 +40,7 @@ __all__ = [
     "HEAD_OP",
     "HEAD_PAIRS",
     "ORT_DOMAIN",
+    "ORT_SCAN_IMPL_ATTR",
     "SS2D_OP",
     "anomaly_head_op",
     "register_onnx_schemas",
@@ -170,31 +171,29 @@ def translation_table() -> dict:
 # --- ONNX Runtime: Python ops ----------------------------------------------------------------------
 
 _ort_registered = False
-# The scan behind ONNX Runtime's SS2DScan node, chosen by register_ort_ops (one per process: the Python op
-# is registered process-wide by onnxruntime-extensions).
-_ort_scan_impl = "chunked"
+# The attribute to_ort_domain writes on every SS2DScan node: the scan implementation its Python op runs.
+ORT_SCAN_IMPL_ATTR = "scan_impl"
 
 
-def register_ort_ops(scan_impl: str = "auto") -> str:
-    """Register both ops as onnxruntime-extensions Python ops; returns the library path.
+def register_ort_ops() -> str:
+    """Register both ops as onnxruntime-extensions Python ops (once per process); returns the library path.
 
     Add the path to a session with ``SessionOptions.register_custom_ops_library``. The SS2DScan body runs
-    :func:`pdd.ssm.ss2d_scan` with ``scan_impl`` (``auto``: the compiled CPU kernel where it can be built,
-    else the chunked PyTorch scan, with a warning); the head runs the PyTorch reference on CPU. The op is
-    process-wide: the last call's ``scan_impl`` serves every session.
+    :func:`pdd.ssm.ss2d_scan` with the implementation its node names (written by :func:`to_ort_domain`);
+    the head runs the PyTorch reference on CPU.
     """
-    global _ort_registered, _ort_scan_impl
+    global _ort_registered
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
-    _ort_scan_impl = resolve_scan_impl(scan_impl, "cpu")
     if not _ort_registered:
         f32 = PyCustomOpDef.dt_float
 
-        @onnx_op(op_type=SS2D_OP, inputs=[f32] * 7, outputs=[f32])
-        def _ss2d(x, delta, B, C, A, D, delta_bias):  # numpy arrays in, out
+        @onnx_op(op_type=SS2D_OP, inputs=[f32] * 7, outputs=[f32],
+                 attrs={ORT_SCAN_IMPL_ATTR: PyCustomOpDef.dt_string})
+        def _ss2d(x, delta, B, C, A, D, delta_bias, scan_impl):  # numpy arrays in, out
             args = [torch.from_numpy(np.ascontiguousarray(a)) for a in (x, delta, B, C, A, D, delta_bias)]
             with torch.no_grad():
-                return ss2d_scan(*args, impl=_ort_scan_impl).numpy()
+                return ss2d_scan(*args, impl=scan_impl).numpy()
 
         @onnx_op(op_type=HEAD_OP, inputs=[f32] * (2 * HEAD_PAIRS), outputs=[f32, f32],
                  attrs={"sigma": PyCustomOpDef.dt_float})
@@ -208,9 +207,14 @@ def register_ort_ops(scan_impl: str = "auto") -> str:
     return get_library_path()
 
 
-def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_ort_domain(model: onnx.ModelProto, scan_impl: str = "auto") -> onnx.ModelProto:
     """A copy of ``model`` whose ``pdd`` nodes sit in ``ai.onnx.contrib``, keeping only the attributes the
-    Python ops read (onnxruntime-extensions accepts scalar int/float/string attributes only)."""
+    Python ops read (onnxruntime-extensions accepts scalar int/float/string attributes only).
+
+    Each SS2DScan node gets the attribute ``scan_impl``: the implementation its op runs, resolved here on the
+    CPU (``auto``: the compiled CPU kernel where it can be built, else chunked with a warning).
+    """
+    impl = resolve_scan_impl(scan_impl, "cpu")
     kept = {SS2D_OP: set(), HEAD_OP: {"sigma"}}
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -224,6 +228,8 @@ def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
                              f"Python op takes {2 * HEAD_PAIRS} (PDD's {HEAD_PAIRS} pairs)")
         node.domain = ORT_DOMAIN
         attrs = [a for a in node.attribute if a.name in kept[node.op_type]]
+        if node.op_type == SS2D_OP:
+            attrs.append(onnx.helper.make_attribute(ORT_SCAN_IMPL_ATTR, impl))
         del node.attribute[:]
         node.attribute.extend(attrs)
     opsets = [o for o in out.opset_import if o.domain not in (DOMAIN, ORT_DOMAIN)]

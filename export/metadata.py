@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernels.target import parse_ptx_isa
+from kernels.target import parse_ptx_isa, version_text
 from pdd.calibration import Calibration, CalibrationError
 from pdd.config import atomic_write_bytes
 
@@ -273,7 +273,7 @@ def check_engine_compatible(meta: EngineMetadata, *, tensorrt_version: str, comp
         problems.append(f"it was built for compute capability {meta.compute_capability} ({meta.device_name}"
                         f"{arch}), this GPU has {compute_capability}" + (f" ({device_name})" if device_name else ""))
     if meta.ptx_isa and driver_ptx_isa is not None and parse_ptx_isa(meta.ptx_isa) > driver_ptx_isa:
-        here = f"{driver_ptx_isa // 10}.{driver_ptx_isa % 10}"
+        here = version_text(driver_ptx_isa)
         problems.append(f"its plugin kernels are PTX ISA {meta.ptx_isa} and this NVIDIA driver loads PTX up to "
                         f"{here}: update the driver, or rebuild with --ptx-isa {here}")
     if onnx_sha256 is not None and meta.onnx_sha256 != onnx_sha256:

@@ -203,10 +203,10 @@ class OnnxRuntime(Runtime):
         # Only a graph with custom nodes needs parsing here (its copy is moved to the Python ops' domain).
         proto = None if self.metadata and not self.metadata.custom_ops else load_onnx(path)
         if proto is not None and any(n.domain == DOMAIN for n in proto.graph.node):
-            options.register_custom_ops_library(register_ort_ops(scan_impl))
+            options.register_custom_ops_library(register_ort_ops())
             # The Python ops run on the calling thread; spinning pool threads would only steal its CPU.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            source: Any = to_ort_domain(proto).SerializeToString()
+            source: Any = to_ort_domain(proto, scan_impl).SerializeToString()
         else:
             source = str(path)
         del proto

@@ -58,6 +58,7 @@ __all__ = [
     "find_tritonserver",
     "python_env",
     "serve",
+    "stop_group",
 ]
 
 # What the Python-backend models import; numpy<2 because the bundled 2.51 backend needs numpy 1.x.
@@ -210,7 +211,7 @@ def _exited(pid: int) -> bool:
         return True
 
 
-def _stop_group(proc: subprocess.Popen, timeout_s: float) -> int:
+def stop_group(proc: subprocess.Popen, timeout_s: float) -> int:
     """Stop a server that leads its own process group, and everything in that group; its exit status.
 
     SIGTERM first (Triton drains in-flight requests and stops its Python-backend stubs), then, once the
@@ -382,7 +383,7 @@ class TritonServer:
         proc = self.process
         code = None
         if proc is not None:
-            code = _stop_group(proc, timeout_s)
+            code = stop_group(proc, timeout_s)
             # A server that had to be killed leaves its stubs' shared memory behind.
             for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
                 leftover.unlink(missing_ok=True)

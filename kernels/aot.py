@@ -47,6 +47,7 @@ from kernels.target import (
     parse_arch,
     parse_ptx_isa,
     resolve_target,
+    version_text,
 )
 
 __all__ = [
@@ -145,7 +146,7 @@ class AotKernel:
         rec = {k: v for k, v in asdict(self).items() if k not in ("ptx", "cubin", "target")}
         rec["params"] = [asdict(p) for p in self.params]
         rec["block"] = list(self.block)
-        rec["target"] = {"arch": self.target.sm, "ptx_isa": f"{self.ptx_isa // 10}.{self.ptx_isa % 10}",
+        rec["target"] = {"arch": self.target.sm, "ptx_isa": version_text(self.ptx_isa),
                          "triton": triton.__version__}
         return rec
 
@@ -332,7 +333,7 @@ def check_contract(kernel: AotKernel) -> list[str]:
         problems.append(f"shared memory {kernel.shared} B exceeds {t.sm}'s {t.max_shared} B per block")
     isa = ptx_isa_of(kernel.ptx)
     if isa > t.ptx_isa:
-        problems.append(f"PTX .version {isa // 10}.{isa % 10} is newer than the target driver accepts "
+        problems.append(f"PTX .version {version_text(isa)} is newer than the target driver accepts "
                         f"({t.ptx_isa_text})")
     found = re.search(r"^\s*\.target\s+(\w+)", kernel.ptx, flags=re.MULTILINE)
     if found is None or found.group(1) != t.sm:
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"target {target.describe()}, Triton {triton.__version__}")
     for k in kernels:
         print(f"{k.tactic:<{width}}  {k.name}  warps={k.num_warps}  shared={k.shared}  params={len(k.params)}"
-              f"+{k.hidden_params}  PTX {k.ptx_isa // 10}.{k.ptx_isa % 10}  grid=({', '.join(k.grid)})")
+              f"+{k.hidden_params}  PTX {version_text(k.ptx_isa)}  grid=({', '.join(k.grid)})")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ __all__ = [
     "parse_arch",
     "parse_ptx_isa",
     "resolve_target",
+    "version_text",
 ]
 
 SM90_MAX_SHARED = 227 * 1024  # per block, opt-in maximum; the SM has 228 KB
@@ -34,22 +35,28 @@ class TargetError(ValueError):
     """The kernel target (compute capability, PTX ISA) is unknown, malformed or not what the GPU runs."""
 
 
+def _major_minor(text: str, what: str) -> int:
+    """'9.0' or '90' -> 90 (major·10 + minor), the form compute capabilities and PTX ISAs are kept in."""
+    m = re.fullmatch(r"(\d+)\.(\d)|(\d{2,3})", text)
+    if m is None:
+        raise TargetError(f"{what}, got {text!r}")
+    return int(m.group(1)) * 10 + int(m.group(2)) if m.group(1) else int(m.group(3))
+
+
+def version_text(value: int) -> str:
+    """90 -> '9.0': a compute capability or PTX ISA kept as major·10 + minor, as people write it."""
+    return f"{value // 10}.{value % 10}"
+
+
 def parse_arch(text: str | int) -> int:
     """'sm_90a', 'sm_90', '90' or '9.0' -> 90."""
-    s = str(text).strip().lower().removeprefix("sm_").removesuffix("a")
-    m = re.fullmatch(r"(\d+)\.(\d)|(\d{2,3})", s)
-    if m is None:
-        raise TargetError(f"--arch must look like sm_90, 90 or 9.0, got {text!r}")
-    return int(m.group(1)) * 10 + int(m.group(2)) if m.group(1) else int(m.group(3))
+    return _major_minor(str(text).strip().lower().removeprefix("sm_").removesuffix("a"),
+                        "--arch must look like sm_90, 90 or 9.0")
 
 
 def parse_ptx_isa(text: str | int) -> int:
     """'9.0' or '90' -> 90 (PTX ISA major·10 + minor)."""
-    s = str(text).strip()
-    m = re.fullmatch(r"(\d+)\.(\d)|(\d{2,3})", s)
-    if m is None:
-        raise TargetError(f"--ptx-isa must look like 9.0 or 90, got {text!r}")
-    return int(m.group(1)) * 10 + int(m.group(2)) if m.group(1) else int(m.group(3))
+    return _major_minor(str(text).strip(), "--ptx-isa must look like 9.0 or 90")
 
 
 def cuda_to_ptx_isa(major: int, minor: int) -> int:
@@ -94,7 +101,7 @@ class KernelTarget:
 
     @property
     def ptx_isa_text(self) -> str:
-        return f"{self.ptx_isa // 10}.{self.ptx_isa % 10}"
+        return version_text(self.ptx_isa)
 
     @property
     def max_shared(self) -> int:
@@ -131,10 +138,10 @@ def resolve_target(arch: str | int | None = None, ptx_isa: str | int | None = No
     want = parse_arch(arch) if arch is not None else None
     if gpu_arch is not None and want is not None and want != gpu_arch:
         raise TargetError(f"--arch sm_{want} does not match this GPU (compute capability "
-                          f"{gpu_arch // 10}.{gpu_arch % 10}); build on the deployment GPU or drop --arch")
+                          f"{version_text(gpu_arch)}); build on the deployment GPU or drop --arch")
     driver = driver_ptx_isa()
     isa = parse_ptx_isa(ptx_isa) if ptx_isa is not None else driver
     if driver is not None and isa > driver:
-        raise TargetError(f"--ptx-isa {isa // 10}.{isa % 10} is newer than this driver accepts "
-                          f"({driver // 10}.{driver % 10}); the engine would not load here")
+        raise TargetError(f"--ptx-isa {version_text(isa)} is newer than this driver accepts "
+                          f"({version_text(driver)}); the engine would not load here")
     return KernelTarget(want or gpu_arch or DEFAULT_TARGET.arch, isa or DEFAULT_TARGET.ptx_isa)

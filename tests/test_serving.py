@@ -11,9 +11,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -385,19 +389,30 @@ def _processes() -> dict[int, tuple[str, int, int]]:
     return found
 
 
+@contextlib.contextmanager
+def _child(cmd: list[str], log_path: Path) -> Iterator[tuple[subprocess.Popen, set[int]]]:
+    """A process started from the repository root, and the set of server-group pids the test records; on exit
+    (after a failure above) neither the process nor anything in that set outlives the test."""
+    group: set[int] = set()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield proc, group
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for pid in group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def test_sigterm_to_pdd_serve_leaves_no_server_process(repo, tmp_path):
     """`pdd serve` killed by SIGTERM stops tritonserver and its Python-backend stubs (the server's group)."""
-    import os
-    import signal
-    import subprocess
-
     http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "pdd.cli", "serve", "--repo", str(repo), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    group: set[int] = set()
-    try:
+    with _child(cmd, tmp_path / "serve.log") as (proc, group):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -410,42 +425,28 @@ def test_sigterm_to_pdd_serve_leaves_no_server_process(repo, tmp_path):
         processes = _processes()
         [server] = [pid for pid, (name, ppid, _) in processes.items() if ppid == proc.pid and name == "tritonserver"]
         # The server leads its own group; its stubs (one per Python model instance) are in it.
-        group = {pid for pid, (_, _, pgrp) in processes.items() if pgrp == server}
+        group.update(pid for pid, (_, _, pgrp) in processes.items() if pgrp == server)
         stubs = [pid for pid in group if processes[pid][0].startswith("triton_python")]
         assert server in group and len(stubs) >= 3, {pid: processes[pid] for pid in group}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == -signal.SIGTERM
         left = {pid: info for pid, info in _processes().items() if pid in group or info[2] == server}
         assert not left, f"still running after SIGTERM: {left}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in group:  # only after a failure above: what this test started must not outlive it
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        log.close()
 
 
 def test_sigterm_to_a_serving_benchmark_leaves_no_server_process(repo, tmp_path):
     """A benchmark killed by SIGTERM mid-run stops the server it started, stubs included."""
-    import os
-    import signal
-    import subprocess
-
     cmd = [sys.executable, "benchmarks/serve_bench.py", "--repo", str(repo), "--image-size", str(SIZE),
            "--images", "2", "--concurrency", "1", "--transports", "http", "--requests", "100000",
            "--out", str(tmp_path / "bench")]
-    log = open(tmp_path / "bench.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    group: set[int] = set()
-    try:
+    with _child(cmd, tmp_path / "bench.log") as (proc, group):
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:  # until the server and its 3 stubs run
             processes = _processes()
             servers = [pid for pid, (name, ppid, _) in processes.items()
                        if ppid == proc.pid and name == "tritonserver"]
-            group = {pid for pid, (_, _, pgrp) in processes.items() if servers and pgrp == servers[0]}
+            group.clear()
+            group.update(pid for pid, (_, _, pgrp) in processes.items() if servers and pgrp == servers[0])
             if sum(processes[pid][0].startswith("triton_python") for pid in group) >= 3:
                 break
             time.sleep(0.5)
@@ -454,14 +455,6 @@ def test_sigterm_to_a_serving_benchmark_leaves_no_server_process(repo, tmp_path)
         assert proc.wait(timeout=90) != 0  # interrupted, not finished
         left = {pid: info for pid, info in _processes().items() if pid in group}
         assert not left, f"still running after SIGTERM: {left}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pid in group:  # only after a failure above: what this test started must not outlive it
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        log.close()
 
 
 def test_serve_refuses_flavours_the_bundled_server_lacks(repo, tmp_path, capsys):

@@ -47,27 +47,26 @@ static inline float exp_fast(float x) {
     return p * scale.f;
 }
 
-/* One channel block along one ordering of positions.
- * u, dl, z, out: row bases of channel d0 (row j at + j * row_stride); bc: B and C rows of this block's
- * group at b_ptr[n * L + p], c_ptr[n * L + p]. pos: position visited at step t (NULL: t itself). */
+/* The 1-D scan: one channel block along its rows of L positions.
+ * u, dl, z, out: row bases of channel d0 (row j at + j * L); b_ptr, c_ptr: the B and C rows of the block's
+ * group (b_ptr[n * L + t]); skip: D of each channel (NULL: none); state: the last states (NULL: not kept). */
 static inline __attribute__((always_inline)) void walk(
-    const float *u, const float *dl, const float *z, float *out, int64_t row_stride,
-    const float *b_ptr, const float *c_ptr, const float *A, const float *bias, const float *skip,
-    const int32_t *pos, int64_t L, int nd, const int N, int softplus_dt, int accumulate, float *state) {
+    const float *u, const float *dl, const float *z, float *out, const float *b_ptr, const float *c_ptr,
+    const float *A, const float *bias, const float *skip, int64_t L, int nd, const int N, int softplus_dt,
+    float *state) {
     float h[BLOCK_D][MAX_N], a[BLOCK_D][MAX_N], bv[MAX_N], cv[MAX_N];
     memset(h, 0, sizeof(h));
     for (int j = 0; j < nd; ++j)
         for (int n = 0; n < N; ++n) a[j][n] = A[j * N + n];
     float xs[BLOCK_D], dts[BLOCK_D];
     for (int64_t t = 0; t < L; ++t) {
-        const int64_t p = pos ? pos[t] : t;
         for (int n = 0; n < N; ++n) {
-            bv[n] = b_ptr[n * L + p];
-            cv[n] = c_ptr[n * L + p];
+            bv[n] = b_ptr[n * L + t];
+            cv[n] = c_ptr[n * L + t];
         }
         for (int j = 0; j < BLOCK_D; ++j) { /* lanes past nd stay 0: the softplus below runs on all */
-            xs[j] = j < nd ? u[j * row_stride + p] : 0.0f;
-            dts[j] = j < nd ? dl[j * row_stride + p] + (bias ? bias[j] : 0.0f) : 0.0f;
+            xs[j] = j < nd ? u[j * L + t] : 0.0f;
+            dts[j] = j < nd ? dl[j * L + t] + (bias ? bias[j] : 0.0f) : 0.0f;
         }
         /* softplus across the block's channels at once: vectorised like the exponentials below */
         if (softplus_dt) {
@@ -75,7 +74,7 @@ static inline __attribute__((always_inline)) void walk(
             for (int j = 0; j < BLOCK_D; ++j) dts[j] = softplus(dts[j]);
         }
         for (int j = 0; j < nd; ++j) {
-            const int64_t i = j * row_stride + p;
+            const int64_t i = j * L + t;
             const float x = xs[j], dt = dts[j], dx = dt * x;
             float y = 0.0f;
 #pragma omp simd reduction(+ : y)
@@ -89,22 +88,12 @@ static inline __attribute__((always_inline)) void walk(
                 const float g = z[i];
                 y *= g / (1.0f + expf(-g));
             }
-            out[i] = accumulate ? out[i] + y : y;
+            out[i] = y;
         }
     }
     if (state)
         for (int j = 0; j < nd; ++j)
             for (int n = 0; n < N; ++n) state[j * N + n] = h[j][n];
-}
-
-/* walk() with N known at compile time for the common state sizes (full vectorisation), else at run time. */
-#define WALK(N_) walk(u, dl, z, out, L, b_ptr, c_ptr, A, bias, skip, pos, L, nd, N_, softplus_dt, accumulate, state)
-static void walk_any(const float *u, const float *dl, const float *z, float *out, int64_t L, const float *b_ptr,
-                     const float *c_ptr, const float *A, const float *bias, const float *skip, const int32_t *pos,
-                     int nd, int N, int softplus_dt, int accumulate, float *state) {
-    if (N == 16) WALK(16);
-    else if (N == 1) WALK(1);
-    else WALK(N);
 }
 
 typedef struct {
@@ -122,9 +111,9 @@ static void *worker(void *arg) {
     }
 }
 
-/* Run run(args, 0..items-1) on `threads` threads (this one included). Returns 0, or -1 if no thread
- * could be started (the work then runs on this thread alone). */
-static int parallel(int64_t items, int threads, void (*run)(const void *, int64_t), const void *args) {
+/* Run run(args, 0..items-1) on `threads` threads, this one included; a thread that cannot be started leaves
+ * its share to the others. */
+static void parallel(int64_t items, int threads, void (*run)(const void *, int64_t), const void *args) {
     Pool pool = {items, 0, run, args};
     if (threads > 64) threads = 64;
     pthread_t ids[64];
@@ -133,7 +122,6 @@ static int parallel(int64_t items, int threads, void (*run)(const void *, int64_
         if (pthread_create(&ids[started], NULL, worker, &pool) == 0) ++started;
     worker(&pool);
     for (int i = 0; i < started; ++i) pthread_join(ids[i], NULL);
-    return 0;
 }
 
 /* ---- SS2D ------------------------------------------------------------------------------------------- */
@@ -268,10 +256,14 @@ static void scan_item(const void *p, int64_t item) {
     const int64_t end = (g + 1) * per_group;
     const int nd = (int)(end - d0 < BLOCK_D ? end - d0 : BLOCK_D);
     const int64_t L = s->L, row = (b * s->dim + d0) * L;
-    walk_any(s->u + row, s->delta + row, s->z ? s->z + row : NULL, s->out + row, L,
-             s->B + (b * s->groups + g) * s->N * L, s->C + (b * s->groups + g) * s->N * L, s->A + d0 * s->N,
-             s->bias ? s->bias + d0 : NULL, s->D ? s->D + d0 : NULL, NULL, nd, s->N, s->softplus_dt, 0,
-             s->state ? s->state + (b * s->dim + d0) * s->N : NULL);
+    const float *u = s->u + row, *dl = s->delta + row, *z = s->z ? s->z + row : NULL;
+    const float *b_ptr = s->B + (b * s->groups + g) * s->N * L, *c_ptr = s->C + (b * s->groups + g) * s->N * L;
+    const float *A = s->A + d0 * s->N, *bias = s->bias ? s->bias + d0 : NULL, *skip = s->D ? s->D + d0 : NULL;
+    float *out = s->out + row, *state = s->state ? s->state + (b * s->dim + d0) * s->N : NULL;
+    /* N known at compile time for the common state sizes (full vectorisation), else at run time */
+    if (s->N == 16) walk(u, dl, z, out, b_ptr, c_ptr, A, bias, skip, L, nd, 16, s->softplus_dt, state);
+    else if (s->N == 1) walk(u, dl, z, out, b_ptr, c_ptr, A, bias, skip, L, nd, 1, s->softplus_dt, state);
+    else walk(u, dl, z, out, b_ptr, c_ptr, A, bias, skip, L, nd, s->N, s->softplus_dt, state);
 }
 
 /* u, delta, z, out: (batch, dim, L); A: (dim, N); B, C: (batch, groups, N, L); D, bias: (dim) or NULL;
