@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pdd.checkpoint import load_pdd
 from pdd.cli import resolve_config
 from pdd.config import apply_overrides, atomic_write_text

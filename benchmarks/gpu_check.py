@@ -13,7 +13,7 @@ cut to what is left of ``--budget-s``; a failed, timed-out or skipped step is re
    nilearn (brain-synth) are there;
 2. ``kernel-tests``: ``pytest tests/test_kernels.py`` natively on CUDA (fp32 and fp16, fresh random inputs,
    odd sizes, against the float64 oracles);
-3. ``kernel-bench``: ``benchmarks/kernels.py --quick``;
+3. ``kernel-bench``: ``benchmarks/kernel_bench.py --quick``;
 4. ``onnx-export``: the ONNX forms the GPU runtimes need (plugin for TensorRT, portable for TensorRT and
    ONNX Runtime CUDA), exported once by ``benchmarks/run.py --prepare-only`` (skipped when neither
    TensorRT nor ONNX Runtime's CUDA provider is there);
@@ -61,8 +61,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this folder comes first on sys.path; the repository root must (for export, pdd, kernels).
-sys.path.insert(0, str(ROOT))
 STEPS = ("machine", "kernel-tests", "kernel-bench", "onnx-export", "tensorrt", "serve", "benchmark",
          "benchmark-compile")
 GPU_RUNTIMES = ("torch:chunked", "torch:triton", "torch:reference", "onnxruntime:cuda:portable",
@@ -277,7 +275,7 @@ def summary(checker: Checker, facts: dict[str, str], results_dir: Path) -> str:
             lines += ["", "Parity against PyTorch fp32 (chunked scan) on the labelled images:", "", *parity]
     kernels = results_dir / "kernels.json"
     if kernels.is_file():
-        from benchmarks.kernels import short_table as kernel_table
+        from benchmarks.kernel_bench import short_table as kernel_table
 
         lines += ["", "## Kernels (median ms)", "", "```", kernel_table(json.loads(kernels.read_text())["rows"]), "```"]
     return "\n".join(lines) + "\n"
@@ -330,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "through the normal test suite")
         if want("kernel-bench"):
             if cuda:
-                checker.run("kernel-bench", [py, "benchmarks/kernels.py", "--quick", "--out", str(results)], 90)
+                checker.run("kernel-bench", [py, "benchmarks/kernel_bench.py", "--quick", "--out", str(results)], 90)
             else:
                 checker.skip("kernel-bench", "no CUDA device")
         exported = False

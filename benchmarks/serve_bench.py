@@ -31,8 +31,6 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks.common import exit_on_termination, free_ports
 from export.client import PDDClient, run_load
 from export.serve import TritonServer, python_env
