@@ -64,7 +64,7 @@ def ss2d_inputs(batch: int, side: int, dim: int, dtype: torch.dtype, device: str
 
 
 def ss2d_impls(batch: int, length: int) -> dict[str, Callable[..., Tensor]]:
-    from kernels.selective_scan import STRATEGIES, ss2d_scan_triton
+    from kernels.selective_scan import STRATEGIES, ss2d_scan_triton  # lazily: needs triton (the [gpu] extra)
 
     impls: dict[str, Callable[..., Tensor]] = {
         f"triton-{s}": (lambda *a, s=s: ss2d_scan_triton(*a, strategy=s)) for s in STRATEGIES
@@ -105,7 +105,7 @@ def head_pairs(batch: int, dtype: torch.dtype, device: str) -> list[tuple[Tensor
 
 
 def head_rows(bench: Bench, batches: tuple[int, ...], dtype: torch.dtype, device: str) -> list[dict[str, Any]]:
-    from kernels.anomaly_head import anomaly_head_triton
+    from kernels.anomaly_head import anomaly_head_triton  # lazily: needs triton (the [gpu] extra)
 
     impls = {"triton": lambda p: anomaly_head_triton(p, (IMAGE, IMAGE)),
              "torch-reference": lambda p: anomaly_head_ref(p, (IMAGE, IMAGE))}

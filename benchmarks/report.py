@@ -21,12 +21,11 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return format(value, spec)
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """results.md: set-up, latency/throughput/accuracy table, server table, stages, targets, skipped runtimes."""
+def _setup_lines(result: dict[str, Any]) -> list[str]:
+    """The run's set-up and the head of the in-process table."""
     env, cfg, load = result["environment"], result["config"], result["load_average"]
-    entries = result["runtimes"]
     cuda = env["cuda"]
-    lines = [
+    return [
         f"# PDD inference benchmark ({cuda['device'] if cuda else 'CPU only'})",
         "",
         f"Command: `{result['command']}`  ",
@@ -58,6 +57,11 @@ def markdown(result: dict[str, Any]) -> str:
         "max abs err | rel err | ΔAUROC |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+
+def _inprocess_rows(entries: list[dict[str, Any]]) -> list[str]:
+    """Rows of the in-process latency, throughput and accuracy table."""
+    lines: list[str] = []
     for e in entries:
         if e["status"] != "ok" or e["device"] == "server":
             continue
@@ -68,12 +72,24 @@ def markdown(result: dict[str, Any]) -> str:
                      _fmt(r["throughput_img_s"], ".2f"), _fmt(acc.get("map_max_abs_error"), ".2e"),
                      _fmt(acc.get("map_max_rel_error"), ".2e"), _fmt(acc.get("auroc_diff"), "+.4f")]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
+def _compute_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """Device-resident compute times (CUDA events)."""
+    lines: list[str] = []
     compute = [(e, r) for e in entries if e["status"] == "ok" for r in e["compute"]]
     if compute:
         lines += ["", "Device-resident compute (CUDA events, the network alone):", "",
                   "| runtime | precision | batch | median ms | p99 ms | img/s |", "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {e['runtime']} | {e['precision']} | {r['batch']} | {_fmt(r['median_ms'], '.3f')} | "
                   f"{_fmt(r['p99_ms'], '.3f')} | {_fmt(r['throughput_img_s'], '.1f')} |" for e, r in compute]
+    return lines
+
+
+def _server_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """The Triton-server table and perf_analyzer's."""
+    lines: list[str] = []
     served = [e for e in entries if e["device"] == "server" and e["status"] == "ok"]
     if served:
         lines += ["", "Triton server (closed-loop load from export.client.run_load, perf_analyzer's fields; shm = gRPC "
@@ -105,6 +121,12 @@ def markdown(result: dict[str, Any]) -> str:
         else:
             lines += ["", "perf_analyzer is not on PATH here (not installable from PyPI; it ships in NVIDIA's "
                           "tritonserver SDK container): the server was measured with run_load only."]
+    return lines
+
+
+def _stage_lines(entries: list[dict[str, Any]]) -> list[str]:
+    """The per-stage table."""
+    lines: list[str] = []
     staged = [e for e in entries if e["status"] == "ok" and e["stages"]]
     if staged:
         lines += ["", "Per-stage time (ms; each stage alone, so the sum differs a little from the whole):", "",
@@ -115,6 +137,13 @@ def markdown(result: dict[str, Any]) -> str:
             cells = " | ".join(_fmt(s["ms"].get(k), ".2f") for k in (*STAGES, "other"))
             lines.append(f"| {e['runtime']} | {e['precision']} | {s['batch']} | {cells} | {_fmt(s['sum_ms'], '.2f')} | "
                          f"{s['method']} |")
+    return lines
+
+
+def _closing_lines(result: dict[str, Any]) -> list[str]:
+    """Targets, notes, and the runtimes or batch sizes skipped or failed."""
+    entries = result["runtimes"]
+    lines: list[str] = []
     lines += ["", "Targets (ratios from this run):", ""]
     for t in result["targets"]:
         verdict = "not measured here" if t["met"] is None else ("met" if t["met"] else "NOT met")
@@ -134,6 +163,14 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {e['runtime']} | {e['precision']} | {e['status']} | {reason} |")
         lines += [f"| {e['runtime']} | {e['precision']} | batch {s['batch']} skipped | {s['reason']} |"
                   for e, s in partial]
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """results.md: set-up, latency/throughput/accuracy table, server table, stages, targets, skipped runtimes."""
+    entries = result["runtimes"]
+    lines = [*_setup_lines(result), *_inprocess_rows(entries), *_compute_lines(entries), *_server_lines(entries),
+             *_stage_lines(entries), *_closing_lines(result)]
     return "\n".join(lines) + "\n"
 
 

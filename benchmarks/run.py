@@ -71,7 +71,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,38 @@ def _workdir() -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _new_result(args: argparse.Namespace, command: str, env: dict[str, Any], images: str,
+                weights: str) -> dict[str, Any]:
+    """results.json before anything is measured."""
+    return {
+        "schema": 1, "complete": False, "command": command, "environment": env,
+        "load_average": {"before": env.pop("load_average"), "after": None},
+        "config": {"image_size": args.image_size, "batch": args.batch, "server_batch": args.server_batch,
+                   "concurrency": args.concurrency,
+                   "precision": args.precision, "repeats": args.repeats, "warmup": args.warmup,
+                   "reference_repeats": args.reference_repeats, "requests": args.requests,
+                   "accuracy_images": args.accuracy_images, "device": args.device, "preset": args.preset,
+                   "threads": args.threads, "runtimes": args.runtimes, "images": images,
+                   "weights": weights},
+        "runtimes": [], "targets": [], "notes": [], "plots": [],
+    }
+
+
+def _measure_inprocess(bench: Bench, args: argparse.Namespace, record: Callable[[dict[str, Any]], None]) -> None:
+    """Every in-process runtime at every precision, the reference first (the others' accuracy columns need it)."""
+    inprocess = [n for n in args.runtimes if n not in SERVER]
+    ordered = ([REFERENCE] if REFERENCE in inprocess else []) + [n for n in inprocess if n != REFERENCE]
+    if REFERENCE not in inprocess or "fp32" not in args.precision:
+        bench.ensure_reference()
+    precisions = sorted(args.precision, key=lambda p: p != "fp32")  # fp32 first: the reference is fp32
+    for name in ordered:
+        for precision in precisions:
+            print(f"{name} {precision}", flush=True)
+            record(bench.measure(name, precision))
+            if name == REFERENCE and precision == "fp32" and bench.reference is None:
+                bench.ensure_reference()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the results dict (also written to ``--out``).
 
@@ -251,18 +283,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             return {"artifacts": str(artifacts.folder), "forms": forms}
         bench_images = _load_images(args, work)
         bench = Bench(args, model, bench_images, artifacts, work)
-        result: dict[str, Any] = {
-            "schema": 1, "complete": False, "command": command, "environment": env,
-            "load_average": {"before": env.pop("load_average"), "after": None},
-            "config": {"image_size": args.image_size, "batch": args.batch, "server_batch": args.server_batch,
-                       "concurrency": args.concurrency,
-                       "precision": args.precision, "repeats": args.repeats, "warmup": args.warmup,
-                       "reference_repeats": args.reference_repeats, "requests": args.requests,
-                       "accuracy_images": args.accuracy_images, "device": args.device, "preset": args.preset,
-                       "threads": args.threads, "runtimes": args.runtimes, "images": bench_images.source,
-                       "weights": weights},
-            "runtimes": [], "targets": [], "notes": [], "plots": [],
-        }
+        result = _new_result(args, command, env, bench_images.source, weights)
         print(preset_line(result["config"]), flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
 
@@ -272,18 +293,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result["runtimes"].append(entry)
             atomic_write_text(args.out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
 
-        inprocess = [n for n in args.runtimes if n not in SERVER]
-        # The reference first, so every other runtime gets its accuracy columns.
-        ordered = ([REFERENCE] if REFERENCE in inprocess else []) + [n for n in inprocess if n != REFERENCE]
-        if REFERENCE not in inprocess or "fp32" not in args.precision:
-            bench.ensure_reference()
-        precisions = sorted(args.precision, key=lambda p: p != "fp32")  # fp32 first: the reference is fp32
-        for name in ordered:
-            for precision in precisions:
-                print(f"{name} {precision}", flush=True)
-                record(bench.measure(name, precision))
-                if name == REFERENCE and precision == "fp32" and bench.reference is None:
-                    bench.ensure_reference()
+        _measure_inprocess(bench, args, record)
         if any(bench.device_of(n) == "cpu" for n in args.runtimes):
             gemm = gemm_rate()
             result["yardstick"] = {"gemm_gflops": gemm["gflops"], "gemm_size": gemm["size"],
