@@ -357,6 +357,79 @@ def _percentile_us(latencies_s: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(latencies_s) * 1e6, q)) if latencies_s else math.nan
 
 
+class _Load:
+    """The shared state of one :func:`run_load`: counts, latencies and errors, guarded by one lock."""
+
+    def __init__(self, client_factory: Callable[[], PDDClient], images: Sequence[Any], concurrency: int,
+                 requests: int, warmup: int, timeout_s: float, keep_outputs: bool,
+                 on_start: Callable[[], None] | None) -> None:
+        self.factory, self.images, self.requests, self.warmup = client_factory, images, requests, warmup
+        self.timeout_s, self.keep_outputs = timeout_s, keep_outputs
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.outputs: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.issued = self.inferences = 0
+        self.ready = threading.Barrier(concurrency + 1, action=on_start)
+        self.deadline = math.inf
+
+    def start_together(self) -> None:
+        # A worker stuck in set-up must not hold the others (or the caller) beyond the time limit.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            self.ready.wait(timeout=self.timeout_s)
+
+    def _error(self, text: str, issued: bool = False) -> None:
+        with self.lock:
+            self.issued += issued
+            self.errors.append(text)
+
+    def worker(self, w: int) -> None:
+        """Worker ``w``: its own client, the warm-up, then its timed requests until done or the deadline."""
+        client = None
+        try:
+            client = self.factory()
+            for k in range(self.warmup):
+                client.predict(self.images[k % len(self.images)])
+        except Exception as exc:  # reported in the stats, not raised from a thread
+            self._error(f"worker {w} set-up: {exc}")
+        finally:
+            self.start_together()
+        try:
+            if client is not None:
+                self._requests(w, client)
+        finally:
+            if client is not None:
+                try:
+                    client.close()
+                except InferenceError as exc:
+                    self._error(f"worker {w} close: {exc}")
+
+    def _requests(self, w: int, client: PDDClient) -> None:
+        for i in range(self.requests):
+            if time.monotonic() >= self.deadline:
+                break
+            index = (w * self.requests + i) % len(self.images)
+            t0 = time.perf_counter()
+            try:
+                pred = client.predict(self.images[index])
+            except Exception as exc:  # counted as an error response
+                self._error(str(exc), issued=True)
+                continue
+            dt = time.perf_counter() - t0
+            with self.lock:
+                self.issued += 1
+                self.inferences += _batch_size(self.images[index])
+                self.latencies.append(dt)
+                if self.keep_outputs:
+                    self.outputs.append((index, pred))
+
+
+def _batch_size(payload: Any) -> int:
+    if isinstance(payload, np.ndarray):
+        return 1 if payload.ndim == 3 else int(payload.shape[0])
+    return len(payload)
+
+
 def run_load(client_factory: Callable[[], PDDClient], images: Sequence[np.ndarray | Sequence[bytes]],
              concurrency: int, requests: int, *, warmup: int = 1, timeout_s: float = 300.0,
              keep_outputs: bool = False, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -374,82 +447,25 @@ def run_load(client_factory: Callable[[], PDDClient], images: Sequence[np.ndarra
     if concurrency < 1 or requests < 1 or not images:
         raise ValueError(f"run_load needs concurrency >= 1, requests >= 1 and images, got {concurrency}, "
                          f"{requests}, {len(images)} images")
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors: list[str] = []
-    outputs: list[tuple[int, dict[str, np.ndarray]]] = []
-    counts = {"issued": 0, "inferences": 0}
-    ready = threading.Barrier(concurrency + 1, action=on_start)
-    deadline = [math.inf]
-
-    def batch_of(payload: Any) -> int:
-        if isinstance(payload, np.ndarray):
-            return 1 if payload.ndim == 3 else int(payload.shape[0])
-        return len(payload)
-
-    def start_together() -> None:
-        # A worker stuck in set-up must not hold the others (or the caller) beyond the time limit.
-        with contextlib.suppress(threading.BrokenBarrierError):
-            ready.wait(timeout=timeout_s)
-
-    def worker(w: int) -> None:
-        client = None
-        try:
-            client = client_factory()
-            for k in range(warmup):
-                client.predict(images[k % len(images)])
-        except Exception as exc:  # reported in the stats, not raised from a thread
-            with lock:
-                errors.append(f"worker {w} set-up: {exc}")
-        finally:
-            start_together()
-        try:
-            if client is None:
-                return
-            for i in range(requests):
-                if time.monotonic() >= deadline[0]:
-                    break
-                index = (w * requests + i) % len(images)
-                t0 = time.perf_counter()
-                try:
-                    pred = client.predict(images[index])
-                except Exception as exc:  # counted as an error response
-                    with lock:
-                        counts["issued"] += 1
-                        errors.append(str(exc))
-                    continue
-                dt = time.perf_counter() - t0
-                with lock:
-                    counts["issued"] += 1
-                    counts["inferences"] += batch_of(images[index])
-                    latencies.append(dt)
-                    if keep_outputs:
-                        outputs.append((index, pred))
-        finally:
-            if client is not None:
-                try:
-                    client.close()
-                except InferenceError as exc:
-                    with lock:
-                        errors.append(f"worker {w} close: {exc}")
-
-    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
+    load = _Load(client_factory, images, concurrency, requests, warmup, timeout_s, keep_outputs, on_start)
+    threads = [threading.Thread(target=load.worker, args=(w,), daemon=True) for w in range(concurrency)]
     for t in threads:
         t.start()
-    start_together()
+    load.start_together()
     start = time.perf_counter()
-    deadline[0] = time.monotonic() + timeout_s
+    load.deadline = time.monotonic() + timeout_s
     for t in threads:
-        t.join(timeout=max(0.0, deadline[0] - time.monotonic()) + 60.0)
+        t.join(timeout=max(0.0, load.deadline - time.monotonic()) + 60.0)
     wall = time.perf_counter() - start
+    latencies = load.latencies
     stats: dict[str, Any] = {
-        "concurrency": concurrency, "requests": counts["issued"], "completed": len(latencies),
-        "errors": len(errors), "error_messages": errors[:5], "wall_s": wall,
-        "throughput_infer_per_sec": counts["inferences"] / wall if wall > 0 else math.nan,
+        "concurrency": concurrency, "requests": load.issued, "completed": len(latencies),
+        "errors": len(load.errors), "error_messages": load.errors[:5], "wall_s": wall,
+        "throughput_infer_per_sec": load.inferences / wall if wall > 0 else math.nan,
         "avg_latency_us": float(np.mean(latencies) * 1e6) if latencies else math.nan,
         **{f"p{q}_latency_us": _percentile_us(latencies, q) for q in (50, 90, 95, 99)},
-        "timed_out": counts["issued"] < concurrency * requests or any(t.is_alive() for t in threads),
+        "timed_out": load.issued < concurrency * requests or any(t.is_alive() for t in threads),
     }
     if keep_outputs:
-        stats["outputs"] = outputs
+        stats["outputs"] = load.outputs
     return stats
