@@ -2,6 +2,9 @@
 
 Every command that takes ``--checkpoint`` also accepts ``--config NAME`` alone, meaning a freshly
 initialised model (random teachers unless the config names weight files): for smoke tests and speed runs.
+
+This is the only ``pdd`` module that imports ``export`` (``pdd predict --server``, ``pdd export``, ``pdd serve``),
+and nothing imports it. Each command imports what it needs when it runs, so ``pdd --help`` starts at once.
 """
 
 from __future__ import annotations
