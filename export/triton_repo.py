@@ -28,9 +28,9 @@ engine export) without re-exporting. Without a calibration nothing is flagged.
 
 Example::
 
-    >>> from pdd.checkpoint import load_pdd
+    >>> from pdd.checkpoint import load_model
     >>> from export.triton_repo import build_triton_repo
-    >>> build_triton_repo("triton_repo", flavour="python", model=load_pdd("best.pt"))  # doctest: +SKIP
+    >>> build_triton_repo("triton_repo", flavour="python", model=load_model("best.pt"))  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -94,12 +94,12 @@ def _calibration_choice(args: argparse.Namespace) -> tuple[str | None, float | N
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from pdd.checkpoint import load_pdd, store_calibration
+    from pdd.checkpoint import load_model, store_calibration
     from pdd.evaluate import calibrate
     from pdd.train import open_dataset
 
     device = _device(args.device)
-    model = load_pdd(args.checkpoint, device=device)
+    model = load_model(args.checkpoint, device=device)
     data = model.cfg.data
     data = DataConfig(root=str(args.data), layout=args.layout or data.layout, class_names=data.class_names,
                       skip_bad=args.skip_bad or data.skip_bad)
@@ -165,7 +165,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthesise brain-synth, train a small PDD briefly, evaluate, write the report."""
-    from pdd.checkpoint import load_pdd
+    from pdd.checkpoint import load_model
     from pdd.data import generate_brain_synth
     from pdd.evaluate import evaluate, metrics_table
     from pdd.train import open_dataset, train
@@ -187,7 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[demo] training PDD for {args.epochs} epochs on {device} (random teachers: no weights offline; "
           "prior term 1 − cos)", flush=True)
     result = train(cfg, out / "train", device=device)
-    model = load_pdd(result.best_checkpoint, device=device)
+    model = load_model(result.best_checkpoint, device=device)
     print("[demo] evaluating on the test split", flush=True)
     ev = evaluate(model, open_dataset(cfg.data, "test", cfg.image_size), out / "eval", batch_size=8, device=device,
                   title="PDD demo on brain-synth",
