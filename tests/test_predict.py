@@ -77,7 +77,7 @@ def test_without_decisions_only_scores_are_reported(tmp_path):
 
 def test_a_file_the_predictor_refuses_is_named_or_skipped(tmp_path):
     paths = [_write(tmp_path, f"{k}.png", 10 * k, (8, 8)) for k in range(3)]
-    with pytest.raises(ImageReadError, match="1.png"):
+    with pytest.raises(ImageReadError, match=r"1\.png"):
         predict_with(_Predictor(bad=[str(paths[1])]), paths)
     predictor = _Predictor(bad=[str(paths[1])])
     summary = predict_with(predictor, paths, skip_bad=True)
