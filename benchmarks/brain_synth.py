@@ -20,11 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pdd.checkpoint import load_pdd
-from pdd.cli import resolve_config
-from pdd.config import apply_overrides, atomic_write_text
+from pdd.checkpoint import load_model
+from pdd.config import apply_overrides, atomic_write_text, resolve_config
 from pdd.data import generate_brain_synth
 from pdd.evaluate import evaluate, metrics_table
 from pdd.train import open_dataset, train
@@ -60,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         run = train(cfg, folder, device=device)
         train_s = time.perf_counter() - t0
-        model = load_pdd(run.best_checkpoint, device=device)
+        model = load_model(run.best_checkpoint, device=device)
         ev = evaluate(model, open_dataset(cfg.data, "test", cfg.image_size), folder / "eval", device=device,
                       report=False)
         results["models"][label] = {"metrics": ev.metrics, "train_seconds": train_s, "best_epoch": run.best_epoch,

@@ -21,6 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from pdd.data import generate_brain_synth
+from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from pdd.metrics import auroc
+
 __all__ = [
     "PERCENTILES",
     "STAGES",
@@ -76,8 +80,6 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
 
 
 def _auroc_or_nan(scores: np.ndarray, labels: np.ndarray) -> float:
-    from pdd.metrics import auroc
-
     return auroc(scores, labels) if 0 < labels.sum() < labels.size else math.nan
 
 
@@ -208,8 +210,6 @@ def folder_images(root: str | os.PathLike, size: int, n: int) -> BenchImages:
     """
     from PIL import Image
 
-    from pdd.data.readers import to_model_input
-
     root = Path(root)
     test = root / "test"
     if not test.is_dir():
@@ -234,8 +234,6 @@ def folder_images(root: str | os.PathLike, size: int, n: int) -> BenchImages:
 
 def brain_synth_images(size: int, n: int, workdir: str | os.PathLike, seed: int = 0) -> BenchImages:
     """n brain-synth test images (half anomalous) generated at size² into ``workdir``."""
-    from pdd.data import generate_brain_synth
-
     half = n // 2
     generate_brain_synth(workdir, seed=seed, image_size=size, n_train=0, n_test_good=n - half, n_test_anomalous=half,
                          overwrite=True)
@@ -246,8 +244,7 @@ def brain_synth_images(size: int, n: int, workdir: str | os.PathLike, seed: int 
 
 def texture_images(size: int, n: int, why: str) -> BenchImages:
     """Fallback when brain-synth cannot be generated: smooth textures, every second with a bright blob."""
-    from export.parity import labelled_images
-    from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+    from export.parity import labelled_images  # lazily: ONNX and ONNX Runtime (the [export] extra) behind it
 
     normalised, labels = labelled_images(n, size)
     mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)

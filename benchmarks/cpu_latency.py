@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pdd import PDDConfig, build_pdd
 from pdd.config import atomic_write_text
 

@@ -33,8 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from export.onnx_export import export_onnx
 from export.parity import compare_predictions, labelled_images, predict_all
 from export.runtime import OnnxRuntime, Runtime, TorchRuntime

@@ -13,7 +13,7 @@ cut to what is left of ``--budget-s``; a failed, timed-out or skipped step is re
    nilearn (brain-synth) are there;
 2. ``kernel-tests``: ``pytest tests/test_kernels.py`` natively on CUDA (fp32 and fp16, fresh random inputs,
    odd sizes, against the float64 oracles);
-3. ``kernel-bench``: ``benchmarks/kernels.py --quick``;
+3. ``kernel-bench``: ``benchmarks/kernel_bench.py --quick``;
 4. ``onnx-export``: the ONNX forms the GPU runtimes need (plugin for TensorRT, portable for TensorRT and
    ONNX Runtime CUDA), exported once by ``benchmarks/run.py --prepare-only`` (skipped when neither
    TensorRT nor ONNX Runtime's CUDA provider is there);
@@ -61,8 +61,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this folder comes first on sys.path; the repository root must (for export, pdd, kernels).
-sys.path.insert(0, str(ROOT))
 STEPS = ("machine", "kernel-tests", "kernel-bench", "onnx-export", "tensorrt", "serve", "benchmark",
          "benchmark-compile")
 GPU_RUNTIMES = ("torch:chunked", "torch:triton", "torch:reference", "onnxruntime:cuda:portable",
@@ -162,7 +160,11 @@ def _try(fn: Any) -> str:
 
 
 def machine_facts() -> dict[str, str]:
-    """What this machine has, as printable strings (never raises)."""
+    """What this machine has, as printable strings (never raises).
+
+    Every package, the project's included, is imported inside ``_try`` here and lazily elsewhere in this script:
+    a missing one is a fact to report, and the machine step must run even where torch is absent.
+    """
     facts: dict[str, str] = {}
     smi = shutil.which("nvidia-smi")
     facts["nvidia-smi"] = _try(lambda: subprocess.run(
@@ -264,7 +266,7 @@ def summary(checker: Checker, facts: dict[str, str], results_dir: Path) -> str:
         if not path.is_file():
             continue
         results = json.loads(path.read_text())
-        from benchmarks.run import short_table
+        from benchmarks.report import short_table  # lazily, as every project import here: see machine_facts
 
         if results.get("complete"):
             table = short_table(results)
@@ -277,13 +279,38 @@ def summary(checker: Checker, facts: dict[str, str], results_dir: Path) -> str:
             lines += ["", "Parity against PyTorch fp32 (chunked scan) on the labelled images:", "", *parity]
     kernels = results_dir / "kernels.json"
     if kernels.is_file():
-        from benchmarks.kernels import short_table as kernel_table
+        from benchmarks.kernel_bench import short_table as kernel_table  # lazily: see machine_facts
 
         lines += ["", "## Kernels (median ms)", "", "```", kernel_table(json.loads(kernels.read_text())["rows"]), "```"]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class _Run:
+    """What the steps share: the arguments, the checker, the machine facts and the folders."""
+
+    args: argparse.Namespace
+    wanted: list[str]
+    checker: Checker
+    facts: dict[str, str]
+    results: Path
+    artifacts: Path
+    cuda: bool
+    trt: bool
+
+    def want(self, name: str) -> bool:
+        return name in self.wanted
+
+    @property
+    def images(self) -> list[str]:
+        return ["--images", str(self.args.images)] if self.args.images else []
+
+    @property
+    def bench_args(self) -> list[str]:
+        return ["--image-size", str(self.args.image_size), *BENCH_ARGS]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python3 benchmarks/gpu_check.py", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu-results"))
     ap.add_argument("--budget-s", type=float, default=450.0, help="total time for all steps")
@@ -295,16 +322,109 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", help="plugin kernel target for the engines (default: the GPU; sm_90 in a dry run)")
     ap.add_argument("--ptx-isa", help="driver PTX ISA cap (default: this driver's; 9.0 in a dry run)")
     args = ap.parse_args(argv)
-    wanted = [s.strip() for s in args.steps.split(",") if s.strip()]
-    unknown = sorted(set(wanted) - set(STEPS))
+    args.wanted = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = sorted(set(args.wanted) - set(STEPS))
     if unknown:
         ap.error(f"unknown steps {unknown}; expected a subset of {', '.join(STEPS)}")
+    return args
+
+
+def _kernel_steps(run: _Run, py: str) -> None:
+    checker = run.checker
+    if run.want("kernel-tests"):
+        if run.cuda:
+            checker.run("kernel-tests", [py, "-m", "pytest", "tests/test_kernels.py", "-q", "-p",
+                                         "no:cacheprovider"], 150)
+        else:
+            checker.skip("kernel-tests", "no CUDA device: on a CPU they run in the Triton interpreter, "
+                                         "through the normal test suite")
+    if run.want("kernel-bench"):
+        if run.cuda:
+            checker.run("kernel-bench", [py, "benchmarks/kernel_bench.py", "--quick", "--out", str(run.results)], 90)
+        else:
+            checker.skip("kernel-bench", "no CUDA device")
+
+
+def _engine_steps(run: _Run, py: str) -> list[Path]:
+    """The ONNX exports, then the engines the budget allows; returns the folders of the engines built."""
+    checker, args, artifacts = run.checker, run.args, run.artifacts
+    ort_gpu = any(p in run.facts["onnxruntime"] for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+    target = [*(["--arch", args.arch] if args.arch else []), *(["--ptx-isa", args.ptx_isa] if args.ptx_isa else [])]
+    built: list[Path] = []
+    exported = False
+    if run.want("onnx-export"):
+        if not (run.trt or ort_gpu):
+            checker.skip("onnx-export", "neither TensorRT nor ONNX Runtime's CUDA provider is here")
+        else:
+            forms = ["tensorrt:plugin", "tensorrt:portable"] if run.trt else ["onnxruntime:cuda:portable"]
+            step = checker.run("onnx-export", [py, "benchmarks/run.py", "--prepare-only", "--artifacts",
+                                               str(artifacts), "--runtimes", ",".join(forms), *run.bench_args], 200)
+            exported = step.status == "ok"
+    if not run.want("tensorrt"):
+        return built
+    if not run.trt:
+        checker.skip("tensorrt", "TensorRT is not installed here" if run.cuda else "no CUDA device")
+        return built
+    if not exported:
+        checker.skip("tensorrt", "no ONNX export to build from")
+        return built
+    for form, precision, limit in ENGINES:
+        name = f"trt-{form}-{precision}"
+        room = checker.remaining() - BENCH_RESERVE_S
+        if room < min(limit, MIN_BUILD_S):
+            checker.skip(name, "time budget: the benchmark goes first")
+            continue
+        onnx = artifacts / f"onnx-{form}" / "model.onnx"
+        engine = artifacts / f"tensorrt-{form}-{precision}"
+        step = checker.run(name, [py, "-m", "pdd.cli", "export", "trt", "--onnx", str(onnx),
+                                  "--precision", precision, "--batch", "1:8:32", "--out", str(engine),
+                                  "--timing-cache", str(artifacts / "timing.cache"), *target,
+                                  *(["--dry-run"] if args.dry_run else [])], min(limit, room))
+        if step.status == "ok" and (engine / "engine.plan").is_file():
+            built.append(engine)
+    return built
+
+
+def _serve_and_benchmark_steps(run: _Run, py: str, built: list[Path]) -> None:
+    checker, args, results = run.checker, run.args, run.results
+    if run.want("serve"):
+        server = tensorrt_server()
+        engine = next((e for e in built if e.name == "tensorrt-plugin-fp16"), built[0] if built else None)
+        if args.dry_run:
+            checker.skip("serve", "dry run: no engine to serve")
+        elif server is None:
+            checker.skip("serve", "no tritonserver with the TensorRT backend here (NVIDIA's container has it)")
+        elif engine is None:
+            checker.skip("serve", "no engine was built")
+        else:
+            checker.run("serve", [py, "-m", "benchmarks.gpu_serve", "--server", server, "--engine", str(engine),
+                                  "--out", str(results / "serve.json"), *run.images], 120)
+    if run.want("benchmark"):
+        if run.cuda:
+            keep = COMPILE_RESERVE_S if run.want("benchmark-compile") else 0
+            checker.run("benchmark", [py, "benchmarks/run.py", "--runtimes", ",".join(GPU_RUNTIMES), *run.bench_args,
+                                      "--reference-repeats", "1", "--artifacts", str(run.artifacts), "--out",
+                                      str(results / "run"), *run.images], max(checker.remaining() - keep, 20))
+        else:
+            checker.skip("benchmark", "no CUDA device (benchmarks/run.py runs the CPU runtimes on its own)")
+    if run.want("benchmark-compile"):
+        if run.cuda:
+            # Batch 1 only: every new batch size would be one more inductor compilation.
+            checker.run("benchmark-compile", [py, "benchmarks/run.py", "--runtimes", "torch:chunked:compile",
+                                              "--image-size", str(args.image_size), "--batch", "1",
+                                              "--precision", "fp32", "--repeats", "10", "--warmup", "2",
+                                              "--out", str(results / "compile"), *run.images], checker.remaining())
+        else:
+            checker.skip("benchmark-compile", "no CUDA device")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pdd-gpu-check-"))
     py = sys.executable
     checker = Checker(args.out, args.budget_s, work)
     results = work / "results"
-    artifacts = work / "artifacts"
     try:
         facts = machine_facts()
         print("== machine\n" + "\n".join(f"   {k}: {v}" for k, v in facts.items()), flush=True)
@@ -312,85 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         cuda = _cuda_available() and not args.dry_run
         # A dry run prepares the engines as far as a machine without TensorRT and a GPU can.
         trt = (_has(facts, "tensorrt") and cuda) or args.dry_run
-        ort_gpu = any(p in facts["onnxruntime"] for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
-        images = ["--images", str(args.images)] if args.images else []
-        bench_args = ["--image-size", str(args.image_size), *BENCH_ARGS]
-        target = [*(["--arch", args.arch] if args.arch else []), *(["--ptx-isa", args.ptx_isa] if args.ptx_isa else [])]
-        built: list[Path] = []
-
-        def want(name: str) -> bool:
-            return name in wanted
-
-        if want("kernel-tests"):
-            if cuda:
-                checker.run("kernel-tests", [py, "-m", "pytest", "tests/test_kernels.py", "-q", "-p",
-                                             "no:cacheprovider"], 150)
-            else:
-                checker.skip("kernel-tests", "no CUDA device: on a CPU they run in the Triton interpreter, "
-                                             "through the normal test suite")
-        if want("kernel-bench"):
-            if cuda:
-                checker.run("kernel-bench", [py, "benchmarks/kernels.py", "--quick", "--out", str(results)], 90)
-            else:
-                checker.skip("kernel-bench", "no CUDA device")
-        exported = False
-        if want("onnx-export"):
-            if not (trt or ort_gpu):
-                checker.skip("onnx-export", "neither TensorRT nor ONNX Runtime's CUDA provider is here")
-            else:
-                forms = ["tensorrt:plugin", "tensorrt:portable"] if trt else ["onnxruntime:cuda:portable"]
-                step = checker.run("onnx-export", [py, "benchmarks/run.py", "--prepare-only", "--artifacts",
-                                                   str(artifacts), "--runtimes", ",".join(forms), *bench_args], 200)
-                exported = step.status == "ok"
-        if want("tensorrt"):
-            if not trt:
-                checker.skip("tensorrt", "TensorRT is not installed here" if cuda else "no CUDA device")
-            elif not exported:
-                checker.skip("tensorrt", "no ONNX export to build from")
-            else:
-                for form, precision, limit in ENGINES:
-                    name = f"trt-{form}-{precision}"
-                    room = checker.remaining() - BENCH_RESERVE_S
-                    if room < min(limit, MIN_BUILD_S):
-                        checker.skip(name, "time budget: the benchmark goes first")
-                        continue
-                    onnx = artifacts / f"onnx-{form}" / "model.onnx"
-                    engine = artifacts / f"tensorrt-{form}-{precision}"
-                    step = checker.run(name, [py, "-m", "pdd.cli", "export", "trt", "--onnx", str(onnx),
-                                              "--precision", precision, "--batch", "1:8:32", "--out", str(engine),
-                                              "--timing-cache", str(artifacts / "timing.cache"), *target,
-                                              *(["--dry-run"] if args.dry_run else [])], min(limit, room))
-                    if step.status == "ok" and (engine / "engine.plan").is_file():
-                        built.append(engine)
-        if want("serve"):
-            server = tensorrt_server()
-            engine = next((e for e in built if e.name == "tensorrt-plugin-fp16"), built[0] if built else None)
-            if args.dry_run:
-                checker.skip("serve", "dry run: no engine to serve")
-            elif server is None:
-                checker.skip("serve", "no tritonserver with the TensorRT backend here (NVIDIA's container has it)")
-            elif engine is None:
-                checker.skip("serve", "no engine was built")
-            else:
-                checker.run("serve", [py, "-m", "benchmarks.gpu_serve", "--server", server, "--engine", str(engine),
-                                      "--out", str(results / "serve.json"), *images], 120)
-        if want("benchmark"):
-            if cuda:
-                keep = COMPILE_RESERVE_S if want("benchmark-compile") else 0
-                checker.run("benchmark", [py, "benchmarks/run.py", "--runtimes", ",".join(GPU_RUNTIMES), *bench_args,
-                                          "--reference-repeats", "1", "--artifacts", str(artifacts), "--out",
-                                          str(results / "run"), *images], max(checker.remaining() - keep, 20))
-            else:
-                checker.skip("benchmark", "no CUDA device (benchmarks/run.py runs the CPU runtimes on its own)")
-        if want("benchmark-compile"):
-            if cuda:
-                # Batch 1 only: every new batch size would be one more inductor compilation.
-                checker.run("benchmark-compile", [py, "benchmarks/run.py", "--runtimes", "torch:chunked:compile",
-                                                  "--image-size", str(args.image_size), "--batch", "1",
-                                                  "--precision", "fp32", "--repeats", "10", "--warmup", "2",
-                                                  "--out", str(results / "compile"), *images], checker.remaining())
-            else:
-                checker.skip("benchmark-compile", "no CUDA device")
+        run = _Run(args, args.wanted, checker, facts, results, work / "artifacts", cuda, trt)
+        _kernel_steps(run, py)
+        built = _engine_steps(run, py)
+        _serve_and_benchmark_steps(run, py, built)
         text = summary(checker, facts, results)
         _collect(args.out, work, results, text)
     finally:
@@ -420,7 +465,7 @@ def _collect(out: Path, work: Path, results: Path, text: str) -> None:
 
 
 if __name__ == "__main__":
-    from benchmarks.common import exit_on_termination
+    from benchmarks.common import exit_on_termination  # lazily: see machine_facts
 
     # The running step (and its server) is stopped before this script ends.
     exit_on_termination()

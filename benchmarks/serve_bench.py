@@ -31,13 +31,14 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks.common import exit_on_termination, free_ports
 from export.client import PDDClient, run_load
 from export.serve import TritonServer, python_env
 from export.triton_repo import ENGINE, ENSEMBLE, build_triton_repo
+from pdd.checkpoint import load_model
 from pdd.config import atomic_write_text
+from pdd.data import generate_brain_synth
+from pdd.data.readers import read_image
 
 __all__ = ["TRANSPORTS", "main", "run_load", "server_step_stats"]
 
@@ -51,8 +52,6 @@ _STAT_FIELDS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 def _brain_synth_images(size: int, count: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
     """``count`` brain-synth test images (half normal, half with lesions) as uint8 (size, size, 1)."""
-    from pdd.data import generate_brain_synth
-    from pdd.data.readers import read_image
 
     with tempfile.TemporaryDirectory(prefix="brain-synth-") as tmp:
         half = max(1, count // 2)
@@ -205,11 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.repo:
             repo, model_desc = args.repo, f"repository {args.repo}"
         else:
-            from pdd.cli import load_model
-
-            ns = argparse.Namespace(checkpoint=args.checkpoint, config=None if args.checkpoint else args.config,
-                                    image_size=args.image_size, scan_impl="chunked", set=None)
-            model = load_model(ns, "cpu")
+            model = load_model(args.checkpoint, None if args.checkpoint else args.config, scan_impl="chunked",
+                               image_size=args.image_size)
             model_desc = (f"checkpoint {args.checkpoint}" if args.checkpoint else
                           f"config {args.config}, freshly initialised (random teachers: speed only)")
             log.info("exporting %s at %d² (portable ONNX)", model_desc, args.image_size)

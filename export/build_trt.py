@@ -26,19 +26,13 @@ Steps (all but the last run on CPU, which is what ``--dry-run`` does):
    through Polygraphy and prints max/mean error per output.
 """
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script: put the repository root first instead of export/, whose module names
-    # (runtime, metadata, parity) must not shadow other packages.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,7 +50,12 @@ from export.metadata import (
     write_metadata,
 )
 from export.onnx_export import FORMS, INPUT_NAME, OUTPUT_NAMES, export_onnx, load_onnx, save_onnx, to_fp16
+from export.parity import compare_predictions, labelled_images
+from export.runtime import OnnxRuntime, TensorRTRuntime, TorchRuntime
+from export.trt_plugins import kernels_for_model, lower_for_tensorrt, plugin_launch_records, register_plugins
 from kernels.target import KernelTarget, TargetError, resolve_target, version_text
+from pdd.checkpoint import load_model
+from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["BuildError", "BuildPlan", "build_engine", "check_engine", "main", "parse_batch", "prepare"]
 
@@ -109,18 +108,6 @@ def parse_batch(text: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
-def _load_model(checkpoint: Path | None, config: str | None) -> Any:
-    from pdd.baselines import build_model
-    from pdd.checkpoint import load_pdd
-    from pdd.cli import resolve_config
-
-    if checkpoint is not None:
-        return load_pdd(checkpoint, scan_impl="chunked").eval()
-    cfg = resolve_config(config).replace(scan_impl="chunked")
-    log.warning("building from config %r without a checkpoint: trainable parts are freshly initialised", config)
-    return build_model(cfg).eval()
-
-
 def prepare(out: Path, *, model: Any = None, onnx: Path | None = None, form: str = "plugin",
             precision: str = "fp16", batch: tuple[int, int, int] = (1, 8, 32), image_size: int | None = None,
             preprocess: bool = False, opset: int | None = None, target: KernelTarget | None = None) -> BuildPlan:
@@ -128,8 +115,6 @@ def prepare(out: Path, *, model: Any = None, onnx: Path | None = None, form: str
 
     ``target``: the GPU the plugin kernels are compiled for (default: :func:`kernels.target.resolve_target`).
     """
-    from export.trt_plugins import kernels_for_model, lower_for_tensorrt, plugin_launch_records
-
     target = target or resolve_target()
 
     if precision not in PRECISIONS:
@@ -207,8 +192,6 @@ def build_engine(plan: BuildPlan, timing_cache: Path | None = None, workspace_gi
     except TargetError as exc:
         raise BuildError(f"the plan in {plan.out} is for {plan.target.describe()}: {exc}") from exc
     if plan.form == "plugin":
-        from export.trt_plugins import register_plugins
-
         register_plugins(here)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -288,16 +271,11 @@ def check_engine(plan: BuildPlan, model: Any = None, images: int = 8, batch: int
     from polygraphy.backend.trt import TrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
 
-    from export.parity import compare_predictions, labelled_images
-    from export.runtime import OnnxRuntime, TensorRTRuntime, TorchRuntime
-
     engine_rt = TensorRTRuntime(plan.out)  # refuses an engine that does not match this TensorRT or GPU
     ort_rt = OnnxRuntime(plan.onnx_path)
     h, _ = plan.image_size
     x, labels = labelled_images(images, h)
     if plan.onnx_meta.preprocess:
-        from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
-
         mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
         std = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
         x = np.clip(np.rint((x * std + mean) * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
@@ -362,7 +340,12 @@ def main(argv: list[str] | None = None, prog: str = "python export/build_trt.py"
     except TargetError as exc:
         print(f"error: {exc} (--dry-run prepares everything up to the TensorRT builder)", file=sys.stderr)
         return 2
-    model = None if args.onnx else _load_model(args.checkpoint, args.config)
+    model = None
+    if not args.onnx:
+        if args.checkpoint is None:
+            log.warning("building from config %r without a checkpoint: trainable parts are freshly initialised",
+                        args.config)
+        model = load_model(args.checkpoint, args.config, scan_impl="chunked")
     plan = prepare(args.out, model=model, onnx=args.onnx, form=args.onnx_form, precision=args.precision,
                    batch=args.batch, image_size=args.image_size, preprocess=args.preprocess, opset=args.opset,
                    target=target)

@@ -23,16 +23,16 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
 from pdd.calibration import Calibration
+from pdd.data.readers import ImageReadError
+from pdd.predict import BatchPrediction, Item, predict_with
 
-__all__ = ["OUTPUTS", "InferenceError", "PDDClient", "predict_server_files", "run_load"]
+__all__ = ["OUTPUTS", "InferenceError", "PDDClient", "ServerPredictor", "predict_server_files", "run_load"]
 
 # Ensemble outputs, with the dtype each arrives in and whether Triton's trailing (B, 1) is squeezed to (B,).
 OUTPUTS = {"pred_score": (np.float32, True), "anomaly_map": (np.float32, False),
@@ -292,115 +292,62 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return img[..., None] if img.ndim == 2 else img
 
 
-@dataclass
-class _Upload:
-    """One image to send: a DICOM file's bytes (decoded by the server), or pixels read here (``image``)."""
+class ServerPredictor:
+    """The served ensemble as a :class:`pdd.predict.Predictor`: ``pdd predict --server``.
 
-    name: str
-    image: np.ndarray | None = None    # (H, W) or (H, W, 3) in [0, 1]
-    data: bytes | None = None
+    DICOM files go to the server as they are, with ``dicom_window`` when given: its preprocess decodes them
+    with ``pdd/data/readers.py``, as ``pdd predict`` does locally. NIfTI slices and other images arrive read
+    by the same readers and are sent as uint8 pixels, batched while consecutive images share a size. A file
+    the server cannot decode raises :class:`pdd.data.ImageReadError` naming it, as locally. Decisions are
+    reported when the server has a threshold.
+    """
 
+    reads_dicom = True
 
-def _uploads(files: Sequence[Path], nifti_axis: int, window: tuple[float, float] | None, skip_bad: bool,
-             skipped: list[dict[str, str]]) -> Iterator[_Upload]:
-    """DICOM files (with their preamble) as bytes; everything else read here as ``pdd predict`` reads it."""
-    from pdd.data.readers import has_dicom_preamble
-    from pdd.predict import _items
+    def __init__(self, client: PDDClient, dicom_window: Sequence[float] | None = None) -> None:
+        self.client = client
+        self.window = (float(dicom_window[0]), float(dicom_window[1])) if dicom_window else None
+        self.threshold = client.threshold()
+        self.max_batch_size = max(1, client.max_batch_size())
 
-    for path in files:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-        if has_dicom_preamble(head):
-            yield _Upload(str(path), data=path.read_bytes())
-        else:
-            for item in _items([path], nifti_axis, window, skip_bad, skipped):
-                yield _Upload(item.name, image=item.image)
+    def batch_key(self, item: Item) -> Hashable:
+        # One request holds files' bytes or pixels of one size, not both.
+        return "bytes" if item.data is not None else item.image.shape
+
+    def predict(self, items: Sequence[Item]) -> BatchPrediction:
+        try:
+            if items[0].data is None:
+                out = self.client.predict(np.stack([_to_uint8(it.image) for it in items]))
+            else:
+                out = self.client.predict([it.data for it in items], dicom_window=self.window)
+        except InferenceError as exc:
+            found = _UNREADABLE.search(str(exc))
+            if found is None or items[0].data is None:
+                raise
+            raise ImageReadError(items[int(found.group(1))].name, found.group(2).strip()) from None
+        decided = self.threshold is not None
+        return BatchPrediction(out["pred_score"], out["anomaly_map"], out["normalised_score"] if decided else None,
+                               out["pred_label"] if decided else None)
+
+    def describe(self) -> dict[str, Any]:
+        client = self.client
+        return {"server": client.url, "protocol": client.protocol, "shared_memory": client.shm,
+                "model": client.model_name, "threshold": self.threshold}
 
 
 def predict_server_files(inputs: Sequence[str | os.PathLike], url: str, protocol: str = "http", shm: bool = False,
                          out_dir: str | os.PathLike | None = None, model_name: str = "pdd", *, batch_size: int = 8,
                          nifti_axis: int = 2, dicom_window: Sequence[float] | None = None,
                          skip_bad: bool = False) -> dict[str, Any]:
-    """Score files, folders, DICOM and NIfTI (per slice) on a server; the same summary as ``pdd predict``.
-
-    DICOM files go to the server as they are, with ``dicom_window`` when given: its preprocess decodes them
-    with ``pdd/data/readers.py``, as ``pdd predict`` does locally. NIfTI slices and other images are read
-    here by the same readers and sent as uint8 pixels, batched while consecutive images share a size. A
-    file the server cannot decode raises :class:`pdd.data.ImageReadError` naming it, as locally, or with
-    ``skip_bad`` is listed in ``skipped``. ``anomalous`` is reported when the server has a threshold. With
-    ``out_dir``: ``heatmaps/*.png`` and ``results.json``.
+    """Score files, folders, DICOM and NIfTI (per slice) on a server; the same loop and summary as ``pdd predict``
+    (:func:`pdd.predict.predict_with` over a :class:`ServerPredictor`). With ``out_dir``: ``heatmaps/*.png`` and
+    ``results.json``.
     """
-    from pdd.config import atomic_write_text
-    from pdd.data.readers import ImageReadError, read_image
-    from pdd.predict import Item, _heatmap_png, _safe_name, collect_inputs
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    files = collect_inputs(inputs)
-    window = (float(dicom_window[0]), float(dicom_window[1])) if dicom_window else None
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-    skipped: list[dict[str, str]] = []
-    results: list[dict[str, Any]] = []
     with PDDClient(url, protocol=protocol, model_name=model_name, shm=shm) as client:
-        threshold = client.threshold()
-        limit = max(1, min(batch_size, client.max_batch_size()))
-        batch: list[_Upload] = []
-
-        def send() -> dict[str, np.ndarray]:
-            if batch[0].data is None:
-                return client.predict(np.stack([_to_uint8(u.image) for u in batch]))
-            return client.predict([u.data for u in batch], dicom_window=window)
-
-        def send_readable() -> dict[str, np.ndarray] | None:
-            """The batch's outputs; a file the server cannot decode is raised, or with skip_bad dropped."""
-            while batch:
-                try:
-                    return send()
-                except InferenceError as exc:
-                    found = _UNREADABLE.search(str(exc))
-                    if found is None or batch[0].data is None:
-                        raise
-                    bad, reason = batch.pop(int(found.group(1))), found.group(2).strip()
-                    if not skip_bad:
-                        raise ImageReadError(bad.name, reason) from None
-                    log.warning("skipping unreadable file %s: %s", bad.name, reason)
-                    skipped.append({"path": bad.name, "reason": reason})
-            return None
-
-        def flush() -> None:
-            pred = send_readable()
-            if pred is None:
-                return
-            vmax = max(float(pred["anomaly_map"].max()), 1e-6)
-            for up, score, normalised, label, amap in zip(batch, pred["pred_score"], pred["normalised_score"],
-                                                          pred["pred_label"], pred["anomaly_map"]):
-                rec: dict[str, Any] = {"input": up.name, "score": float(score)}
-                if threshold is not None:
-                    rec["normalised_score"] = None if np.isnan(normalised) else float(normalised)
-                    rec["anomalous"] = bool(label)
-                if out is not None:
-                    image = up.image if up.image is not None else read_image(up.name, dicom_window=window)
-                    png = out / "heatmaps" / f"{len(results):05d}_{_safe_name(Path(up.name).name)}.png"
-                    _heatmap_png(Item(up.name, image), amap, png, vmax=vmax)
-                    rec["heatmap"] = str(png.relative_to(out))
-                results.append(rec)
-            batch.clear()
-
-        for upload in _uploads(files, nifti_axis, window, skip_bad, skipped):
-            # One request holds files' bytes or pixels of one size, not both.
-            if batch and (len(batch) == limit or (upload.data is None) != (batch[0].data is None)
-                          or (upload.image is not None and upload.image.shape != batch[0].image.shape)):
-                flush()
-            batch.append(upload)
-        if batch:
-            flush()
-    summary = {"server": url, "protocol": protocol, "shared_memory": shm, "model": model_name,
-               "threshold": threshold, "scored": len(results), "skipped": skipped, "results": results}
-    if out is not None:
-        atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
-    return summary
+        return predict_with(ServerPredictor(client, dicom_window), inputs, out_dir, batch_size=batch_size,
+                            nifti_axis=nifti_axis, dicom_window=dicom_window, skip_bad=skip_bad)
 
 
 # --- load generator -------------------------------------------------------------------------------------
@@ -408,6 +355,79 @@ def predict_server_files(inputs: Sequence[str | os.PathLike], url: str, protocol
 
 def _percentile_us(latencies_s: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(latencies_s) * 1e6, q)) if latencies_s else math.nan
+
+
+class _Load:
+    """The shared state of one :func:`run_load`: counts, latencies and errors, guarded by one lock."""
+
+    def __init__(self, client_factory: Callable[[], PDDClient], images: Sequence[Any], concurrency: int,
+                 requests: int, warmup: int, timeout_s: float, keep_outputs: bool,
+                 on_start: Callable[[], None] | None) -> None:
+        self.factory, self.images, self.requests, self.warmup = client_factory, images, requests, warmup
+        self.timeout_s, self.keep_outputs = timeout_s, keep_outputs
+        self.lock = threading.Lock()
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.outputs: list[tuple[int, dict[str, np.ndarray]]] = []
+        self.issued = self.inferences = 0
+        self.ready = threading.Barrier(concurrency + 1, action=on_start)
+        self.deadline = math.inf
+
+    def start_together(self) -> None:
+        # A worker stuck in set-up must not hold the others (or the caller) beyond the time limit.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            self.ready.wait(timeout=self.timeout_s)
+
+    def _error(self, text: str, issued: bool = False) -> None:
+        with self.lock:
+            self.issued += issued
+            self.errors.append(text)
+
+    def worker(self, w: int) -> None:
+        """Worker ``w``: its own client, the warm-up, then its timed requests until done or the deadline."""
+        client = None
+        try:
+            client = self.factory()
+            for k in range(self.warmup):
+                client.predict(self.images[k % len(self.images)])
+        except Exception as exc:  # reported in the stats, not raised from a thread
+            self._error(f"worker {w} set-up: {exc}")
+        finally:
+            self.start_together()
+        try:
+            if client is not None:
+                self._requests(w, client)
+        finally:
+            if client is not None:
+                try:
+                    client.close()
+                except InferenceError as exc:
+                    self._error(f"worker {w} close: {exc}")
+
+    def _requests(self, w: int, client: PDDClient) -> None:
+        for i in range(self.requests):
+            if time.monotonic() >= self.deadline:
+                break
+            index = (w * self.requests + i) % len(self.images)
+            t0 = time.perf_counter()
+            try:
+                pred = client.predict(self.images[index])
+            except Exception as exc:  # counted as an error response
+                self._error(str(exc), issued=True)
+                continue
+            dt = time.perf_counter() - t0
+            with self.lock:
+                self.issued += 1
+                self.inferences += _batch_size(self.images[index])
+                self.latencies.append(dt)
+                if self.keep_outputs:
+                    self.outputs.append((index, pred))
+
+
+def _batch_size(payload: Any) -> int:
+    if isinstance(payload, np.ndarray):
+        return 1 if payload.ndim == 3 else int(payload.shape[0])
+    return len(payload)
 
 
 def run_load(client_factory: Callable[[], PDDClient], images: Sequence[np.ndarray | Sequence[bytes]],
@@ -427,82 +447,25 @@ def run_load(client_factory: Callable[[], PDDClient], images: Sequence[np.ndarra
     if concurrency < 1 or requests < 1 or not images:
         raise ValueError(f"run_load needs concurrency >= 1, requests >= 1 and images, got {concurrency}, "
                          f"{requests}, {len(images)} images")
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors: list[str] = []
-    outputs: list[tuple[int, dict[str, np.ndarray]]] = []
-    counts = {"issued": 0, "inferences": 0}
-    ready = threading.Barrier(concurrency + 1, action=on_start)
-    deadline = [math.inf]
-
-    def batch_of(payload: Any) -> int:
-        if isinstance(payload, np.ndarray):
-            return 1 if payload.ndim == 3 else int(payload.shape[0])
-        return len(payload)
-
-    def start_together() -> None:
-        # A worker stuck in set-up must not hold the others (or the caller) beyond the time limit.
-        with contextlib.suppress(threading.BrokenBarrierError):
-            ready.wait(timeout=timeout_s)
-
-    def worker(w: int) -> None:
-        client = None
-        try:
-            client = client_factory()
-            for k in range(warmup):
-                client.predict(images[k % len(images)])
-        except Exception as exc:  # reported in the stats, not raised from a thread
-            with lock:
-                errors.append(f"worker {w} set-up: {exc}")
-        finally:
-            start_together()
-        try:
-            if client is None:
-                return
-            for i in range(requests):
-                if time.monotonic() >= deadline[0]:
-                    break
-                index = (w * requests + i) % len(images)
-                t0 = time.perf_counter()
-                try:
-                    pred = client.predict(images[index])
-                except Exception as exc:  # counted as an error response
-                    with lock:
-                        counts["issued"] += 1
-                        errors.append(str(exc))
-                    continue
-                dt = time.perf_counter() - t0
-                with lock:
-                    counts["issued"] += 1
-                    counts["inferences"] += batch_of(images[index])
-                    latencies.append(dt)
-                    if keep_outputs:
-                        outputs.append((index, pred))
-        finally:
-            if client is not None:
-                try:
-                    client.close()
-                except InferenceError as exc:
-                    with lock:
-                        errors.append(f"worker {w} close: {exc}")
-
-    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
+    load = _Load(client_factory, images, concurrency, requests, warmup, timeout_s, keep_outputs, on_start)
+    threads = [threading.Thread(target=load.worker, args=(w,), daemon=True) for w in range(concurrency)]
     for t in threads:
         t.start()
-    start_together()
+    load.start_together()
     start = time.perf_counter()
-    deadline[0] = time.monotonic() + timeout_s
+    load.deadline = time.monotonic() + timeout_s
     for t in threads:
-        t.join(timeout=max(0.0, deadline[0] - time.monotonic()) + 60.0)
+        t.join(timeout=max(0.0, load.deadline - time.monotonic()) + 60.0)
     wall = time.perf_counter() - start
+    latencies = load.latencies
     stats: dict[str, Any] = {
-        "concurrency": concurrency, "requests": counts["issued"], "completed": len(latencies),
-        "errors": len(errors), "error_messages": errors[:5], "wall_s": wall,
-        "throughput_infer_per_sec": counts["inferences"] / wall if wall > 0 else math.nan,
+        "concurrency": concurrency, "requests": load.issued, "completed": len(latencies),
+        "errors": len(load.errors), "error_messages": load.errors[:5], "wall_s": wall,
+        "throughput_infer_per_sec": load.inferences / wall if wall > 0 else math.nan,
         "avg_latency_us": float(np.mean(latencies) * 1e6) if latencies else math.nan,
         **{f"p{q}_latency_us": _percentile_us(latencies, q) for q in (50, 90, 95, 99)},
-        "timed_out": counts["issued"] < concurrency * requests or any(t.is_alive() for t in threads),
+        "timed_out": load.issued < concurrency * requests or any(t.is_alive() for t in threads),
     }
     if keep_outputs:
-        stats["outputs"] = outputs
+        stats["outputs"] = load.outputs
     return stats

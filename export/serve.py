@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from export.triton_repo import ENGINE, check_repository, repository_flavour
+from export.metadata import read_engine_metadata
+from export.triton_config import ENGINE, check_repository, repository_flavour
 
 __all__ = [
     "BACKEND_REQUIREMENTS",
@@ -430,8 +431,6 @@ def _tensorrt_note(repo: Path) -> str:
     meta = repo / ENGINE / "1" / "engine.json"
     if not meta.is_file():
         return "the container's TensorRT must be the version that built the engine"
-    from export.metadata import read_engine_metadata
-
     trt = read_engine_metadata(meta).tensorrt_version
     return (f"the engine was built with TensorRT {trt}: pick the <yy.mm> release whose TensorRT is {trt} "
             "(NVIDIA's frameworks support matrix); any other refuses the engine")

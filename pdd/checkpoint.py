@@ -8,16 +8,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from pdd.backbones.weights import WeightsError, check_and_load, load_checkpoint_file
+from pdd.baselines import build_model
 from pdd.calibration import Calibration, CalibrationError
-from pdd.config import ConfigError, PDDConfig, atomic_file
+from pdd.config import ConfigError, PDDConfig, apply_overrides, atomic_file, resolve_config
 
-__all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "load_pdd", "read_calibration", "read_checkpoint", "save_pdd",
-           "store_calibration"]
+__all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "load_model", "load_pdd", "read_calibration", "read_checkpoint",
+           "save_pdd", "store_calibration"]
 
 CHECKPOINT_FORMAT = "pdd-checkpoint/1"
 
@@ -76,16 +78,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def load_pdd(path: str | os.PathLike, device: torch.device | str = "cpu", **overrides: Any) -> torch.nn.Module:
     """Rebuild the model of a checkpoint and load every weight strictly.
 
-    ``overrides`` change run-time settings that do not touch weights (``scan_impl``, ``head_impl``).
+    ``overrides`` change settings that do not touch weights (``scan_impl``, ``head_impl``, ``image_size``:
+    the model is fully convolutional, so the input size sets shapes, not weights).
     """
-    from pdd.baselines import build_model  # the RD4AD baseline shares this checkpoint format
-
     obj = read_checkpoint(path)
     try:
         cfg = PDDConfig.from_dict(obj["config"], source=f"{path} config")
     except ConfigError as exc:
         raise WeightsError(f"PDD checkpoint {path} has an invalid config: {exc}") from exc
-    weight_fields = {"vmamba_weights", "wrn_weights", "image_size", "shared_decoder", "decoder_blocks", "model"}
+    weight_fields = {"vmamba_weights", "wrn_weights", "shared_decoder", "decoder_blocks", "model"}
     bad = weight_fields & set(overrides)
     if bad:
         raise ValueError(f"cannot override {sorted(bad)} when loading a checkpoint: they define its weights")
@@ -102,3 +103,31 @@ def load_pdd(path: str | os.PathLike, device: torch.device | str = "cpu", **over
                     "pipeline works, not what PDD detects (README: 'Pretrained teachers')",
                     path, " and ".join(name for name, _ in random))
     return model.to(device)
+
+
+def load_model(checkpoint: str | os.PathLike | None = None, config: str | os.PathLike | PDDConfig | None = None, *,
+               overrides: Sequence[str] = (), device: torch.device | str = "cpu", scan_impl: str | None = None,
+               image_size: int | None = None) -> torch.nn.Module:
+    """The model every command, exporter and benchmark uses: a checkpoint's, or a fresh one from a config.
+
+    checkpoint: a PDD (or RD4AD) checkpoint, every weight loaded strictly. config: instead of a checkpoint, a
+    config name, YAML file or :class:`PDDConfig` for a freshly initialised model (random teachers unless the
+    config names weight files), with ``overrides`` (``key=value`` strings). ``scan_impl`` and ``image_size``
+    change the config before the model is built, for either source. Returns the model in eval mode.
+
+    >>> model = load_model(config="brain-synth", image_size=64, scan_impl="reference")  # doctest: +SKIP
+    """
+    run_time = {k: v for k, v in (("scan_impl", scan_impl), ("image_size", image_size)) if v}
+    if checkpoint is not None:
+        if config is not None or overrides:
+            raise ValueError(f"give a checkpoint ({checkpoint}) or a config with overrides, not both")
+        return load_pdd(checkpoint, device=device, **run_time).eval()
+    if config is None:
+        raise ValueError("load_model needs a checkpoint, or a config for a freshly initialised model")
+    cfg = config if isinstance(config, PDDConfig) else resolve_config(config)
+    cfg = apply_overrides(cfg, [f"scan_impl={scan_impl}"] * bool(scan_impl) + list(overrides))
+    if image_size:
+        cfg = cfg.replace(image_size=image_size)
+    log.info("freshly initialised %s model from config %s (no checkpoint)", cfg.model,
+             "object" if isinstance(config, PDDConfig) else config)
+    return build_model(cfg, device).eval()

@@ -2,6 +2,9 @@
 
 Every command that takes ``--checkpoint`` also accepts ``--config NAME`` alone, meaning a freshly
 initialised model (random teachers unless the config names weight files): for smoke tests and speed runs.
+
+This is the only ``pdd`` module that imports ``export`` (``pdd predict --server``, ``pdd export``, ``pdd serve``),
+and nothing imports it. Each command imports what it needs when it runs, so ``pdd --help`` starts at once.
 """
 
 from __future__ import annotations
@@ -15,53 +18,38 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pdd.config import SCAN_CHOICES
+from pdd.config import (
+    CONFIG_DIR,
+    SCAN_CHOICES,
+    ConfigError,
+    DataConfig,
+    apply_overrides,
+    atomic_write_text,
+    resolve_config,
+)
 
-__all__ = ["CONFIG_DIR", "load_model", "main", "resolve_config"]
+__all__ = ["CONFIG_DIR", "build_parser", "main", "resolve_config"]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 log = logging.getLogger("pdd")
 
 
-def resolve_config(name_or_path: str):
-    """A config by file path, or by name among the built-in configs (``pdd/configs/NAME.yaml``)."""
-    from pdd.config import ConfigError, PDDConfig
-
-    path = Path(name_or_path)
-    if path.is_file():
-        return PDDConfig.from_yaml(path)
-    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
-    if builtin.is_file():
-        return PDDConfig.from_yaml(builtin)
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"no config file {name_or_path!r} and no built-in config of that name; built-in: {names}")
-
-
 def _device(name: str | None) -> str:
-    import torch
+    import torch  # lazily, as every heavy import here: `pdd --help` starts in a fraction of a second
 
     if name:
         return name
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(args: argparse.Namespace, device: str):
-    """The model named by --checkpoint, or a fresh one from --config (with --scan-impl if given)."""
-    from pdd.baselines import build_model
-    from pdd.checkpoint import load_pdd
-    from pdd.config import apply_overrides
+def _model(args: argparse.Namespace, device: str):
+    """The model named by --checkpoint, or a fresh one from --config (--set, --scan-impl, --image-size)."""
+    from pdd.checkpoint import load_model
 
-    run_time = {k: v for k, v in (("scan_impl", getattr(args, "scan_impl", None)),) if v}
-    if getattr(args, "checkpoint", None):
-        return load_pdd(args.checkpoint, device=device, **run_time)
-    if not getattr(args, "config", None):
+    if not (getattr(args, "checkpoint", None) or getattr(args, "config", None)):
         raise SystemExit("give --checkpoint CKPT, or --config NAME for a freshly initialised model")
-    cfg = resolve_config(args.config)
-    cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in run_time.items()] + list(getattr(args, "set", None) or []))
-    if getattr(args, "image_size", None):
-        cfg = cfg.replace(image_size=args.image_size)
-    log.info("freshly initialised %s model from config %s (no checkpoint)", cfg.model, args.config)
-    return build_model(cfg, device)
+    return load_model(getattr(args, "checkpoint", None), getattr(args, "config", None),
+                      overrides=getattr(args, "set", None) or (), device=device,
+                      scan_impl=getattr(args, "scan_impl", None), image_size=getattr(args, "image_size", None))
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -81,7 +69,6 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pdd.config import apply_overrides
     from pdd.train import train
 
     cfg = apply_overrides(resolve_config(args.config), args.overrides)
@@ -107,13 +94,12 @@ def _calibration_choice(args: argparse.Namespace) -> tuple[str | None, float | N
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from pdd.checkpoint import load_pdd, store_calibration
-    from pdd.config import DataConfig, atomic_write_text
+    from pdd.checkpoint import load_model, store_calibration
     from pdd.evaluate import calibrate
     from pdd.train import open_dataset
 
     device = _device(args.device)
-    model = load_pdd(args.checkpoint, device=device)
+    model = load_model(args.checkpoint, device=device)
     data = model.cfg.data
     data = DataConfig(root=str(args.data), layout=args.layout or data.layout, class_names=data.class_names,
                       skip_bad=args.skip_bad or data.skip_bad)
@@ -136,7 +122,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _test_set(args: argparse.Namespace, model: Any):
-    from pdd.config import DataConfig
     from pdd.train import open_dataset
 
     data = model.cfg.data
@@ -149,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pdd.evaluate import evaluate, metrics_table
 
     device = _device(args.device)
-    model = load_model(args, device)
+    model = _model(args, device)
     dataset = _test_set(args, model)
     source = args.checkpoint or f"config {args.config} (fresh)"
     result = evaluate(model, dataset, args.out, batch_size=args.batch_size, device=device,
@@ -160,25 +145,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pdd.predict import predict_files, predict_server
+    from pdd.predict import ModelPredictor, predict_with
 
+    common = {"batch_size": args.batch_size, "nifti_axis": args.nifti_axis, "dicom_window": args.dicom_window,
+              "skip_bad": args.skip_bad}
     if args.server:
-        results = predict_server(args.inputs, args.server, protocol=args.protocol, shm=args.shm, out_dir=args.out,
-                                 model_name=args.model_name, batch_size=args.batch_size, nifti_axis=args.nifti_axis,
-                                 dicom_window=args.dicom_window, skip_bad=args.skip_bad)
+        from export.client import PDDClient, ServerPredictor
+
+        with PDDClient(args.server, protocol=args.protocol, model_name=args.model_name, shm=args.shm) as client:
+            results = predict_with(ServerPredictor(client, args.dicom_window), args.inputs, args.out, **common)
     else:
         device = _device(args.device)
-        model = load_model(args, device)
-        results = predict_files(model, args.inputs, out_dir=args.out, device=device, batch_size=args.batch_size,
-                                nifti_axis=args.nifti_axis, dicom_window=args.dicom_window, skip_bad=args.skip_bad,
-                                threshold=args.threshold, pixel_threshold=args.pixel_threshold)
+        predictor = ModelPredictor(_model(args, device), device, threshold=args.threshold,
+                                   pixel_threshold=args.pixel_threshold)
+        results = predict_with(predictor, args.inputs, args.out, **common)
     print(json.dumps(results, indent=2))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthesise brain-synth, train a small PDD briefly, evaluate, write the report."""
-    from pdd.config import apply_overrides
+    from pdd.checkpoint import load_model
     from pdd.data import generate_brain_synth
     from pdd.evaluate import evaluate, metrics_table
     from pdd.train import open_dataset, train
@@ -200,9 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[demo] training PDD for {args.epochs} epochs on {device} (random teachers: no weights offline; "
           "prior term 1 − cos)", flush=True)
     result = train(cfg, out / "train", device=device)
-    from pdd.checkpoint import load_pdd
-
-    model = load_pdd(result.best_checkpoint, device=device)
+    model = load_model(result.best_checkpoint, device=device)
     print("[demo] evaluating on the test split", flush=True)
     ev = evaluate(model, open_dataset(cfg.data, "test", cfg.image_size), out / "eval", batch_size=8, device=device,
                   title="PDD demo on brain-synth",
@@ -216,7 +201,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from export.onnx_export import export_onnx
 
-    model = load_model(args, "cpu")
+    model = _model(args, "cpu")
     lo, _, hi = args.batch.partition(":")
     report = export_onnx(model, args.out, form=args.form, batch=(int(lo), int(hi or lo)),
                          image_size=args.image_size or model.cfg.image_size, preprocess=args.preprocess,
@@ -234,7 +219,7 @@ def cmd_export_trt(args: argparse.Namespace) -> int:
 def cmd_export_triton_repo(args: argparse.Namespace) -> int:
     from export.triton_repo import build_triton_repo
 
-    model = None if args.engine else load_model(args, "cpu")
+    model = None if args.engine else _model(args, "cpu")
     path = build_triton_repo(args.out, flavour=args.flavour, model=model, engine_dir=args.engine,
                              max_batch_size=args.max_batch_size)
     print(f"Triton model repository written to {path}")
@@ -250,11 +235,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-    if not script.is_file():
-        raise SystemExit("pdd bench runs benchmarks/run.py from a source checkout; it is not in this installation")
-    sys.argv = [str(script), *args.bench_args]
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        # By module name, not an import: the benchmarks sit above this package and are not always installed.
+        sys.argv = ["benchmarks/run.py", *args.bench_args]
+        runpy.run_module("benchmarks.run", run_name="__main__", alter_sys=True)
+    except ImportError as exc:
+        raise SystemExit(f"pdd bench runs benchmarks/run.py from a source checkout; it is not in this installation "
+                         f"({exc})") from None
     return 0
 
 
@@ -270,11 +257,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pdd", description="PDD medical-image anomaly detection")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
-
+def _add_data(sub: Any) -> None:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the brain-synth benchmark (MVTec layout)")
     p.add_argument("--out", required=True, type=Path)
@@ -285,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_data_synth)
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train PDD (or RD4AD) on normal images")
     p.add_argument("--config", required=True, help="config name (e.g. headct, brain-synth, rd4ad-headct) or file")
     p.add_argument("--out", required=True, type=Path)
@@ -295,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=5")
     p.set_defaults(fn=cmd_train)
 
+
+def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="score a test set, compute metrics, write the report")
     _model_args(p)
     p.add_argument("--data", required=True, type=Path)
@@ -304,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true")
     p.set_defaults(fn=cmd_eval, image_size=None)
 
+
+def _add_calibrate(sub: Any) -> None:
     p = sub.add_parser("calibrate", help="choose the operating thresholds on a validation set, store them")
     p.add_argument("--checkpoint", required=True, type=Path, help="the checkpoint to calibrate (updated in place)")
     p.add_argument("--data", required=True, type=Path,
@@ -325,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(fn=cmd_calibrate)
 
+
+def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="score images, folders, DICOM or NIfTI files (locally or on a server)")
     _model_args(p)
     p.add_argument("inputs", nargs="+", type=Path)
@@ -343,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="pdd")
     p.set_defaults(fn=cmd_predict, image_size=None)
 
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="synthesise brain-synth, train briefly, evaluate, write the report")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--count", type=int, default=140)
@@ -352,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(fn=cmd_demo)
 
+
+def _add_export(sub: Any) -> None:
     exp = sub.add_parser("export", help="ONNX files, TensorRT engines, Triton model repositories").add_subparsers(
         dest="export_command", required=True)
     p = exp.add_parser("onnx", help="export the eval pipeline to ONNX")
@@ -378,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int)
     p.set_defaults(fn=cmd_export_triton_repo)
 
+
+def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="start a Triton Inference Server on a model repository")
     p.add_argument("--repo", required=True, type=Path)
     p.add_argument("--http-port", type=int, default=8000)
@@ -385,9 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.set_defaults(fn=cmd_serve)
 
+
+def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="run benchmarks/run.py (arguments passed through)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pdd", description="PDD medical-image anomaly detection")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in (_add_data, _add_train, _add_eval, _add_calibrate, _add_predict, _add_demo, _add_export, _add_serve,
+                _add_bench):
+        add(sub)
     return ap
 
 
@@ -400,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from pdd.backbones.weights import WeightsError
-    from pdd.config import ConfigError
+    from pdd.backbones.weights import WeightsError  # lazily: it imports torch
 
     try:
         return args.fn(args)

@@ -25,7 +25,7 @@ import yaml
 
 __all__ = [
     "ConfigError", "DataConfig", "LossConfig", "PDDConfig", "TrainConfig", "apply_overrides", "atomic_file",
-    "atomic_write_bytes", "atomic_write_text",
+    "atomic_write_bytes", "atomic_write_text", "resolve_config",
 ]
 
 SCAN_CHOICES = ("auto", "reference", "chunked", "triton", "cpu_kernel", "mamba_ssm")
@@ -296,3 +296,18 @@ def apply_overrides(cfg: PDDConfig, overrides: list[str]) -> PDDConfig:
             raise ConfigError(f"override {item!r}: unknown key {key!r}")
         node[parts[-1]] = yaml.safe_load(raw)
     return PDDConfig.from_dict(data, source="overrides")
+
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config(name_or_path: str | os.PathLike) -> PDDConfig:
+    """A config by file path, or by name among the built-in configs (``pdd/configs/NAME.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return PDDConfig.from_yaml(path)
+    builtin = CONFIG_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return PDDConfig.from_yaml(builtin)
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config file {name_or_path!r} and no built-in config of that name; built-in: {names}")

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from pdd.calibration import Calibration, CalibrationError, OperatingPoint, apply_calibration, fit_operating_point
 from pdd.config import atomic_write_text
-from pdd.metrics import IMAGE_METRICS, METRIC_NAMES, compute_metrics, pixel_metrics
+from pdd.metrics import METRIC_NAMES, compute_metrics, pixel_metrics
+from pdd.report import metrics_table, write_report
 
-__all__ = ["EvalResult", "calibrate", "calibrate_predictions", "evaluate", "operating_point_metrics",
+__all__ = ["EvalResult", "calibrate", "calibrate_predictions", "evaluate", "metrics_table", "operating_point_metrics",
            "predict_dataset"]
 
 log = logging.getLogger(__name__)
@@ -196,25 +197,8 @@ def evaluate(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLike | No
         atomic_write_text(out / "scores.csv", buf.getvalue())
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         if report:
-            from pdd.report import write_report
-
             write_report(out, preds, metrics, title=title, skipped=skipped)
     mean = metrics["mean"]
     log.info("image AUROC %.4f%s", mean["image_auroc"],
              f", pixel AUROC {mean['pixel_auroc']:.4f}, AUPRO {mean['aupro']:.4f}" if "aupro" in mean else "")
     return EvalResult(metrics, preds, out)
-
-
-def metrics_table(metrics: dict[str, Any]) -> str:
-    """Markdown table: one row per class plus the mean over classes and the pooled metrics, percentages."""
-    mean = metrics["mean"]
-    keys = [k for k in (*IMAGE_METRICS, "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro", "mAD") if k in mean]
-    lines = ["| class | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    rows = list(metrics["per_class"].items())
-    if len(rows) > 1:
-        rows.append(("mean", mean))
-        if "pooled" in metrics:
-            rows.append(("pooled", metrics["pooled"]))
-    for name, vals in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * vals[k]:.1f}" if k in vals else "–" for k in keys) + " |")
-    return "\n".join(lines)

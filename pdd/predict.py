@@ -1,5 +1,9 @@
 """``pdd predict``: images, folders, DICOM or NIfTI files → scores, heatmap PNGs and a JSON summary.
 
+One loop (:func:`predict_with`) walks the inputs, batches them, asks a :class:`Predictor` for scores and maps
+and writes the results; the local PyTorch model (:class:`ModelPredictor`, :func:`predict_files`) and the
+served ensemble (``export.client.ServerPredictor``, ``pdd predict --server``) are two predictors.
+
 NIfTI volumes are scored slice by slice along ``nifti_axis``. A file that cannot be read stops the run
 with an error naming it, or, with ``skip_bad``, is reported in the summary and skipped.
 """
@@ -9,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from pdd.calibration import Calibration, apply_calibration
@@ -24,20 +29,58 @@ from pdd.data.readers import (
     IMAGE_SUFFIXES,
     NIFTI_SUFFIXES,
     ImageReadError,
+    has_dicom_preamble,
     read_image,
     read_volume_slices,
     to_model_input,
 )
+from pdd.report import heatmap_overlay
 
-__all__ = ["collect_inputs", "predict_files", "predict_server"]
+__all__ = ["BatchPrediction", "Item", "ModelPredictor", "Predictor", "collect_inputs", "predict_files",
+           "predict_with"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Item:
-    name: str            # file, or file#slice for volumes
-    image: np.ndarray    # (H, W) or (H, W, 3) in [0, 1]
+    """One image to score: pixels read here, or (for predictors that decode files) a DICOM file's bytes."""
+
+    name: str                        # file, or file#slice for volumes
+    image: np.ndarray | None = None  # (H, W) or (H, W, 3) in [0, 1]
+    data: bytes | None = None        # the encoded file, when the predictor decodes it (``Predictor.reads_dicom``)
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """A predictor's answer for a batch of B items: raw ``scores`` (B,), ``maps`` (B, S, S) float32, and the
+    decisions when an operating point is in force: ``normalised`` (B,) (NaN: none), ``labels`` (B,) bool,
+    ``masks`` (B, S, S) bool (None where the predictor does not report masks)."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    normalised: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+
+class Predictor(Protocol):
+    """What :func:`predict_with` runs: a local model, a server, any runtime that scores batches of items."""
+
+    reads_dicom: bool   # True: DICOM files arrive as ``Item.data`` bytes, decoded by the predictor
+    max_batch_size: int | None
+
+    def batch_key(self, item: Item) -> Hashable:
+        """Items of one batch share this key (e.g. the pixel shape, for runtimes without a resize)."""
+        ...
+
+    def predict(self, items: Sequence[Item]) -> BatchPrediction:
+        """Score a batch; raises :class:`ImageReadError` naming an item the predictor cannot decode."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The leading fields of ``results.json`` (model, thresholds in force, …)."""
+        ...
 
 
 def _is_nifti(path: Path) -> bool:
@@ -63,12 +106,15 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _items(files: Sequence[Path], nifti_axis: int, dicom_window: tuple[float, float] | None, skip_bad: bool,
-           skipped: list[dict[str, str]]) -> Iterator[Item]:
+           skipped: list[dict[str, str]], dicom_as_bytes: bool = False) -> Iterator[Item]:
+    """Every image of ``files`` (a NIfTI volume's slices); DICOM files as bytes with ``dicom_as_bytes``."""
     for path in files:
         try:
             if _is_nifti(path):
                 for k, sl in enumerate(read_volume_slices(path, axis=nifti_axis)):
                     yield Item(f"{path}#slice{k}", sl)
+            elif dicom_as_bytes and _starts_as_dicom(path):
+                yield Item(str(path), data=path.read_bytes())
             else:
                 yield Item(str(path), read_image(path, dicom_window=dicom_window))
         except ImageReadError as exc:
@@ -78,12 +124,13 @@ def _items(files: Sequence[Path], nifti_axis: int, dicom_window: tuple[float, fl
             skipped.append({"path": str(exc.path), "reason": exc.reason})
 
 
-def _heatmap_png(item: Item, amap: np.ndarray, path: Path, vmax: float) -> None:
-    from PIL import Image
+def _starts_as_dicom(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return has_dicom_preamble(fh.read(132))
 
-    from pdd.report import heatmap_overlay
 
-    img = item.image if item.image.ndim == 3 else np.repeat(item.image[..., None], 3, axis=-1)
+def _heatmap_png(image: np.ndarray, amap: np.ndarray, path: Path, vmax: float) -> None:
+    img = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=-1)
     img = np.asarray(Image.fromarray((img * 255).astype(np.uint8)).resize(amap.shape[::-1], Image.BILINEAR)) / 255.0
     over = heatmap_overlay(img, amap, 0.0, vmax)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -96,81 +143,138 @@ def _safe_name(name: str) -> str:
 
 
 def _mask_png(mask: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
     tmp.replace(path)
+
+
+class ModelPredictor:
+    """A local PyTorch PDD (or RD4AD) model as a :class:`Predictor`: files read and resized here.
+
+    Decisions use ``model.calibration``; ``threshold`` / ``pixel_threshold`` (raw scores) replace the calibrated
+    ones, and a model without calibration makes decisions only when ``threshold`` is given.
+    """
+
+    reads_dicom = False
+    max_batch_size = None
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", threshold: float | None = None,
+                 pixel_threshold: float | None = None) -> None:
+        self.model, self.device = model.eval(), device
+        self.threshold, self.pixel_threshold = threshold, pixel_threshold
+        self.calibration: Calibration | None = getattr(model, "calibration", None)
+        if self.calibration is None and threshold is not None:
+            self.calibration = Calibration.manual(threshold, "--threshold")
+        if self.calibration is None:
+            log.warning("the model has no calibration and no --threshold was given: scores only, no decisions "
+                        "(run `pdd calibrate`)")
+
+    def batch_key(self, item: Item) -> Hashable:
+        return None  # every image is resized to the model's input size
+
+    def predict(self, items: Sequence[Item]) -> BatchPrediction:
+        size = self.model.cfg.image_size
+        x = torch.stack([to_model_input(it.image, size) for it in items]).to(self.device)
+        with torch.inference_mode():
+            pred = self.model(x)
+        scores = pred.pred_score.float().cpu().numpy()
+        maps = pred.anomaly_map.float().cpu().numpy()
+        if self.calibration is None:
+            return BatchPrediction(scores, maps)
+        decided = apply_calibration(self.calibration, scores, maps, image_threshold=self.threshold,
+                                    pixel_threshold=self.pixel_threshold)
+        return BatchPrediction(scores, maps, decided["normalised_score"], decided["pred_label"], decided["pred_mask"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model.cfg.model, "image_size": self.model.cfg.image_size,
+                **_decision_summary(self.calibration, self.threshold, self.pixel_threshold)}
+
+
+def _records(items: Sequence[Item], pred: BatchPrediction, first: int, out: Path | None,
+             dicom_window: tuple[float, float] | None) -> Iterator[dict[str, Any]]:
+    """``results.json`` entries of one batch (numbered from ``first``), writing its heatmaps and masks."""
+    vmax = max(float(pred.maps.max()), 1e-6)
+    for k, it in enumerate(items):
+        rec: dict[str, Any] = {"input": it.name, "score": float(pred.scores[k])}
+        name = f"{first + k:05d}_{_safe_name(Path(it.name).name)}.png"
+        if pred.labels is not None:
+            normalised = float(pred.normalised[k])
+            rec["normalised_score"] = None if np.isnan(normalised) else normalised
+            rec["anomalous"] = bool(pred.labels[k])
+        if pred.masks is not None:
+            rec["anomalous_pixels"] = int(pred.masks[k].sum())
+            if out is not None:
+                (out / "masks").mkdir(exist_ok=True)
+                _mask_png(pred.masks[k], out / "masks" / name)
+                rec["mask"] = f"masks/{name}"
+        if out is not None:
+            image = it.image if it.image is not None else read_image(it.name, dicom_window=dicom_window)
+            _heatmap_png(image, pred.maps[k], out / "heatmaps" / name, vmax=vmax)
+            rec["heatmap"] = f"heatmaps/{name}"
+        yield rec
+
+
+def predict_with(predictor: Predictor, inputs: Sequence[str | os.PathLike],
+                 out_dir: str | os.PathLike | None = None, *, batch_size: int = 8, nifti_axis: int = 2,
+                 dicom_window: Sequence[float] | None = None, skip_bad: bool = False) -> dict[str, Any]:
+    """Score every input with ``predictor``; writes heatmaps, masks and results.json to ``out_dir`` if given.
+
+    Each result has ``input`` and the raw ``score``; with an operating point, ``normalised_score`` (in [0, 1],
+    0.5 at the threshold) and ``anomalous``; with masks, ``anomalous_pixels``. A file the predictor cannot
+    decode raises :class:`ImageReadError` naming it, or with ``skip_bad`` is listed in ``skipped``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit = min(batch_size, predictor.max_batch_size or batch_size)
+    files = collect_inputs(inputs)
+    window = (float(dicom_window[0]), float(dicom_window[1])) if dicom_window else None
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    skipped: list[dict[str, str]] = []
+    results: list[dict[str, Any]] = []
+    batch: list[Item] = []
+
+    def flush() -> None:
+        while batch:
+            try:
+                pred = predictor.predict(batch)
+            except ImageReadError as exc:
+                bad = next((it for it in batch if it.name == str(exc.path)), None)
+                if bad is None or not skip_bad:
+                    raise
+                batch.remove(bad)
+                log.warning("skipping unreadable file %s: %s", exc.path, exc.reason)
+                skipped.append({"path": str(exc.path), "reason": exc.reason})
+                continue
+            results.extend(_records(batch, pred, len(results), out, window))
+            batch.clear()
+
+    for item in _items(files, nifti_axis, window, skip_bad, skipped, dicom_as_bytes=predictor.reads_dicom):
+        if batch and (len(batch) == limit or predictor.batch_key(item) != predictor.batch_key(batch[0])):
+            flush()
+        batch.append(item)
+    flush()
+    summary = {**predictor.describe(), "scored": len(results), "skipped": skipped, "results": results}
+    if out is not None:
+        atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
+    return summary
 
 
 def predict_files(model: nn.Module, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
                   device: torch.device | str = "cpu", batch_size: int = 8, nifti_axis: int = 2,
                   dicom_window: Sequence[float] | None = None, skip_bad: bool = False,
                   threshold: float | None = None, pixel_threshold: float | None = None) -> dict[str, Any]:
-    """Score every input with a local model; writes heatmaps, masks and results.json to ``out_dir`` if given.
+    """Score every input with a local model: :func:`predict_with` over a :class:`ModelPredictor`.
 
     Decisions use the model's calibration (``model.calibration``): each result has ``normalised_score``
     (in [0, 1], 0.5 at the threshold), ``anomalous`` and ``anomalous_pixels`` (pixels of the mask).
     ``threshold`` / ``pixel_threshold`` (raw scores) replace the calibrated ones; a model without
     calibration makes decisions only when ``threshold`` is given.
     """
-    files = collect_inputs(inputs)
-    calibration = getattr(model, "calibration", None)
-    if calibration is None and threshold is not None:
-        calibration = Calibration.manual(threshold, "--threshold")
-    if calibration is None:
-        log.warning("the model has no calibration and no --threshold was given: scores only, no decisions "
-                    "(run `pdd calibrate`)")
-    window = tuple(dicom_window) if dicom_window else None
-    size = model.cfg.image_size
-    skipped: list[dict[str, str]] = []
-    results: list[dict[str, Any]] = []
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-        if calibration is not None:
-            (out / "masks").mkdir(exist_ok=True)
-    model.eval()
-    batch: list[Item] = []
-
-    def flush() -> None:
-        x = torch.stack([to_model_input(it.image, size) for it in batch]).to(device)
-        with torch.inference_mode():
-            pred = model(x)
-        scores = pred.pred_score.float().cpu().numpy()
-        maps = pred.anomaly_map.float().cpu().numpy()
-        decided = (apply_calibration(calibration, scores, maps, image_threshold=threshold,
-                                     pixel_threshold=pixel_threshold) if calibration is not None else None)
-        for k, (it, s, m) in enumerate(zip(batch, scores, maps)):
-            rec: dict[str, Any] = {"input": it.name, "score": float(s)}
-            name = f"{len(results):05d}_{_safe_name(Path(it.name).name)}.png"
-            if decided is not None:
-                normalised = float(decided["normalised_score"][k])
-                rec["normalised_score"] = None if np.isnan(normalised) else normalised
-                rec["anomalous"] = bool(decided["pred_label"][k])
-                rec["anomalous_pixels"] = int(decided["pred_mask"][k].sum())
-                if out is not None:
-                    _mask_png(decided["pred_mask"][k], out / "masks" / name)
-                    rec["mask"] = f"masks/{name}"
-            if out is not None:
-                png = out / "heatmaps" / name
-                _heatmap_png(it, m, png, vmax=max(float(maps.max()), 1e-6))
-                rec["heatmap"] = str(png.relative_to(out))
-            results.append(rec)
-        batch.clear()
-
-    for item in _items(files, nifti_axis, window, skip_bad, skipped):
-        batch.append(item)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    summary = {"model": model.cfg.model, "image_size": size,
-               **_decision_summary(calibration, threshold, pixel_threshold),
-               "scored": len(results), "skipped": skipped, "results": results}
-    if out is not None:
-        atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
-    return summary
+    predictor = ModelPredictor(model, device, threshold=threshold, pixel_threshold=pixel_threshold)
+    return predict_with(predictor, inputs, out_dir, batch_size=batch_size, nifti_axis=nifti_axis,
+                        dicom_window=dicom_window, skip_bad=skip_bad)
 
 
 def _decision_summary(calibration: Calibration | None, threshold: float | None,
@@ -185,18 +289,3 @@ def _decision_summary(calibration: Calibration | None, threshold: float | None,
     return {"threshold": image, "pixel_threshold": pixel_threshold,
             "operating_point": {"image": calibration.image.describe(), "pixel": calibration.pixel_point.describe(),
                                 "overridden": overridden}}
-
-
-def predict_server(inputs: Sequence[str | os.PathLike], url: str, protocol: str = "http", shm: bool = False,
-                   out_dir: str | os.PathLike | None = None, model_name: str = "pdd", batch_size: int = 8,
-                   nifti_axis: int = 2, dicom_window: Sequence[float] | None = None,
-                   skip_bad: bool = False) -> dict[str, Any]:
-    """Score inputs on a Triton Inference Server serving the PDD ensemble (see ``export/client.py``).
-
-    The options mean what they mean for :func:`predict_files`; DICOM files are decoded by the server.
-    """
-    from export.client import predict_server_files
-
-    return predict_server_files(inputs, url, protocol=protocol, shm=shm, out_dir=out_dir, model_name=model_name,
-                                batch_size=batch_size, nifti_axis=nifti_axis, dicom_window=dicom_window,
-                                skip_bad=skip_bad)

@@ -9,17 +9,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pdd.config import atomic_write_text
+from pdd.data.readers import read_image
+from pdd.metrics import IMAGE_METRICS
 
 if TYPE_CHECKING:
     from pdd.evaluate import Predictions
 
-__all__ = ["heatmap_overlay", "write_report"]
+__all__ = ["heatmap_overlay", "metrics_table", "write_report"]
 
 
 def _display_image(path: str, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
-
-    from pdd.data import read_image
 
     img = read_image(path)
     if img.ndim == 2:
@@ -104,8 +104,6 @@ def _operating_points(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
 def write_report(out: Path, p: Predictions, metrics: dict[str, Any], title: str = "PDD evaluation",
                  k: int = 6, skipped: list[tuple[str, str]] | None = None) -> Path:
     """Write ``report.md`` and ``report.html`` (with the PNG figures) into ``out``; returns the HTML path."""
-    from pdd.evaluate import metrics_table
-
     figures = _curves(out, p) + _overlays(out, p, min(k, len(p.scores)))
     info = metrics["images"]
     summary = (f"{info['total']} test images ({info['anomalous']} anomalous, {info['with_mask']} with masks), "
@@ -154,3 +152,18 @@ def write_report(out: Path, p: Predictions, metrics: dict[str, Any], title: str 
     path = out / "report.html"
     atomic_write_text(path, "\n".join(parts))
     return path
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Markdown table: one row per class plus the mean over classes and the pooled metrics, percentages."""
+    mean = metrics["mean"]
+    keys = [k for k in (*IMAGE_METRICS, "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro", "mAD") if k in mean]
+    lines = ["| class | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    rows = list(metrics["per_class"].items())
+    if len(rows) > 1:
+        rows.append(("mean", mean))
+        if "pooled" in metrics:
+            rows.append(("pooled", metrics["pooled"]))
+    for name, vals in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * vals[k]:.1f}" if k in vals else "–" for k in keys) + " |")
+    return "\n".join(lines)

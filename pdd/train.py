@@ -32,11 +32,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from pdd.baselines import RD4ADModel, build_model, rd4ad_loss
 from pdd.calibration import Calibration
 from pdd.checkpoint import read_checkpoint, save_pdd, store_calibration
 from pdd.config import ConfigError, DataConfig, PDDConfig, atomic_write_text
+from pdd.data import MetaJsonDataset, MVTecStyleDataset, split_train_val
+from pdd.evaluate import calibrate
 from pdd.losses import pdd_loss
 from pdd.model import TeacherFeatures
 
@@ -48,7 +51,6 @@ log = logging.getLogger(__name__)
 
 def open_dataset(data: DataConfig, split: str, image_size: int, root: str | os.PathLike | None = None) -> Dataset:
     """The dataset a config points at (MVTec-style folders or an ADer meta.json)."""
-    from pdd.data import MetaJsonDataset, MVTecStyleDataset
 
     root = root or data.root
     if root is None:
@@ -95,8 +97,6 @@ class FeatureCache:
 
     def __init__(self, model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int,
                  where: str = "memory", folder: Path | None = None, desc: str = "teacher features") -> None:
-        from tqdm import tqdm
-
         self.levels: list[np.ndarray | Tensor] = []
         n = len(dataset)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -248,12 +248,8 @@ def check_teachers(cfg: PDDConfig, warn: bool = True) -> None:
                     "invert the anomaly maps; loss.prior_cos_form=one_minus_cos is the form for random teachers")
 
 
-def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, device: str | None = None,
-          data_root: str | os.PathLike | None = None) -> TrainResult:
-    """Train PDD (or the RD4AD baseline) on the normal images of ``cfg.data``; returns where the results are."""
-    from tqdm import tqdm
-
-    out = Path(out_dir)
+def _process_device(device: str | None) -> tuple[torch.device, int, int]:
+    """This process's device, rank and world size (initialising the process group under torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -265,20 +261,94 @@ def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, devi
         dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    return dev, rank, world
+
+
+def _resume_state(cfg: PDDConfig, last_path: Path) -> dict[str, Any]:
+    """``last.pt`` to resume from, checked to come from the same config (only train.epochs may change)."""
+    if not last_path.is_file():
+        raise FileNotFoundError(f"--resume: no {last_path} to resume from (train without --resume first)")
+    state = read_checkpoint(last_path)
+    saved = PDDConfig.from_dict(state["config"])
+    if dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=cfg.train.epochs)) != cfg:
+        raise ConfigError(f"--resume: the config differs from the one {last_path} was trained with "
+                          f"(only train.epochs may change)")
+    return state
+
+
+def _split(full: Dataset, tc: Any) -> tuple[Dataset, Dataset | None]:
+    if tc.val_fraction > 0 and len(full) >= 2:
+        return split_train_val(full, tc.val_fraction, seed=tc.seed)
+    return Subset(full, list(range(len(full)))), None
+
+
+def _optimiser(model: nn.Module, tc: Any, dev: torch.device) -> tuple[Any, Any, Any]:
+    """Adam, the learning-rate schedule and the gradient scaler (fp16 autocast on GPUs without bf16)."""
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.cosine_t_max, eta_min=tc.eta_min)
+             if tc.scheduler == "cosine" else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0))
+    use_scaler = dev.type == "cuda" and tc.amp and not torch.cuda.is_bf16_supported()
+    return opt, sched, torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+
+def _train_steps(loss_mod: nn.Module, opt: Any, scaler: Any, batches: list[Any], feats_of: Any,
+                 dev: torch.device, amp: bool, label: str) -> dict[str, float]:
+    """One epoch's optimiser steps; returns the summed loss terms."""
+    sums: dict[str, float] = {}
+    bar = tqdm(batches, desc=label, leave=False, disable=not _is_main())
+    for idx in bar:
+        with _autocast(dev, amp):
+            terms = loss_mod(*feats_of(idx))
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{label}: loss is {loss.item()}; lower train.lr or check the data")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    return sums
+
+
+def _feature_caches(model: nn.Module, train_set: Dataset, val_set: Dataset | None, dev: torch.device, tc: Any,
+                    out: Path, rank: int) -> tuple[FeatureCache | None, FeatureCache | None]:
+    """The teachers' features of both splits, computed once (None, None with train.feature_cache=none)."""
+    if tc.feature_cache == "none":
+        return None, None
+    folder = out / "feature_cache" if tc.feature_cache == "disk" else None
+    train_cache = FeatureCache(model, train_set, dev, tc.batch_size, tc.feature_cache,
+                               folder and folder / f"train_rank{rank}", "teacher features (train)")
+    val_cache = None
+    if val_set is not None:
+        val_cache = FeatureCache(model, val_set, dev, tc.batch_size, tc.feature_cache,
+                                 folder and folder / f"val_rank{rank}", "teacher features (val)")
+    return train_cache, val_cache
+
+
+def _restore(state: dict[str, Any], opt: Any, sched: Any, scaler: Any,
+             last_path: Path) -> tuple[int, float, int, list[dict[str, Any]]]:
+    """Optimiser, schedule, scaler and RNG from ``last.pt``; returns (start epoch, best val, best epoch, history)."""
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])  # batch order is re-derived from (seed, epoch)
+    if _is_main():
+        log.info("resumed from %s at epoch %d", last_path, state["epoch"])
+    return state["epoch"] + 1, state["best_val_loss"], state["best_epoch"], state.get("history", [])
+
+
+def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, device: str | None = None,
+          data_root: str | os.PathLike | None = None) -> TrainResult:
+    """Train PDD (or the RD4AD baseline) on the normal images of ``cfg.data``; returns where the results are."""
+    out = Path(out_dir)
+    dev, rank, world = _process_device(device)
     check_teachers(cfg, warn=_is_main())
     tc = cfg.train
     _seed_everything(tc.seed)
     last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "train_log.jsonl"
-
-    state: dict[str, Any] | None = None
-    if resume:
-        if not last_path.is_file():
-            raise FileNotFoundError(f"--resume: no {last_path} to resume from (train without --resume first)")
-        state = read_checkpoint(last_path)
-        saved = PDDConfig.from_dict(state["config"])
-        if dataclasses.replace(saved, train=dataclasses.replace(saved.train, epochs=tc.epochs)) != cfg:
-            raise ConfigError(f"--resume: the config differs from the one {last_path} was trained with "
-                              f"(only train.epochs may change)")
+    state = _resume_state(cfg, last_path) if resume else None
     if _is_main():
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(out / "config.yaml")
@@ -286,74 +356,37 @@ def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, devi
     model = build_model(cfg, dev)
     if state is not None:
         model.load_state_dict(state["state_dict"])
-    full = open_dataset(cfg.data, "train", cfg.image_size, data_root)
-    from pdd.data import split_train_val
-
-    if tc.val_fraction > 0 and len(full) >= 2:
-        train_set, val_set = split_train_val(full, tc.val_fraction, seed=tc.seed)
-    else:
-        train_set, val_set = Subset(full, list(range(len(full)))), None
+    train_set, val_set = _split(open_dataset(cfg.data, "train", cfg.image_size, data_root), tc)
     if _is_main():
         log.info("training on %d normal images, validating on %d", len(train_set), len(val_set) if val_set else 0)
 
     t_cache = time.perf_counter()
-    train_cache = val_cache = None
-    if tc.feature_cache != "none":
-        folder = out / "feature_cache" if tc.feature_cache == "disk" else None
-        train_cache = FeatureCache(model, train_set, dev, tc.batch_size, tc.feature_cache,
-                                   folder and folder / f"train_rank{rank}", "teacher features (train)")
-        if val_set is not None:
-            val_cache = FeatureCache(model, val_set, dev, tc.batch_size, tc.feature_cache,
-                                     folder and folder / f"val_rank{rank}", "teacher features (val)")
+    train_cache, val_cache = _feature_caches(model, train_set, val_set, dev, tc, out, rank)
     cache_seconds = time.perf_counter() - t_cache
 
     loss_mod = _LossModule(model).train()
     model.train()
     if world > 1:
         loss_mod = nn.parallel.DistributedDataParallel(loss_mod, device_ids=[dev.index] if dev.type == "cuda" else None)
-    params = model.trainable_parameters()
-    opt = torch.optim.Adam(params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.cosine_t_max, eta_min=tc.eta_min)
-             if tc.scheduler == "cosine" else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0))
-    use_scaler = dev.type == "cuda" and tc.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    opt, sched, scaler = _optimiser(model, tc, dev)
     start_epoch, best_val, best_epoch, history = 1, math.inf, 0, []
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"] + 1
-        best_val, best_epoch = state["best_val_loss"], state["best_epoch"]
-        history = state.get("history", [])
-        torch.set_rng_state(state["torch_rng"])  # batch order is re-derived from (seed, epoch)
-        if _is_main():
-            log.info("resumed from %s at epoch %d", last_path, state["epoch"])
+        start_epoch, best_val, best_epoch, history = _restore(state, opt, sched, scaler, last_path)
     elif _is_main() and log_path.exists():
         log_path.unlink()
 
     n_train = len(train_cache) if train_cache is not None else len(train_set)
+
+    def feats_of(idx: Any) -> Any:
+        return train_cache.batch(idx, dev) if train_cache is not None else _features_of(model, train_set, idx, dev)
+
     for epoch in range(start_epoch, tc.epochs + 1):
         t0 = time.perf_counter()
         rng = np.random.default_rng(tc.seed * 100_003 + epoch)
         batches = list(_batches(n_train, tc.batch_size, rng, rank, world))
         if tc.max_steps_per_epoch:
             batches = batches[:tc.max_steps_per_epoch]
-        sums: dict[str, float] = {}
-        bar = tqdm(batches, desc=f"epoch {epoch}/{tc.epochs}", leave=False, disable=not _is_main())
-        for idx in bar:
-            feats = train_cache.batch(idx, dev) if train_cache is not None else _features_of(model, train_set, idx, dev)
-            with _autocast(dev, tc.amp):
-                terms = loss_mod(*feats)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch}: loss is {loss.item()}; lower train.lr or check the data")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        sums = _train_steps(loss_mod, opt, scaler, batches, feats_of, dev, tc.amp, f"epoch {epoch}/{tc.epochs}")
         sched.step()
         record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                   "steps": len(batches), **{f"train_{k}": v / max(len(batches), 1) for k, v in sums.items()}}
@@ -387,7 +420,6 @@ def train(cfg: PDDConfig, out_dir: str | os.PathLike, resume: bool = False, devi
 def _calibrate_best(model: nn.Module, val_set: Dataset | None, out: Path, device: torch.device,
                     batch_size: int) -> Calibration | None:
     """Calibrate the best checkpoint on the validation normals; store it there and in ``calibration.json``."""
-    from pdd.evaluate import calibrate
 
     best_path, last_path = out / "best.pt", out / "last.pt"
     if val_set is None:

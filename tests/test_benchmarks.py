@@ -130,7 +130,7 @@ def test_targets_from_measured_medians(bench) -> None:
     assert best["value"] == pytest.approx(9.0) and best["met"] is False and "20.00x" in best["detail"]
     ort = by_name["CPU batch 1: ONNX Runtime portable vs PyTorch eager chunked"]
     assert ort["value"] == pytest.approx(0.875) and ort["met"] is False and "alternating" in ort["detail"]
-    assert run._target_pairs(entries, 6) == [("torch:reference", "onnxruntime:cpu:portable", 1),
+    assert run.target_pairs(entries, 6) == [("torch:reference", "onnxruntime:cpu:portable", 1),
                                               ("torch:chunked", "onnxruntime:cpu:portable", 6)]
 
     gpu_entries = [_entry("torch:chunked", "cuda", {32: 400.0}),

@@ -1,4 +1,5 @@
-"""Triton model repository generation, the Python-backend models' logic, and the Kubernetes manifests.
+"""Triton model repository generation (the Python-backend models: test_triton_backends.py; the Kubernetes
+manifests: test_deploy.py).
 
 No server here (see test_serving.py): repositories are built from small stand-in artifacts (a tiny ONNX and
 a fake TensorRT engine with real metadata files), every config.pbtxt is parsed into Triton's ModelConfig
@@ -8,25 +9,15 @@ protobuf, and the preprocess/postprocess/engine model files run against a minima
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import json
-import sys
-import types
 from pathlib import Path
-from typing import ClassVar
 
-import numpy as np
-import onnx
 import pytest
-import torch
-import yaml
-from google.protobuf import json_format, text_format
-from onnx import TensorProto, helper
-from PIL import Image
+from google.protobuf import text_format
+from triton_fakes import ROOT, TEMPLATES, calibration, make_engine_dir, make_onnx_dir
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.metadata import EngineMetadata, OnnxMetadata, TensorSpec, read_onnx_metadata, write_metadata
+from export.metadata import read_onnx_metadata
 from export.serve import docker_command
 from export.triton_repo import (
     MAX_SIDE,
@@ -38,64 +29,8 @@ from export.triton_repo import (
     repository_flavour,
     store_calibration,
 )
-from pdd.calibration import Calibration, apply_calibration, fit_operating_point
-from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, read_image, read_image_bytes, to_model_input
-
-ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES = ROOT / "export" / "triton_models"
-NORMALISATION = {"scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "in_graph": False}
-
-
-# --- stand-in artifacts -------------------------------------------------------------------------------
-
-
-def _tiny_onnx(path: Path, size: int) -> None:
-    """images (B, 3, S, S) -> anomaly_map = channel mean (B, S, S), pred_score = its max (B,)."""
-    axes_c = helper.make_tensor("axes_c", TensorProto.INT64, [1], [1])
-    axes_hw = helper.make_tensor("axes_hw", TensorProto.INT64, [2], [1, 2])
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["images", "axes_c"], ["anomaly_map"], keepdims=0),
-         helper.make_node("ReduceMax", ["anomaly_map", "axes_hw"], ["pred_score"], keepdims=0)],
-        "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("pred_score", TensorProto.FLOAT, ["batch"]),
-         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", size, size])],
-        initializer=[axes_c, axes_hw])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
-
-
-def _specs(size: int, dtype: str = "float32") -> tuple[list[TensorSpec], list[TensorSpec]]:
-    return ([TensorSpec("images", dtype, ("batch", 3, size, size))],
-            [TensorSpec("pred_score", "float32", ("batch",)),
-             TensorSpec("anomaly_map", "float32", ("batch", size, size))])
-
-
-def make_onnx_dir(folder: Path, size: int = 64, batch: tuple[int, int] = (1, 8),
-                  calibration: Calibration | None = None, preprocess: bool = False,
-                  custom_ops: tuple[str, ...] = (), config: dict | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    _tiny_onnx(folder / "model.onnx", size)
-    inputs, outputs = _specs(size)
-    write_metadata(folder / "model.json", OnnxMetadata(
-        form="portable", opset=18, file="model.onnx", sha256="0" * 64, size_bytes=1, nodes=2, inputs=inputs,
-        outputs=outputs, image_size=(size, size), batch=batch, preprocess=preprocess, input_layout="NCHW",
-        normalisation=NORMALISATION, config=config or {}, custom_ops=list(custom_ops), calibration=calibration))
-    return folder
-
-
-def make_engine_dir(folder: Path, size: int = 64, max_batch: int = 8, dtype: str = "float32",
-                    min_batch: int = 1) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "engine.plan").write_bytes(b"stand-in: not a TensorRT engine")
-    inputs, outputs = _specs(size, dtype)
-    write_metadata(folder / "engine.json", EngineMetadata(
-        engine_file="engine.plan", engine_sha256="0" * 64, precision="fp16" if dtype == "float16" else "fp32",
-        onnx_form="plugin", onnx_sha256="0" * 64, kernels_sha256="0" * 64, plugins=["pdd::SS2DScan"],
-        tensorrt_version="10.13.0", device_name="NVIDIA H200", compute_capability="9.0",
-        profile={"images": {"min": [min_batch, 3, size, size], "opt": [max(4, min_batch), 3, size, size],
-                            "max": [max_batch, 3, size, size]}},
-        inputs=inputs, outputs=outputs, image_size=(size, size), preprocess=False, normalisation=NORMALISATION,
-        config={}, calibration=Calibration.manual(0.25)))
-    return folder
+from pdd.calibration import Calibration
+from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture()
@@ -188,16 +123,8 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
         ROOT / "pdd" / "calibration.py").read_text()
 
 
-def _calibration() -> Calibration:
-    rng = np.random.default_rng(0)
-    labels = np.array([0] * 20 + [1] * 10)
-    image = fit_operating_point(rng.normal(0.3, 0.05, 30) + 0.2 * labels, labels, source="stand-in")
-    pixel = fit_operating_point(rng.normal(0.2, 0.05, 1000), target=0.01, source="stand-in pixels")
-    return Calibration(image, pixel)
-
-
 def test_calibration_from_metadata_overrides_and_none(tmp_path):
-    cal = _calibration()
+    cal = calibration()
     with_cal = make_onnx_dir(tmp_path / "cal", calibration=cal)
     post = _configs(build_triton_repo(tmp_path / "a", engine_dir=with_cal))["postprocess"]
     assert Calibration.from_dict(json.loads(post.parameters["calibration"].string_value)) == cal
@@ -214,7 +141,7 @@ def test_calibration_from_metadata_overrides_and_none(tmp_path):
 def test_store_calibration_updates_a_repository_without_re_export(tmp_path):
     repo = build_triton_repo(tmp_path / "repo", engine_dir=make_onnx_dir(tmp_path / "o"), pixel_threshold=0.5)
     onnx_before = (repo / "pdd_engine" / "1" / "model.onnx").read_bytes()
-    cal = _calibration()
+    cal = calibration()
     assert store_calibration(repo, cal) == repo / "postprocess" / "config.pbtxt"
     check_repository(repo)
     post = _configs(repo)["postprocess"]
@@ -354,305 +281,3 @@ def test_docker_command_per_flavour(tmp_path, onnx_dir, engine_dir):
     trt = docker_command(build_triton_repo(tmp_path / "trt", flavour="tensorrt", engine_dir=engine_dir))
     assert "--gpus all" in trt and "tritonserver:<yy.mm>-py3" in trt
     assert "tritonserver:25.01-py3" in docker_command(tmp_path / "trt", tag="25.01")
-
-
-# --- the Python-backend models, offline -------------------------------------------------------------------
-
-
-class _Tensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self.name, self.array = name, np.asarray(array)
-
-    def as_numpy(self) -> np.ndarray:
-        return self.array
-
-
-class _TritonError:
-    INVALID_ARG = 3
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        self.message, self.code = message, code
-
-
-class _Response:
-    def __init__(self, output_tensors: list[_Tensor] | None = None, error: _TritonError | None = None) -> None:
-        self.outputs = {t.name: t.array for t in output_tensors or []}
-        self.error = error
-
-
-@pytest.fixture()
-def backend_model(monkeypatch):
-    """Load a template as the Python backend would, with a minimal ``triton_python_backend_utils``."""
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor, pb.TritonError, pb.InferenceResponse = _Tensor, _TritonError, _Response
-    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
-    pb.TritonModelException = RuntimeError
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-
-    def load(template: str, repo: Path | None = None, name: str | None = None):
-        spec = importlib.util.spec_from_file_location(f"_triton_{template}", TEMPLATES / f"{template}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        model = module.TritonPythonModel()
-        if repo is not None:
-            cfg = json_format.MessageToJson(parse_config(repo / name / "config.pbtxt"),
-                                            preserving_proto_field_name=True)
-            model.initialize({"model_config": cfg, "model_repository": str(repo / name), "model_version": "1",
-                              "model_instance_kind": "CPU", "model_instance_device_id": "0"})
-        return module, model
-
-    return load
-
-
-def _png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.mark.parametrize("shape", [(64, 64, 3), (96, 80, 3), (40, 50, 1), (300, 200, 3), (1, 1, 3)])
-def test_preprocess_matches_to_model_input(tmp_path, onnx_dir, backend_model, shape):
-    """Same resampling (antialiased bilinear) and normalisation as pdd.data.to_model_input."""
-    repo = build_triton_repo(tmp_path / "repo", engine_dir=onnx_dir)
-    _, model = backend_model("preprocess", repo, "preprocess")
-    img = np.random.default_rng(0).integers(0, 256, (2, *shape), dtype=np.uint8)
-    [resp] = model.execute([{"images": _Tensor("images", img)}])
-    assert resp.error is None
-    got = resp.outputs["normalised"]
-    ref = torch.stack([to_model_input(i.astype(np.float32) / 255, 64) for i in img]).numpy()
-    assert got.shape == (2, 3, 64, 64) and got.dtype == np.float32
-    np.testing.assert_allclose(got, ref, atol=2e-6, rtol=0)
-
-
-def test_preprocess_encoded_equals_pixels_and_refuses_bad_requests(tmp_path, onnx_dir, backend_model):
-    repo = build_triton_repo(tmp_path / "repo", engine_dir=onnx_dir)
-    _, model = backend_model("preprocess", repo, "preprocess")
-    rng = np.random.default_rng(1)
-    rgb, grey = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), rng.integers(0, 256, (64, 64), dtype=np.uint8)
-    deep = (np.arange(48 * 40).reshape(48, 40) * 31).astype(np.uint16)
-    encoded = np.array([[_png(rgb)], [_png(grey)], [_png(deep)]], dtype=np.object_)
-    big_png = _png(np.zeros((8, MAX_SIDE + 1), np.uint8))
-    requests = [
-        {"images_encoded": _Tensor("images_encoded", encoded)},
-        {"images": _Tensor("images", rgb[None])},
-        {"images": _Tensor("images", np.zeros((1, 8, 8, 4), np.uint8))},
-        {"images": _Tensor("images", np.zeros((0, 8, 8, 3), np.uint8))},
-        {"images": _Tensor("images", np.zeros((1, MAX_SIDE + 1, 2, 3), np.uint8))},
-        {"images": _Tensor("images", np.zeros((1, 0, 8, 3), np.uint8))},
-        {},
-        {"images": _Tensor("images", rgb[None]), "images_encoded": _Tensor("images_encoded", encoded)},
-        {"images_encoded": _Tensor("images_encoded", np.array([[b"%PDF-1.4 not an image"]], np.object_))},
-        {"images_encoded": _Tensor("images_encoded", np.array([[big_png]], np.object_))},
-        {"images_encoded": _Tensor("images_encoded", np.array([[b""]], np.object_))},
-        {"images_encoded": _Tensor("images_encoded", np.array([[_png(grey)], [_png(rgb)[:60]]], np.object_))},
-        {"images": _Tensor("images", rgb[None]), "dicom_window": _Tensor("dicom_window", np.ones((1, 2), np.float32))},
-    ]
-    responses = model.execute(requests)
-    assert len(responses) == len(requests)
-    assert responses[0].error is None and responses[1].error is None
-    np.testing.assert_array_equal(responses[0].outputs["normalised"][0], responses[1].outputs["normalised"][0])
-    grey_ref = to_model_input(grey.astype(np.float32) / 255, 64).numpy()
-    np.testing.assert_allclose(responses[0].outputs["normalised"][1], grey_ref, atol=2e-6)
-    # A 16-bit file is decoded by the same reader as locally (robust min/max), then resized the same way.
-    deep_ref = to_model_input(read_image_bytes(_png(deep)), 64).numpy()
-    np.testing.assert_allclose(responses[0].outputs["normalised"][2], deep_ref, atol=2e-6)
-    expected = ["1 (grey) or 3 (RGB) channels", "empty batch", f"largest side accepted is {MAX_SIDE}",
-                "empty image", "exactly one of", "exactly one of",
-                "cannot read image 'images_encoded'[0]: unrecognised image format",
-                f"'images_encoded'[0]: the image is 8x{MAX_SIDE + 1} pixels; the largest side accepted is {MAX_SIDE}",
-                "cannot read image 'images_encoded'[0]: file is empty",
-                "cannot read image 'images_encoded'[1]: corrupt or truncated image data",
-                "'dicom_window' applies to DICOM files"]
-    for resp, phrase in zip(responses[2:], expected, strict=True):
-        assert resp.error is not None and phrase in resp.error.message, (phrase, resp.error and resp.error.message)
-        assert resp.error.code == _TritonError.INVALID_ARG
-
-
-def test_preprocess_decodes_dicom_as_pdd_predict_does(tmp_path, onnx_dir, backend_model, write_dicom):
-    """DICOM bytes: rescale slope/intercept, the file's window or the request's, MONOCHROME1; clear refusals."""
-    repo = build_triton_repo(tmp_path / "repo", engine_dir=onnx_dir)
-    _, model = backend_model("preprocess", repo, "preprocess")
-    stored = (np.add.outer(np.arange(80), np.arange(72)) * 20).astype(np.uint16)
-    ct = write_dicom(tmp_path / "ct.dcm", stored, slope=0.5, intercept=-500.0, centre=[200.0], width=[700.0])
-    mono1 = write_dicom(tmp_path / "m1.dcm", stored[:50], photometric="MONOCHROME1", slope=2.0, intercept=-100.0)
-    files = np.array([[ct.read_bytes()], [mono1.read_bytes()]], dtype=np.object_)
-    window = np.array([[40.0, 400.0], [40.0, 400.0]], np.float32)
-    requests = [
-        {"images_encoded": _Tensor("images_encoded", files)},
-        {"images_encoded": _Tensor("images_encoded", files), "dicom_window": _Tensor("dicom_window", window)},
-        {"images_encoded": _Tensor("images_encoded", np.array([[ct.read_bytes()[:-500]]], np.object_))},
-        {"images_encoded": _Tensor("images_encoded", files), "dicom_window": _Tensor("dicom_window", window[:1])},
-        {"images_encoded": _Tensor("images_encoded", files), "dicom_window": _Tensor("dicom_window", window * 0)},
-    ]
-    responses = model.execute(requests)
-    for resp, win in zip(responses[:2], (None, (40.0, 400.0))):
-        assert resp.error is None, resp.error.message
-        ref = torch.stack([to_model_input(read_image(path, dicom_window=win), 64) for path in (ct, mono1)]).numpy()
-        np.testing.assert_allclose(resp.outputs["normalised"], ref, atol=2e-6, rtol=0)
-    # The windows change the output: the request's window overrides the file's.
-    assert np.abs(responses[0].outputs["normalised"][0] - responses[1].outputs["normalised"][0]).max() > 0.1
-    for resp, phrase in zip(responses[2:], ["cannot read image 'images_encoded'[0]: cannot decode DICOM pixel data",
-                                            "(batch, 2)", "widths >= 1"], strict=True):
-        assert resp.error is not None and phrase in resp.error.message, (phrase, resp.error and resp.error.message)
-
-
-class _Request(dict):
-    """A stand-in request: input tensors by name, and the request parameters as Triton gives them (JSON)."""
-
-    def __init__(self, params: dict | None = None, **tensors: np.ndarray) -> None:
-        super().__init__({name: _Tensor(name, array) for name, array in tensors.items()})
-        self.params = json.dumps(params or {})
-
-    def parameters(self) -> str:
-        return self.params
-
-
-class _Logger:
-    warnings: ClassVar[list[str]] = []
-
-    @classmethod
-    def log_warn(cls, message: str) -> None:
-        cls.warnings.append(message)
-
-
-def test_postprocess_applies_the_calibration_as_pdd_does(tmp_path, backend_model, monkeypatch):
-    cal = _calibration()
-    config = {"model": "pdd", "vmamba_weights": None, "wrn_weights": "w.pth"}
-    repo = build_triton_repo(tmp_path / "repo", engine_dir=make_onnx_dir(tmp_path / "o", calibration=cal,
-                                                                          config=config))
-    monkeypatch.setattr(_Logger, "warnings", [])
-    monkeypatch.setattr(sys.modules["triton_python_backend_utils"], "Logger", _Logger, raising=False)
-    _, model = backend_model("postprocess", repo, "postprocess")
-    assert any("randomly initialised teachers (VMamba-T)" in w for w in _Logger.warnings)
-    rng = np.random.default_rng(1)
-    score = rng.normal(0.4, 0.1, (3, 1)).astype(np.float32)
-    amap = rng.normal(0.2, 0.06, (3, 64, 64)).astype(np.float32)
-    requests = [_Request(pred_score=score, anomaly_map=amap),
-                _Request({"image_threshold": 0.45, "pixel_threshold": 0.3}, pred_score=score, anomaly_map=amap),
-                _Request({"image_threshold": "high"}, pred_score=score, anomaly_map=amap)]
-    plain, overridden, bad = model.execute(requests)
-    ref = apply_calibration(cal, score[:, 0], amap)
-    np.testing.assert_array_equal(plain.outputs["normalised_score"][:, 0], ref["normalised_score"])
-    np.testing.assert_array_equal(plain.outputs["pred_label"][:, 0], ref["pred_label"])
-    np.testing.assert_array_equal(plain.outputs["pred_mask"], ref["pred_mask"])
-    assert plain.outputs["pred_mask"].any() and not plain.outputs["pred_mask"].all()
-    ref = apply_calibration(cal, score[:, 0], amap, image_threshold=0.45, pixel_threshold=0.3)
-    np.testing.assert_array_equal(overridden.outputs["pred_label"][:, 0], score[:, 0] > 0.45)
-    np.testing.assert_array_equal(overridden.outputs["pred_mask"], amap > 0.3)
-    np.testing.assert_array_equal(overridden.outputs["normalised_score"][:, 0], ref["normalised_score"])
-    assert bad.error is not None and "image_threshold must be a number" in bad.error.message
-    # Without a calibration nothing is flagged, unless a threshold is given in the config or the request.
-    monkeypatch.setattr(_Logger, "warnings", [])
-    _, model = backend_model("postprocess", build_triton_repo(tmp_path / "none", engine_dir=make_onnx_dir(
-        tmp_path / "n")), "postprocess")
-    assert any("no calibration" in w for w in _Logger.warnings)
-    plain, given = model.execute([_Request(pred_score=score, anomaly_map=amap),
-                                  _Request({"image_threshold": 0.4}, pred_score=score, anomaly_map=amap)])
-    assert np.isnan(plain.outputs["normalised_score"]).all()
-    assert not plain.outputs["pred_label"].any() and not plain.outputs["pred_mask"].any()
-    np.testing.assert_array_equal(given.outputs["pred_label"], score > 0.4)
-    np.testing.assert_array_equal(given.outputs["pred_mask"], amap > 0.4)
-
-
-@pytest.mark.parametrize("kind, run_batch", [("cpu", "1"), ("auto", "8")])
-def test_ort_engine_batches_requests_and_isolates_bad_ones(tmp_path, onnx_dir, backend_model, kind, run_batch):
-    repo = build_triton_repo(tmp_path / "repo", engine_dir=onnx_dir, instance_kind=kind)
-    assert parse_config(repo / "pdd_engine" / "config.pbtxt").parameters["run_batch"].string_value == run_batch
-    _, model = backend_model("ort_engine", repo, "pdd_engine")
-    rng = np.random.default_rng(2)
-    a, b = rng.standard_normal((2, 3, 64, 64), np.float32), rng.standard_normal((1, 3, 64, 64), np.float32)
-    nan = a.copy()
-    nan[0, 1, 2, 3] = np.nan
-    responses = model.execute([{"images": _Tensor("images", a)}, {"images": _Tensor("images", nan)},
-                               {"images": _Tensor("images", b)}])
-    assert "NaN or infinite" in responses[1].error.message
-    for resp, x in ((responses[0], a), (responses[2], b)):
-        assert resp.error is None
-        np.testing.assert_allclose(resp.outputs["anomaly_map"], x.mean(axis=1), atol=1e-6)
-        assert resp.outputs["pred_score"].shape == (len(x), 1)
-        np.testing.assert_allclose(resp.outputs["pred_score"][:, 0], x.mean(axis=1).max(axis=(1, 2)), atol=1e-6)
-
-
-def test_ort_engine_without_weights_says_how_to_regenerate(tmp_path, onnx_dir, backend_model):
-    repo = build_triton_repo(tmp_path / "repo", engine_dir=onnx_dir)
-    (repo / "pdd_engine" / "1" / "model.onnx").unlink()
-    with pytest.raises(RuntimeError, match="pdd export triton-repo"):
-        backend_model("ort_engine", repo, "pdd_engine")
-
-
-# --- Kubernetes manifests ---------------------------------------------------------------------------------
-
-DEPLOY = ROOT / "deploy"
-
-
-def _manifests() -> dict[str, dict]:
-    docs = {}
-    for path in sorted(DEPLOY.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            assert isinstance(doc, dict) and {"apiVersion", "kind"} <= set(doc), path
-            # kustomize's own file is the one object without a name.
-            assert doc["kind"] == "Kustomization" or doc["metadata"]["name"], path
-            docs[doc["kind"]] = doc
-    return docs
-
-
-def test_manifests_have_the_required_fields():
-    docs = _manifests()
-    assert {k: d["apiVersion"] for k, d in docs.items()} == {
-        "ConfigMap": "v1", "Deployment": "apps/v1", "HorizontalPodAutoscaler": "autoscaling/v2",
-        "Kustomization": "kustomize.config.k8s.io/v1beta1", "PersistentVolumeClaim": "v1",
-        "PodMonitor": "monitoring.coreos.com/v1", "Service": "v1"}
-    dep = docs["Deployment"]
-    labels = dep["spec"]["template"]["metadata"]["labels"]
-    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    [container] = dep["spec"]["template"]["spec"]["containers"]
-    assert container["image"].startswith("nvcr.io/nvidia/tritonserver:") and container["image"].endswith("-py3")
-    assert "--model-repository=/models" in container["args"]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
-    assert mounts["model-repository"] == "/models" and mounts["dshm"] == "/dev/shm" and set(mounts) == set(volumes)
-    assert volumes["model-repository"]["persistentVolumeClaim"]["claimName"] == docs["PersistentVolumeClaim"][
-        "metadata"]["name"]
-
-    svc = docs["Service"]
-    assert svc["spec"]["selector"].items() <= labels.items()
-    assert {p["port"]: p["targetPort"] for p in svc["spec"]["ports"]} == {8000: "http", 8001: "grpc", 8002: "metrics"}
-    assert docs["PodMonitor"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert docs["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
-
-    kustomize = docs["Kustomization"]
-    assert all((DEPLOY / r).is_file() for r in kustomize["resources"])
-
-
-def test_hpa_scales_on_the_adapter_metric():
-    docs = _manifests()
-    hpa = docs["HorizontalPodAutoscaler"]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                     "name": docs["Deployment"]["metadata"]["name"]}
-    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
-    [metric] = hpa["metrics"]
-    assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
-    assert float(metric["pods"]["target"]["averageValue"]) > 0
-    [rule] = yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"])["rules"]
-    assert rule["name"]["as"] == metric["pods"]["metric"]["name"] == "avg_time_queue_us"
-    assert rule["seriesQuery"].startswith("nv_inference_queue_duration_us")
-    assert {"nv_inference_queue_duration_us", "nv_inference_request_success"} <= set(
-        w.split("{")[0] for w in rule["metricsQuery"].replace("(", " ").split() if w.startswith("nv_"))
-    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-
-
-def test_dockerfile_and_readme_agree_with_the_code():
-    from export.serve import BACKEND_REQUIREMENTS, NGC_TAG
-
-    dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert f"TRITON_TAG={NGC_TAG}" in dockerfile and all(r.split("<")[0] in dockerfile for r in BACKEND_REQUIREMENTS)
-    assert f"tritonserver:{NGC_TAG}-py3" in (DEPLOY / "deployment.yaml").read_text()
-    readme = (DEPLOY / "README.md").read_text()
-    for name in ("deployment.yaml", "hpa.yaml", "prometheus-adapter-rules.yaml", "avg_time_queue_us", "replicas"):
-        assert name in readme
-

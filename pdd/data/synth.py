@@ -147,9 +147,8 @@ def _harmonics(rng: np.random.Generator, angle: np.ndarray, strength: float) -> 
     return np.maximum(out, 0.35)
 
 
-def _blob_coordinate(
-    rng: np.random.Generator, u: np.ndarray, v: np.ndarray, centre: np.ndarray, radius: float, strength: float
-) -> np.ndarray:
+def _blob_coordinate(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, centre: np.ndarray, radius: float,
+                     strength: float) -> np.ndarray:
     """Normalised radius (0 at the centre, 1 on an irregular elliptical outline) float32 like ``u``."""
     du, dv = u - centre[0], v - centre[1]
     # Random elongation and orientation, so blobs are not all round.
@@ -184,9 +183,8 @@ def _random_view(rng: np.random.Generator, template: BrainTemplate, size: int) -
     )
 
 
-def _sample(
-    template: BrainTemplate, view: _View, u: np.ndarray, v: np.ndarray, volumes: tuple[str, ...]
-) -> dict[str, np.ndarray]:
+def _sample(template: BrainTemplate, view: _View, u: np.ndarray, v: np.ndarray,
+            volumes: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Sample template volumes (trilinear) at output-plane points (u, v) mm; each float32 like ``u``."""
     uw, vw = u + view.warp_u, v + view.warp_v
     c, s = np.cos(view.angle), np.sin(view.angle)
@@ -205,9 +203,8 @@ def _sample(
     }
 
 
-def _mass_effect(
-    u: np.ndarray, v: np.ndarray, centre: np.ndarray, strength: float, reach: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _mass_effect(u: np.ndarray, v: np.ndarray, centre: np.ndarray, strength: float,
+                 reach: float) -> tuple[np.ndarray, np.ndarray]:
     """Displace anatomy radially away from ``centre``: output point p shows the tissue from p_src, closer in.
 
     p_src = c + (p − c)(1 − k·exp(−(ρ/L)²)) is monotonic in ρ for k < 1, so the warp never folds.
@@ -217,14 +214,8 @@ def _mass_effect(
     return centre[0] + du * shrink, centre[1] + dv * shrink
 
 
-def _pick_centre(
-    rng: np.random.Generator,
-    u: np.ndarray,
-    v: np.ndarray,
-    tissue: dict[str, np.ndarray],
-    margin_mm: float,
-    pixel_mm: float,
-) -> np.ndarray | None:
+def _pick_centre(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, tissue: dict[str, np.ndarray],
+                 margin_mm: float, pixel_mm: float) -> np.ndarray | None:
     """A parenchymal point at least ``margin_mm`` inside the brain, as (u, v) mm; None if the slice has none."""
     brain = tissue["brain"] > 0.5
     depth = ndimage.distance_transform_edt(brain) * pixel_mm
@@ -238,15 +229,8 @@ def _pick_centre(
 _Layers = list[tuple[np.ndarray, "np.ndarray | float"]]
 
 
-def _tumour(
-    rng: np.random.Generator,
-    u: np.ndarray,
-    v: np.ndarray,
-    centre: np.ndarray,
-    radius: float,
-    tissue: dict[str, np.ndarray],
-    sig: dict[str, float],
-) -> _Layers:
+def _tumour(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, centre: np.ndarray, radius: float,
+            tissue: dict[str, np.ndarray], sig: dict[str, float]) -> _Layers:
     """Layers (alpha, signal), painted in order: oedema, then the mass, then a necrotic core if any."""
     oedema_q = _blob_coordinate(rng, u, v, centre, radius * rng.uniform(1.8, 2.6), 0.5)
     # Oedema runs along white-matter tracts and spares the cortex: weight its extent by WM probability.
@@ -272,9 +256,8 @@ def _tumour(
     return layers
 
 
-def _haemorrhage(
-    rng: np.random.Generator, u: np.ndarray, v: np.ndarray, centre: np.ndarray, radius: float, sig: dict[str, float]
-) -> _Layers:
+def _haemorrhage(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, centre: np.ndarray, radius: float,
+                 sig: dict[str, float]) -> _Layers:
     q = _blob_coordinate(rng, u, v, centre, radius, 0.35)
     edge = 1.5 / radius
     blob = _smoothstep((1.0 - q) / edge)
@@ -288,14 +271,8 @@ def _haemorrhage(
     return layers
 
 
-def _infarct(
-    rng: np.random.Generator,
-    u: np.ndarray,
-    v: np.ndarray,
-    tissue: dict[str, np.ndarray],
-    sig: dict[str, float],
-    pixel_mm: float,
-) -> _Layers | None:
+def _infarct(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, tissue: dict[str, np.ndarray],
+             sig: dict[str, float], pixel_mm: float) -> _Layers | None:
     """Wedge from a deep apex fanning out to a cortical arc, within the brain."""
     brain = tissue["brain"] > 0.5
     rim = brain & ~ndimage.binary_erosion(brain, iterations=2)
@@ -322,17 +299,9 @@ def _infarct(
     return [(alpha, sig["infarct"] * rng.uniform(0.9, 1.1) * texture)]
 
 
-def _lesion(
-    rng: np.random.Generator,
-    defect: str,
-    template: BrainTemplate,
-    view: _View,
-    u: np.ndarray,
-    v: np.ndarray,
-    volumes: tuple[str, ...],
-    sig: dict[str, float],
-    pixel_mm: float,
-) -> tuple[dict[str, np.ndarray], _Layers] | None:
+def _lesion(rng: np.random.Generator, defect: str, template: BrainTemplate, view: _View, u: np.ndarray, v: np.ndarray,
+            volumes: tuple[str, ...], sig: dict[str, float],
+            pixel_mm: float) -> tuple[dict[str, np.ndarray], _Layers] | None:
     """Tissue sampled around one lesion (with its mass effect) and the lesion's layers; None if it fits nowhere."""
     tissue = _sample(template, view, u, v, ("brain", "csf"))
     radius = rng.uniform(8.0, 22.0) if defect == "tumour" else rng.uniform(5.0, 14.0)
@@ -351,13 +320,8 @@ def _lesion(
     return _sample(template, view, su, sv, volumes), _haemorrhage(rng, u, v, centre, radius, sig)
 
 
-def render_brain_slice(
-    rng: np.random.Generator,
-    *,
-    image_size: int = 256,
-    defect: str | None = None,
-    contrast: str = "t1",
-) -> tuple[np.ndarray, np.ndarray]:
+def render_brain_slice(rng: np.random.Generator, *, image_size: int = 256, defect: str | None = None,
+                       contrast: str = "t1") -> tuple[np.ndarray, np.ndarray]:
     """One synthetic axial brain slice: uint8 (S, S) image and bool (S, S) lesion mask (all False if normal)."""
     if defect is not None and defect not in DEFECTS:
         raise ValueError(f"defect must be None or one of {DEFECTS}, got {defect!r}")
@@ -408,9 +372,8 @@ def render_brain_slice(
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mask
 
 
-def _resolve_counts(
-    count: int | None, n_train: int | None, n_test_good: int | None, n_test_anomalous: int | None
-) -> tuple[int, int, int]:
+def _resolve_counts(count: int | None, n_train: int | None, n_test_good: int | None,
+                    n_test_anomalous: int | None) -> tuple[int, int, int]:
     if count is None:
         base = _DEFAULT_COUNTS
     else:
@@ -442,18 +405,10 @@ def _write_text(text: str, path: Path) -> None:
 _OUTPUTS = ("train", "test", "ground_truth", "synth.json", "README.txt")
 
 
-def generate_brain_synth(
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    count: int | None = None,
-    image_size: int = 256,
-    n_train: int | None = None,
-    n_test_good: int | None = None,
-    n_test_anomalous: int | None = None,
-    contrast: str = "t1",
-    overwrite: bool = False,
-) -> dict[str, Any]:
+def generate_brain_synth(out_dir: str | Path, *, seed: int = 0, count: int | None = None, image_size: int = 256,
+                         n_train: int | None = None, n_test_good: int | None = None,
+                         n_test_anomalous: int | None = None, contrast: str = "t1",
+                         overwrite: bool = False) -> dict[str, Any]:
     """Write brain-synth in the MVTec layout under ``out_dir`` and return its description (also in synth.json).
 
     Counts default to 200 train / 40 test-good / 60 anomalous (20 per defect); ``count`` rescales that

@@ -1,6 +1,6 @@
 """GPU timings of the Triton kernels against their PyTorch and mamba-ssm peers.
 
-    python benchmarks/kernels.py [--quick] [--dtype fp16|fp32] [--out benchmarks/results]
+    python benchmarks/kernel_bench.py [--quick] [--dtype fp16|fp32] [--out benchmarks/results]
 
 SS2D scan at the four VMamba-T v0 stage shapes of a 256² input (H = W = 64, 32, 16, 8; d_inner = 192,
 384, 768, 1536; N = 16; 4 routes) and batch 1, 8, 64: the fused Triton kernel in each strategy, the
@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pdd.anomaly import anomaly_head_ref
 from pdd.config import atomic_write_text
@@ -66,7 +64,7 @@ def ss2d_inputs(batch: int, side: int, dim: int, dtype: torch.dtype, device: str
 
 
 def ss2d_impls(batch: int, length: int) -> dict[str, Callable[..., Tensor]]:
-    from kernels.selective_scan import STRATEGIES, ss2d_scan_triton
+    from kernels.selective_scan import STRATEGIES, ss2d_scan_triton  # lazily: needs triton (the [gpu] extra)
 
     impls: dict[str, Callable[..., Tensor]] = {
         f"triton-{s}": (lambda *a, s=s: ss2d_scan_triton(*a, strategy=s)) for s in STRATEGIES
@@ -107,7 +105,7 @@ def head_pairs(batch: int, dtype: torch.dtype, device: str) -> list[tuple[Tensor
 
 
 def head_rows(bench: Bench, batches: tuple[int, ...], dtype: torch.dtype, device: str) -> list[dict[str, Any]]:
-    from kernels.anomaly_head import anomaly_head_triton
+    from kernels.anomaly_head import anomaly_head_triton  # lazily: needs triton (the [gpu] extra)
 
     impls = {"triton": lambda p: anomaly_head_triton(p, (IMAGE, IMAGE)),
              "torch-reference": lambda p: anomaly_head_ref(p, (IMAGE, IMAGE))}
@@ -176,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="batch 1 and 8, shorter timing windows")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA device here, so there is nothing to time: the Triton kernels "
+        print("benchmarks/kernel_bench.py: no CUDA device here, so there is nothing to time: the Triton kernels "
               "run on GPUs only (CPU runs use the slow interpreter, meaningless for timing). Nothing written.")
         return 0
     import triton
@@ -198,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         r["gbps"] = r["bytes"] / r["ms"] / 1e6
         r["pct_copy"] = 100 * r["gbps"] / copy
     result = {
-        "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/kernel_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
