@@ -60,7 +60,7 @@ from export.metadata import (
 )
 from pdd.anomaly import anomaly_head_ref
 from pdd.backbones.vmamba import SS2D
-from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
+from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, normalise_nhwc
 from pdd.model import PDDFeatures, PDDModel
 from pdd.ssm import TRACE_SCAN_GRAPHS, traced_scan_graph
 
@@ -164,8 +164,8 @@ class ExportablePDD(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def normalise(self, images: Tensor) -> Tensor:
-        """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 ImageNet-normalised."""
-        return (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 ImageNet-normalised, as locally and on the server."""
+        return normalise_nhwc(images)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.preprocess:

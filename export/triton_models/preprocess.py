@@ -9,15 +9,16 @@ Inputs (a request carries exactly one of ``images`` and ``images_encoded``; the 
 * ``dicom_window``    FP32 (B, 2), optional, with ``images_encoded`` only: (centre, width) per image in
   rescaled units (HU for CT), overriding the DICOM file's own window; ignored for other formats.
 
-Files are decoded by ``readers.py`` beside this file: ``pdd/data/readers.py``, which
-``export/triton_repo.py`` places there, so the server decodes exactly as ``pdd predict`` does locally.
-Output: ``normalised`` FP32 (B, 3, S, S): the image in [0, 1] (uint8 pixels / 255), resized bilinearly
-with antialiasing (the same resampling as ``pdd.data.to_model_input``: a triangle filter widened by the
-shrink factor), grey replicated to three channels, then ``(x - mean) / std``.
+Files are decoded, resized and normalised by ``readers.py`` beside this file: ``pdd/data/readers.py``,
+which ``export/triton_repo.py`` places there, so the server computes exactly what ``pdd predict`` does
+locally (``readers.preprocess``). Output: ``normalised`` FP32 (B, 3, S, S): the image in [0, 1] (uint8
+pixels times 1/255), resized bilinearly with antialiasing, grey replicated to three channels, then
+ImageNet-normalised by ``readers.normalise_nhwc``, the function an ONNX export traces into its graph.
 
 Parameters from ``config.pbtxt`` (written by ``export/triton_repo.py`` from the export metadata):
-``image_size`` (S), ``mean`` and ``std`` (three comma-separated floats each), ``max_side``, ``output_dtype``
-(the engine's input type: float32, or float16 for an fp16 TensorRT engine).
+``image_size`` (S), ``mean`` and ``std`` (three comma-separated floats each: the normalisation the model
+was exported with, which must be the readers' own), ``max_side``, ``output_dtype`` (the engine's input
+type: float32, or float16 for an fp16 TensorRT engine).
 
 A bad request (both or neither input, a wrong channel count, an empty or oversized image, bytes that
 are not an image) gets an error response of its own; the other requests of the batch are served. A file
@@ -41,35 +42,6 @@ READERS_FILE = "readers.py"
 
 class RequestError(ValueError):
     """A problem with one request's data: reported to that client, never raised out of ``execute``."""
-
-
-def resize_weights(n_in: int, n_out: int) -> np.ndarray:
-    """Bilinear antialiased resampling matrix (n_out, n_in) float32; rows sum to 1.
-
-    A triangle filter whose support widens by the shrink factor when shrinking (what Pillow's and
-    ``torch.nn.functional.interpolate(..., antialias=True)``'s bilinear modes do), centred on pixel
-    centres (``align_corners=False``). Enlarging reduces to plain bilinear interpolation.
-    """
-    scale = n_in / n_out
-    support = max(scale, 1.0)
-    centres = (np.arange(n_out) + 0.5) * scale
-    x = np.arange(n_in) + 0.5
-    w = np.clip(1.0 - np.abs((x[None, :] - centres[:, None]) / support), 0.0, None)
-    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def normalise(images: np.ndarray, size: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """float32 (B, H, W, C) in [0, 1], C in {1, 3} -> float32 (B, 3, size, size), resized and normalised."""
-    x = images
-    _, h, w, _ = x.shape
-    if (h, w) != (size, size):
-        # Separable resampling as two matrix products: rows, then columns.
-        x = np.einsum("sh,bhwc->bswc", resize_weights(h, size), x)
-        x = np.einsum("tw,bswc->bstc", resize_weights(w, size), x)
-    x = np.transpose(x, (0, 3, 1, 2))
-    if x.shape[1] == 1:
-        x = np.repeat(x, 3, axis=1)
-    return ((x - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
 
 
 def check_pixels(images: np.ndarray, max_side: int) -> None:
@@ -101,6 +73,16 @@ def load_readers(version_dir: Path) -> ModuleType:
     return module
 
 
+def check_normalisation(readers: ModuleType, params: dict[str, str]) -> None:
+    """Refuse a repository whose configured mean/std are not the normalisation the bundled readers apply."""
+    for key, expected in (("mean", readers.IMAGENET_MEAN), ("std", readers.IMAGENET_STD)):
+        configured = [float(v) for v in params[key].split(",")]
+        if not np.allclose(configured, expected, rtol=0, atol=1e-7):
+            raise pb_utils.TritonModelException(
+                f"config.pbtxt parameter {key!r} is {configured}, but the bundled readers.py normalises with "
+                f"{list(expected)}; regenerate the repository with `pdd export triton-repo`")
+
+
 def dicom_windows(tensor: object, batch: int) -> np.ndarray | None:
     """The optional ``dicom_window`` input as float64 (B, 2), checked against the batch of files."""
     if tensor is None:
@@ -129,8 +111,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"])["parameters"].items()}
         self.size = int(params["image_size"])
         self.max_side = int(params["max_side"])
-        self.mean = np.array([float(v) for v in params["mean"].split(",")], dtype=np.float32)
-        self.std = np.array([float(v) for v in params["std"].split(",")], dtype=np.float32)
+        check_normalisation(self.readers, params)
         self.dtype = np.dtype(params["output_dtype"])
 
     def _one(self, request: pb_utils.InferenceRequest) -> np.ndarray:
@@ -145,7 +126,7 @@ class TritonPythonModel:
                                    "are already windowed")
             images = pixels.as_numpy()
             check_pixels(images, self.max_side)
-            return normalise(images.astype(np.float32) / np.float32(255.0), self.size, self.mean, self.std)
+            return self.readers.preprocess(images, self.size)
         items = encoded.as_numpy().reshape(-1)
         if items.size == 0:
             raise RequestError("'images_encoded' holds an empty batch; send at least one image")
@@ -162,8 +143,7 @@ class TritonPythonModel:
             except ValueError as exc:  # the reader's ImageReadError, or a window it refuses
                 raise RequestError(str(exc)) from None
             # Decoded images may differ in size: resize each on its own.
-            grey_or_rgb = image[:, :, None] if image.ndim == 2 else image
-            out.append(normalise(grey_or_rgb[None].astype(np.float32), self.size, self.mean, self.std))
+            out.append(self.readers.preprocess(self.readers.image_batch(image), self.size))
         return np.concatenate(out)
 
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:

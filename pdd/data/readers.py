@@ -1,9 +1,9 @@
-"""Read medical images (PNG/JPEG/BMP/TIFF, DICOM, NIfTI) into float arrays and model inputs.
+"""Read medical images (PNG/JPEG/BMP/TIFF, DICOM, NIfTI) into float arrays, and turn them into model inputs.
 
 Every reader returns ``float32`` in ``[0, 1]``: ``(H, W)`` for grey images, ``(H, W, 3)`` for colour ones.
 How raw values reach ``[0, 1]``:
 
-* 8-bit Pillow images: ``value / 255`` (the stored bytes already are a display image);
+* 8-bit Pillow images: ``value * PIXEL_SCALE`` (1/255; the stored bytes already are a display image);
 * 16-bit / 32-bit / float Pillow images, DICOM without a window, NIfTI: robust min/max, i.e. the 0.5th and
   99.5th percentiles map to 0 and 1 (clipped); a constant image becomes all zeros;
 * DICOM with a window (from the file or ``dicom_window``): the DICOM linear VOI function, after
@@ -13,10 +13,15 @@ NIfTI volumes are reoriented to the closest RAS+ axes first, so ``axis`` 0/1/2 a
 for any well-formed file, and each slice is rotated (``np.rot90``) so anterior (axial) or superior (sagittal,
 coronal) is at the top of the image. ``np.rot90(slice_map, -1)`` undoes the rotation.
 
+Preprocessing (decoded image -> model input) is defined here once: :func:`resize_rgb` (to float RGB
+(B, S, S, 3) in [0, 1]) then :func:`normalise_nhwc`, which takes numpy arrays or torch tensors, so local
+prediction (:func:`to_model_input`), the ONNX graph's in-graph preprocessing (``ExportablePDD.normalise``)
+and the server's preprocess model all run the same formula.
+
 :func:`read_image_bytes` decodes the bytes of one file the same way (what an inference server receives).
-The readers need numpy and Pillow (pydicom and nibabel load only for their formats), not torch: the Triton
-server's preprocess model runs this very file, which ``export/triton_repo.py`` bundles into the model
-repository. Only :func:`to_model_input` and :func:`read_mask` import torch, when called.
+The readers need numpy and Pillow (pydicom and nibabel load only for their formats), not torch: Triton
+Inference Server's preprocess model runs this very file, which ``export/triton_repo.py`` bundles into the
+model repository. Only :func:`to_model_input` and :func:`read_mask` import torch, when called.
 
 Example::
 
@@ -45,18 +50,27 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",
+    "PIXEL_SCALE",
     "ImageReadError",
     "has_dicom_preamble",
+    "image_batch",
+    "normalise_nhwc",
+    "preprocess",
     "read_image",
     "read_image_bytes",
     "read_mask",
     "read_volume_slices",
+    "resize_rgb",
+    "resize_weights",
     "robust_normalise",
     "to_model_input",
 ]
 
+# The normalisation every model input gets; export metadata and the server's config record these values.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# uint8 pixel -> [0, 1]. A multiplication, used by every path, so 8-bit pixels give bit-identical floats.
+PIXEL_SCALE = 1.0 / 255.0
 
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -227,9 +241,9 @@ def _pillow_to_array(img: Image.Image) -> np.ndarray:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return robust_normalise(np.asarray(img))
     if mode in ("1", "L", "LA"):
-        return np.asarray(img.convert("L"), dtype=np.float32) / np.float32(255.0)
+        return np.asarray(img.convert("L"), dtype=np.float32) * np.float32(PIXEL_SCALE)
     # Palette, RGBA, CMYK, YCbCr...: alpha carries no anatomy, so it is dropped.
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+    return np.asarray(img.convert("RGB"), dtype=np.float32) * np.float32(PIXEL_SCALE)
 
 
 def _first(value: object) -> float:
@@ -352,29 +366,102 @@ def _nifti_slices(path: Path, volume: np.ndarray, axis: int, indices: list[int])
     return out
 
 
+def image_batch(img: np.ndarray) -> np.ndarray:
+    """One image (H, W), (H, W, 1) or (H, W, 3), as a reader returns it -> a batch of one (1, H, W, 1|3)."""
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3):
+        raise ValueError(f"expected one image of shape (H, W) or (H, W, 3), got {arr.shape}")
+    return arr[None]
+
+
+def resize_weights(n_in: int, n_out: int) -> np.ndarray:
+    """Bilinear antialiased resampling matrix (n_out, n_in) float32; rows sum to 1.
+
+    A triangle filter whose support widens by the shrink factor when shrinking (what Pillow's and
+    ``torch.nn.functional.interpolate(..., antialias=True)``'s bilinear modes do), centred on pixel
+    centres (``align_corners=False``). Enlarging reduces to plain bilinear interpolation.
+    """
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centres = (np.arange(n_out) + 0.5) * scale
+    x = np.arange(n_in) + 0.5
+    w = np.clip(1.0 - np.abs((x[None, :] - centres[:, None]) / support), 0.0, None)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def resize_rgb(images: np.ndarray, size: int) -> np.ndarray:
+    """(B, H, W, 1|3) uint8 pixels or float in [0, 1] -> float32 (B, size, size, 3) in [0, 1], grey replicated.
+
+    Separable: rows, then columns, each one matrix product with :func:`resize_weights`.
+    """
+    if images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise ValueError(f"expected images (batch, height, width, 1 or 3 channels), got shape {images.shape}")
+    if images.dtype == np.uint8:
+        x = images.astype(np.float32) * np.float32(PIXEL_SCALE)
+    elif np.issubdtype(images.dtype, np.floating):
+        x = images.astype(np.float32, copy=False)
+    else:
+        raise ValueError(f"expected uint8 pixels or a float image in [0, 1], got dtype {images.dtype}")
+    _, h, w, _ = x.shape
+    if h != size:
+        x = np.tensordot(resize_weights(h, size), x, axes=([1], [1])).transpose(1, 0, 2, 3)
+    if w != size:
+        x = np.tensordot(x, resize_weights(w, size), axes=([2], [1])).transpose(0, 1, 3, 2)
+    if x.shape[3] == 1:
+        x = np.repeat(x, 3, axis=3)
+    return np.ascontiguousarray(x)
+
+
+def _channels_first_float32(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    # The two array libraries spell these operations differently; everything else below is shared.
+    if isinstance(x, np.ndarray):
+        return x.transpose(0, 3, 1, 2).astype(np.float32)
+    return x.permute(0, 3, 1, 2).float()
+
+
+def _per_channel(like: np.ndarray | torch.Tensor, values: Sequence[float]) -> np.ndarray | torch.Tensor:
+    """``values`` as a float32 (1, 3, 1, 1) constant of ``like``'s library (and device)."""
+    if isinstance(like, np.ndarray):
+        return np.asarray(values, dtype=np.float32).reshape(1, 3, 1, 1)
+    return like.new_tensor(values).reshape(1, 3, 1, 1)
+
+
+def normalise_nhwc(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """(B, H, W, 3) uint8 RGB or float RGB in [0, 1] -> float32 (B, 3, H, W) ImageNet-normalised.
+
+    ``x``: a numpy array or a torch tensor (the result is of the same library); the scale applies to uint8
+    only. Traced by ``torch.onnx.export`` it becomes Transpose, Cast, Mul, Sub, Div.
+    """
+    if x.ndim != 4 or x.shape[3] != 3:
+        raise ValueError(f"normalise_nhwc expects RGB images (batch, height, width, 3), got shape {tuple(x.shape)}")
+    dtype = str(x.dtype).removeprefix("torch.")  # the same words for numpy and torch dtypes
+    if dtype not in ("uint8", "float16", "bfloat16", "float32", "float64"):
+        raise ValueError(f"normalise_nhwc expects uint8 pixels or a float image in [0, 1], got dtype {dtype}")
+    nchw = _channels_first_float32(x)
+    if dtype == "uint8":
+        nchw = nchw * PIXEL_SCALE
+    return (nchw - _per_channel(nchw, IMAGENET_MEAN)) / _per_channel(nchw, IMAGENET_STD)
+
+
+def preprocess(images: np.ndarray, size: int) -> np.ndarray:
+    """(B, H, W, 1|3) uint8 or float in [0, 1] -> float32 (B, 3, size, size): local and server preprocessing."""
+    return normalise_nhwc(resize_rgb(images, size))
+
+
 def to_model_input(img: np.ndarray, image_size: int) -> torch.Tensor:
     """Float image (H, W) or (H, W, 3) in [0, 1] -> float32 tensor (3, S, S), resized and ImageNet-normalised.
 
     Resizing is bilinear with antialiasing (no aliasing when shrinking large radiographs); grey images are
-    replicated to three channels.
+    replicated to three channels. The same computation as the server's (:func:`preprocess`).
     """
     import torch
-    import torch.nn.functional as F
 
     arr = np.asarray(img)
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"to_model_input expects a float image in [0, 1], got dtype {arr.dtype}; use read_image")
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3):
-        raise ValueError(f"to_model_input expects shape (H, W) or (H, W, 3), got {tuple(np.shape(img))}")
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)[None]
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
-    x = x[0].expand(3, -1, -1) if x.shape[1] == 1 else x[0]
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    return torch.from_numpy(preprocess(image_batch(arr), image_size)[0])
 
 
 def read_mask(path: str | Path, size: int | None = None) -> np.ndarray:
