@@ -233,15 +233,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
     import runpy
 
-    try:
-        # By module name, not an import: the benchmarks sit above this package and are not always installed.
-        sys.argv = ["benchmarks/run.py", *args.bench_args]
-        runpy.run_module("benchmarks.run", run_name="__main__", alter_sys=True)
-    except ImportError as exc:
-        raise SystemExit(f"pdd bench runs benchmarks/run.py from a source checkout; it is not in this installation "
-                         f"({exc})") from None
+    # By module name, not an import: the benchmarks sit above this package and are not always installed.
+    if importlib.util.find_spec("benchmarks") is None:
+        raise SystemExit("pdd bench runs benchmarks/run.py from a source checkout (pip install -e .); the "
+                         "benchmarks package is not in this installation")
+    sys.argv = ["benchmarks/run.py", *args.passthrough]
+    runpy.run_module("benchmarks.run", run_name="__main__", alter_sys=True)
     return 0
 
 
@@ -384,9 +384,9 @@ def _add_serve(sub: Any) -> None:
 
 
 def _add_bench(sub: Any) -> None:
-    p = sub.add_parser("bench", help="run benchmarks/run.py (arguments passed through)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_bench)
+    # benchmarks/run.py's own command line, passed through whole: --help shows it.
+    p = sub.add_parser("bench", add_help=False, help="run benchmarks/run.py (arguments passed through)")
+    p.set_defaults(fn=cmd_bench, passthrough=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -245,3 +245,13 @@ def test_gpu_check_dry_run_prepares_every_engine(monkeypatch: pytest.MonkeyPatch
         assert plan["kernel_target"]["arch"] == "sm_90a" and plan["kernel_target"]["ptx_isa"] == "8.4"
         assert len(ptx) == len(plan["ptx"]) == 4
         assert all(".version 8.4" in tar.extractfile(m).read().decode() for m in ptx)
+
+
+def test_pdd_bench_passes_leading_options_through(capsys):
+    """`pdd bench --full ...` reaches benchmarks/run.py's own parser (here its --help), options first included."""
+    from pdd.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--full", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: python benchmarks/run.py" in capsys.readouterr().out
