@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pdd.data import generate_brain_synth
-from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from pdd.data.readers import to_model_input
 from pdd.metrics import auroc
 
 __all__ = [
@@ -244,14 +244,11 @@ def brain_synth_images(size: int, n: int, workdir: str | os.PathLike, seed: int 
 
 def texture_images(size: int, n: int, why: str) -> BenchImages:
     """Fallback when brain-synth cannot be generated: smooth textures, every second with a bright blob."""
-    from export.parity import labelled_images  # lazily: ONNX and ONNX Runtime (the [export] extra) behind it
+    from export.parity import labelled_images, to_pixels  # lazily: ONNX and ONNX Runtime (the [export] extra) behind it
 
     normalised, labels = labelled_images(n, size)
-    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
-    rgb = normalised * std + mean
     # Grey pixels, so a server and the in-process runtimes see the same input.
-    pixels = np.clip(np.rint(rgb.mean(axis=1) * 255.0), 0, 255).astype(np.uint8)[..., None]
+    pixels = np.rint(to_pixels(normalised).mean(axis=3, keepdims=True)).astype(np.uint8)
     normalised = np.stack([to_model_input(p.astype(np.float32) / np.float32(255.0), size).numpy() for p in pixels])
     return BenchImages(normalised, pixels, labels, f"synthetic textures with blobs ({n} images; brain-synth "
                                                    f"unavailable: {why})")

@@ -26,22 +26,19 @@ import numpy as np
 
 from benchmarks.common import free_ports
 from export.client import PDDClient
-from export.parity import labelled_images
+from export.parity import labelled_images, to_pixels
 from export.runtime import TensorRTRuntime
 from export.serve import stop_group
 from export.triton_repo import build_triton_repo
 from pdd.config import atomic_write_text
-from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
-
-_MEAN = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
-_STD = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
+from pdd.data.readers import normalise_nhwc
 
 
 def _pixels(images: Path | None, size: int, count: int) -> np.ndarray:
     """uint8 (N, S, S, 3): the first ``count`` test images of an MVTec folder, else labelled textures."""
     if images is None:
         x, _ = labelled_images(count, size)
-        return np.clip(np.rint((x * _STD + _MEAN) * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        return to_pixels(x)
     from PIL import Image
 
     files = sorted(p for p in (images / "test").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:count]
@@ -79,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = TensorRTRuntime(args.engine)
     size = engine.metadata.image_size[0]
     pixels = _pixels(args.images, size, args.count)
-    direct = engine.predict(((pixels.transpose(0, 3, 1, 2) / np.float32(255) - _MEAN) / _STD).astype(np.float32))
+    direct = engine.predict(normalise_nhwc(pixels))
     engine.close()
     http, grpc, metrics = free_ports(3)
     log = open(work / "server.log", "wb")

@@ -50,12 +50,11 @@ from export.metadata import (
     write_metadata,
 )
 from export.onnx_export import FORMS, INPUT_NAME, OUTPUT_NAMES, export_onnx, load_onnx, save_onnx, to_fp16
-from export.parity import compare_predictions, labelled_images
+from export.parity import compare_predictions, labelled_images, to_pixels
 from export.runtime import OnnxRuntime, TensorRTRuntime, TorchRuntime
 from export.trt_plugins import kernels_for_model, lower_for_tensorrt, plugin_launch_records, register_plugins
 from kernels.target import KernelTarget, TargetError, resolve_target, version_text
 from pdd.checkpoint import load_model
-from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["BuildError", "BuildPlan", "build_engine", "check_engine", "main", "parse_batch", "prepare"]
 
@@ -276,9 +275,7 @@ def check_engine(plan: BuildPlan, model: Any = None, images: int = 8, batch: int
     h, _ = plan.image_size
     x, labels = labelled_images(images, h)
     if plan.onnx_meta.preprocess:
-        mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
-        std = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
-        x = np.clip(np.rint((x * std + mean) * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        x = to_pixels(x)
     feeds = [{INPUT_NAME: x[i:i + batch]} for i in range(0, len(x), batch)]
     runners = [TrtRunner(engine_rt.engine, name="tensorrt"), OnnxrtRunner(ort_rt.session, name="onnxruntime")]
     if model is not None and not plan.onnx_meta.preprocess:

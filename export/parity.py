@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from export.runtime import Runtime
-from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
+from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE, normalise_nhwc
 
-__all__ = ["MAP_TOLERANCE", "ParityReport", "compare_predictions", "labelled_images", "predict_all", "run_parity"]
+__all__ = ["MAP_TOLERANCE", "ParityReport", "compare_predictions", "labelled_images", "predict_all", "run_parity",
+           "to_pixels"]
 
 # Largest map error allowed, relative to the reference map's range (max − min over the set), in fp32.
 MAP_TOLERANCE = 1e-4
@@ -80,9 +81,16 @@ def labelled_images(n: int = 8, size: int = 64, seed: int = 0) -> tuple[np.ndarr
         radius = rng.uniform(size / 16, size / 8)
         images[i] += 0.6 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
     images = np.clip(images, 0.0, 1.0)
+    return normalise_nhwc(images.transpose(0, 2, 3, 1)), labels.astype(np.int64)
+
+
+def to_pixels(normalised: np.ndarray) -> np.ndarray:
+    """ImageNet-normalised float (B, 3, H, W) -> the uint8 RGB pixels (B, H, W, 3) it came from (rounded): the
+    inverse of :func:`pdd.data.readers.normalise_nhwc`, for feeding the same test images to uint8 inputs."""
     mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
-    return ((images - mean) / std).astype(np.float32), labels.astype(np.int64)
+    rgb = (normalised * std + mean) / np.float32(PIXEL_SCALE)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def predict_all(runtime: Runtime, images: np.ndarray, batch: int = 2) -> dict[str, np.ndarray]:
