@@ -8,7 +8,7 @@ backend). The kernels of :mod:`kernels.aot` map onto plugins as follows:
 plugin (pdd::)     inputs -> outputs                                           kernel (tactics)
 =================  ==========================================================  ===================
 SS2DScan           x, delta, B, C, A, D, delta_bias -> y (B, D, H, W)           fused SS2D scan
-                                                                               (sequential, chunked)
+                                                                               (stepwise, blockwise)
 HeadCosine         t_1, s_1, …, t_6, s_6 -> cos (B, Σ H_l·W_l) fp32,            head launch 1
                    seed (B,) fp32
 HeadBlurMax        cos -> map (B, H, W) fp32, tile_max (B,) fp32                 head launch 2 (σ baked in)
