@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 try:  # The Triton interpreter looks for triton.language in the globals of a jitted function.
-    import triton.language as tl  # noqa: F401
+    import triton.language as tl
 except ImportError:  # pragma: no cover - Triton is optional; route_order needs only torch
     tl = None
 
@@ -30,7 +30,7 @@ __all__ = ["SS2D_ROUTES", "route_order", "route_pixel"]
 SS2D_ROUTES = 4
 
 
-def route_pixel(t, length, height, width, ROUTE: "tl.constexpr"):  # noqa: N803 (a Triton constexpr)
+def route_pixel(t, length, height, width, ROUTE: tl.constexpr):
     """Row-major grid position that route ROUTE visits at step t (t: int, int tensor or Triton tensor)."""
     if ROUTE >= 2:
         t = length - 1 - t

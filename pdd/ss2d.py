@@ -46,11 +46,11 @@ __all__ = [
     "along_routes",
     "merge_routes",
     "route_positions",
+    "spatial_projections",
     "ss2d",
     "ss2d_positions",
     "ss2d_scan",
     "ss2d_scan_op",
-    "spatial_projections",
 ]
 
 
