@@ -146,10 +146,9 @@ def _check(code: int, what: str) -> None:
 
 
 def _ss2d_shapes(x: Any, delta: Any, B: Any, C: Any, A: Any, D: Any, bias: Any) -> tuple[int, int, int, int, int]:
-    batch, dim, height, width, n = check_ss2d(x, delta, B, C, A, D, bias)
-    if not 1 <= n <= MAX_STATE:
-        raise ValueError(f"ss2d_scan: the CPU kernel takes d_state 1..{MAX_STATE}, got {n}")
-    return batch, dim, height, width, n
+    if len(A.shape) == 2 and not 1 <= int(A.shape[1]) <= MAX_STATE:
+        raise ValueError(f"ss2d_scan: the CPU kernel takes d_state 1..{MAX_STATE}, got {int(A.shape[1])}")
+    return check_ss2d(x, delta, B, C, A, D, bias)
 
 
 def ss2d_scan_numpy(x: np.ndarray, delta: np.ndarray, B: np.ndarray, C: np.ndarray, A: np.ndarray, D: np.ndarray,
