@@ -196,7 +196,7 @@ def test_routed_projections_equal_spatial_projections(impl):
     them in spatial order and reads them per route. Both give the same scan."""
     from pdd.ss2d import spatial_projections, ss2d, ss2d_scan
 
-    block, w = _block_and_weights(impl)
+    _, w = _block_and_weights(impl)
     x = torch.randn(2, 32, 5, 7, dtype=torch.float64)  # non-square: routes 1 and 3 differ from 0 and 2
     with torch.no_grad():
         routed = ss2d(x, w, impl)                                              # (B, H, W, d)
@@ -211,7 +211,7 @@ def test_graph_scans_equal_the_eager_scan(size, impl):
     """What SS2D exports (position-major chunks in order; whole sequence, fixed chunk) against its eager scan."""
     from pdd.ss2d import ss2d
 
-    block, w = _block_and_weights("eager")
+    _, w = _block_and_weights("eager")
     x = torch.randn(2, 32, *size, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(ss2d(x, w, impl), ss2d(x, w, "eager"), rtol=0, atol=1e-10)

@@ -20,8 +20,8 @@ import torch
 
 pytest.importorskip("triton")
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 from kernels import anomaly_head as head_kernels
 from kernels import selective_scan as scan_kernels

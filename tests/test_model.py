@@ -9,10 +9,10 @@ import torch
 
 from pdd import PDDConfig, PDDOutput, build_pdd
 from pdd.backbones import WeightsError
-from pdd.checkpoint import load_pdd, save_pdd
-from pdd.losses import pdd_loss
 from pdd.backbones.vmamba import SS2D
 from pdd.backbones.wrn import GemmConv2d
+from pdd.checkpoint import load_pdd, save_pdd
+from pdd.losses import pdd_loss
 from pdd.model import DecoderStage, UpConv2x2, _init_trainable
 from pdd.ssm import ScanImplUnavailable
 
@@ -114,7 +114,7 @@ def test_building_with_an_unavailable_scan_is_a_clear_error(monkeypatch, tmp_pat
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     cpu_scan.load.cache_clear()
     try:
-        with pytest.raises(ScanImplUnavailable, match="'cpu_kernel' is not available.*no-such-cc"):
+        with pytest.raises(ScanImplUnavailable, match=r"'cpu_kernel' is not available.*no-such-cc"):
             build_pdd(PDDConfig(image_size=64, scan_impl="cpu_kernel"))
     finally:
         cpu_scan.load.cache_clear()

@@ -158,7 +158,7 @@ def test_auto_falls_back_to_eager_with_a_warning_when_the_cpu_kernel_cannot_buil
     with caplog.at_level("WARNING", logger="pdd.ssm"):
         assert resolve_scan_impl("auto", "cpu") == "eager"
     assert "cpu_kernel unavailable" in caplog.text
-    with pytest.raises(ScanImplUnavailable, match="cpu_kernel.*does not run"):
+    with pytest.raises(ScanImplUnavailable, match=r"cpu_kernel.*does not run"):
         resolve_scan_impl("cpu_kernel", "cpu")
 
 
