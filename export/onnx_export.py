@@ -211,9 +211,11 @@ def _onnx_path(out: str | os.PathLike) -> Path:
     return out if out.suffix == ".onnx" else out / "model.onnx"
 
 
-def _tag_stages(model: ir.Model) -> None:
-    """Mark the nodes of the head and of SS2D's own arithmetic (δ/B/C projections and the chunked scan),
-    which stay fp32 in an fp16 graph, from the module hierarchy the exporter records; drop other metadata.
+def _tag_stages(model: ir.Model, scan: bool = True) -> None:
+    """Mark the nodes of the head and, with ``scan``, of SS2D's own arithmetic (δ/B/C projections and the
+    chunked scan of a graph-built scan), which stay fp32 in an fp16 graph, from the module hierarchy the
+    exporter records; drop other metadata. A plugin-built model (``scan=False``) runs its projections in
+    fp16 like other layers: its kernel reads fp16 and computes in fp32.
 
     The exporter's stack traces stop at the calling module's ``forward``, so the innermost module is the
     reliable key: SS2D's Linear, Conv2d and LayerNorm sublayers are not tagged and may run in fp16.
@@ -224,7 +226,7 @@ def _tag_stages(model: ir.Model) -> None:
         props = node.metadata_props
         raw = props.get("pkg.torch.onnx.class_hierarchy")
         modules = ast.literal_eval(raw)[:-1] if raw else []  # the last entry is the aten op
-        stage = "head" if head in modules else "scan" if modules and modules[-1] == ss2d else None
+        stage = "head" if head in modules else "scan" if scan and modules and modules[-1] == ss2d else None
         kept = {k: props[k] for k in _KEPT_NODE_METADATA if k in props}
         props.clear()
         props.update(kept)
@@ -342,7 +344,7 @@ def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable"
             custom_translation_table=translation_table() if form == "plugin" else None,
         )
         ir_model = program.model
-        _tag_stages(ir_model)
+        _tag_stages(ir_model, scan=scan_impl != "plugin")
         _fold(ir_model)
     proto = ir.serde.serialize_model(ir_model)
     proto.producer_name = "pdd"
