@@ -185,6 +185,13 @@ def _spatial(impl: str) -> Callable[[Tensor, SS2DWeights], Tensor]:
     return run
 
 
+def _plugin(x: Tensor, w: SS2DWeights) -> Tensor:
+    """The custom op called directly: the shape check of :func:`ss2d_scan` reads sizes as ints, which would
+    make an exported graph's symbolic batch a constant (the op's contract is checked by its schema)."""
+    delta, Bs, Cs = spatial_projections(x, w)
+    return ss2d_scan_op(x.contiguous(), delta, Bs, Cs, w.A, w.D, w.delta_bias).permute(0, 2, 3, 1)
+
+
 def _routed(impl: str) -> Callable[[Tensor, SS2DWeights], Tensor]:
     def run(x: Tensor, w: SS2DWeights) -> Tensor:
         """VMamba v0's way: x read along each route, the δ/B/C projections of each route on its
@@ -239,7 +246,7 @@ _SS2D: dict[str, Callable[[Tensor, SS2DWeights], Tensor]] = {
     "graph-sequential": lambda x, w: ss2d_positions(x.permute(0, 2, 3, 1), w),  # position-major throughout
     "triton": _spatial("triton"),
     "cpu_kernel": _spatial("cpu_kernel"),
-    "plugin": _spatial("plugin"),
+    "plugin": _plugin,
 }
 
 

@@ -147,6 +147,8 @@ def test_plugin_graph_has_one_node_per_scan_and_one_head(plugin_report: ExportRe
     assert plugin_report.ops[f"{DOMAIN}::{SS2D_OP}"] == 15
     assert plugin_report.nodes < 1000
     assert {o.domain for o in model.opset_import} >= {"", DOMAIN}
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # the batch stays dynamic through the custom nodes
 
 
 def test_portable_graph_is_standard_ops_with_dynamic_batch(portable_report: ExportReport) -> None:
