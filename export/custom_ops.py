@@ -2,8 +2,9 @@
 
 Each exists three times, with one contract:
 
-- as a PyTorch custom op (``torch.ops.pdd.ss2d_scan``, ``torch.ops.pdd.anomaly_head``), so that
-  ``torch.export`` sees one opaque node per VMamba block and one for the head;
+- as a PyTorch custom op (``torch.ops.pdd.ss2d_scan``, defined in :mod:`pdd.ss2d` because a model built
+  with ``scan_impl="plugin"`` calls it; ``torch.ops.pdd.anomaly_head`` here), so that ``torch.export``
+  sees one opaque node per VMamba block and one for the head;
 - as an ONNX operator of domain ``pdd`` (``SS2DScan``, ``AnomalyHead``) with a registered schema and the
   attributes TensorRT's ONNX parser reads (``plugin_namespace``, ``aot``);
 - as an ONNX Runtime Python op (onnxruntime-extensions), which must live in domain ``ai.onnx.contrib``:
@@ -32,7 +33,8 @@ from onnx.defs import OpSchema
 from torch import Tensor
 
 from pdd.anomaly import anomaly_head_ref
-from pdd.ssm import SS2D_ROUTES, resolve_scan_impl, ss2d_scan
+from pdd.ss2d import ss2d_scan
+from pdd.ssm import resolve_scan_impl
 
 __all__ = [
     "DOMAIN",
@@ -45,8 +47,6 @@ __all__ = [
     "anomaly_head_op",
     "register_onnx_schemas",
     "register_ort_ops",
-    "ss2d_scan_op",
-    "ss2d_shapes",
     "to_ort_domain",
     "translation_table",
 ]
@@ -60,20 +60,6 @@ HEAD_OP = "AnomalyHead"
 HEAD_PAIRS = 6                  # 3 levels × (prior student, plain student)
 # The first (teacher, student) pair is WRN layer 1 and its fusion target, at 1/4 of the image.
 HEAD_MAP_STRIDE = 4
-# The eager body of the SS2D op (ONNX Runtime's Python op and eager calls of the export wrapper).
-_EAGER_SCAN_IMPL = "chunked"
-
-
-@torch.library.custom_op(f"{DOMAIN}::ss2d_scan", mutates_args=())
-def ss2d_scan_op(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor, delta_bias: Tensor) -> Tensor:
-    """:func:`pdd.ssm.ss2d_scan` as one opaque op. x (B, D, H, W) -> (B, D, H, W) in x's dtype."""
-    return ss2d_scan(x, delta, B, C, A, D, delta_bias, impl=_EAGER_SCAN_IMPL)
-
-
-@ss2d_scan_op.register_fake
-def _ss2d_scan_fake(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor,
-                    delta_bias: Tensor) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op(f"{DOMAIN}::anomaly_head", mutates_args=())
@@ -179,7 +165,7 @@ def register_ort_ops() -> str:
     """Register both ops as onnxruntime-extensions Python ops (once per process); returns the library path.
 
     Add the path to a session with ``SessionOptions.register_custom_ops_library``. The SS2DScan body runs
-    :func:`pdd.ssm.ss2d_scan` with the implementation its node names (written by :func:`to_ort_domain`);
+    :func:`pdd.ss2d.ss2d_scan` with the implementation its node names (written by :func:`to_ort_domain`);
     the head runs the PyTorch reference on CPU.
     """
     global _ort_registered
@@ -212,7 +198,7 @@ def to_ort_domain(model: onnx.ModelProto, scan_impl: str = "auto") -> onnx.Model
     Python ops read (onnxruntime-extensions accepts scalar int/float/string attributes only).
 
     Each SS2DScan node gets the attribute ``scan_impl``: the implementation its op runs, resolved here on the
-    CPU (``auto``: the compiled CPU kernel where it can be built, else chunked with a warning).
+    CPU (``auto``: the compiled CPU kernel where it can be built, else ``eager`` with a warning).
     """
     impl = resolve_scan_impl(scan_impl, "cpu")
     kept = {SS2D_OP: set(), HEAD_OP: {"sigma"}}
@@ -237,15 +223,3 @@ def to_ort_domain(model: onnx.ModelProto, scan_impl: str = "auto") -> onnx.Model
     out.opset_import.extend([*opsets, onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
     return out
 
-
-def ss2d_shapes(batch: int, dim: int, height: int, width: int, d_state: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of the SS2DScan inputs (x, delta, B, C, A, D, delta_bias) for one block: the op's contract."""
-    return {
-        "x": (batch, dim, height, width),
-        "delta": (batch, SS2D_ROUTES, dim, height, width),
-        "B": (batch, SS2D_ROUTES, d_state, height, width),
-        "C": (batch, SS2D_ROUTES, d_state, height, width),
-        "A": (SS2D_ROUTES * dim, d_state),
-        "D": (SS2D_ROUTES * dim,),
-        "delta_bias": (SS2D_ROUTES * dim,),
-    }

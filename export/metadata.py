@@ -70,6 +70,11 @@ class TensorSpec:
     shape: tuple[int | str, ...]
 
 
+# The old metadata field ``scan_graph`` against the scan implementation it names.
+_SCAN_IMPLS_BY_GRAPH = {"sequential": "graph-sequential", "parallel": "graph-parallel", "plugin": "plugin"}
+_SCAN_GRAPHS_BY_IMPL = {v: k for k, v in _SCAN_IMPLS_BY_GRAPH.items()}
+
+
 @dataclass
 class OnnxMetadata:
     """Beside ``<name>.onnx`` as ``<name>.json``."""
@@ -91,12 +96,18 @@ class OnnxMetadata:
     custom_ops: list[str]
     precision: str = "fp32"
     versions: dict[str, str] = field(default_factory=dict)
-    # How the portable form's scans join their chunks ("sequential" or "parallel"); "plugin" for custom ops.
-    scan_graph: str = "parallel"
+    # The SS2D scan implementation the graph was built with: "graph-sequential" or "graph-parallel" (portable
+    # form), "plugin" (custom ops). Files written before it existed have ``scan_graph``, mapped on reading.
+    scan_impl: str = "graph-parallel"
     # The checkpoint's calibration; serving and the runtimes turn scores into decisions with it. Files written
     # before it existed have ``anomaly_threshold`` (a bare threshold), read as a manual calibration.
     calibration: Calibration | None = None
     format: str = ONNX_FORMAT
+
+    @property
+    def scan_graph(self) -> str:
+        """Deprecated: the old name of :attr:`scan_impl` ("sequential", "parallel" or "plugin")."""
+        return _SCAN_GRAPHS_BY_IMPL.get(self.scan_impl, self.scan_impl)
 
 
 @dataclass
@@ -177,6 +188,8 @@ def _from_dict(cls: type, data: dict[str, Any], path: str | os.PathLike) -> Any:
             values["calibration"] = Calibration.manual(data["anomaly_threshold"], f"anomaly_threshold of {path}")
     except CalibrationError as exc:
         raise MetadataError(str(exc)) from None
+    if cls is OnnxMetadata and "scan_impl" not in data and "scan_graph" in data:
+        values["scan_impl"] = _SCAN_IMPLS_BY_GRAPH.get(data["scan_graph"], data["scan_graph"])
     for key in ("inputs", "outputs"):
         values[key] = _specs(values[key])
     for key in ("image_size", "batch"):

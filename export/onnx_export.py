@@ -1,26 +1,28 @@
 """ONNX export of PDD's eval pipeline: images in, ``pred_score`` (B,) and ``anomaly_map`` (B, H, W) out.
 
-Two forms, one wrapper (:class:`ExportablePDD`):
+Two forms; the exporter builds the model for the form it writes (``build_pdd(..., graph=True)`` with the
+scan implementation named below) and loads the trained weights into it, sharing their tensors:
 
-- ``portable``: standard ONNX ops only. Each SS2D scan is the chunked formulation of
-  :func:`pdd.ssm.selective_scan_chunked` (no Loop, no per-step unrolling), so ONNX Runtime, TensorRT
-  without plugins and OpenVINO run it. ``scan_graph="sequential"`` (default; CPU runtimes) walks the
-  chunks in order, about eleven nodes per chunk of 16 positions, with chunk-sized temporaries, each
-  SS2D block position-major from routes to merge (:func:`pdd.ssm.ss2d_positions`);
-  ``"parallel"`` (GPUs: what build_trt.py exports) handles all chunks at once and joins them by a
-  log-depth scan, so its node count grows with log2(L) but its temporaries with the whole sequence.
-- ``plugin``: every SS2D scan is one ``pdd::SS2DScan`` node and the head one ``pdd::AnomalyHead`` node
-  (see :mod:`export.custom_ops`), the shape TensorRT's AOT plugins (:mod:`export.trt_plugins`) fill.
+- ``portable``: standard ONNX ops only, so ONNX Runtime, TensorRT without plugins and OpenVINO run it.
+  ``scan_impl="graph-sequential"`` (default; CPU runtimes) walks the chunks of each scan in order, about
+  eleven nodes per chunk of 16 positions, with chunk-sized temporaries, each SS2D block position-major
+  from routes to merge; ``"graph-parallel"`` (GPUs: what build_trt.py exports) handles all chunks at once
+  and joins them by a log-depth scan, so its node count grows with log2(L) but its temporaries with the
+  whole sequence (see :mod:`pdd.ssm`).
+- ``plugin``: ``scan_impl="plugin"``: every SS2D scan is one ``pdd::SS2DScan`` node and the head one
+  ``pdd::AnomalyHead`` node (see :mod:`export.custom_ops`), the shape TensorRT's AOT plugins
+  (:mod:`export.trt_plugins`) fill.
 
 The batch dimension is dynamic within ``batch=(min, max)``; the image size is fixed per file. The file is
 written as one self-contained ``.onnx`` (PDD is ~480 MB in fp32, under protobuf's 2 GB limit), which keeps
-one artifact and one hash per model; ``model.json`` beside it describes it (:mod:`export.metadata`).
+one artifact and one hash per model; ``model.json`` beside it describes it (:mod:`export.metadata`),
+including the scan implementation. fp16 conversion for TensorRT: :mod:`export.fp16`.
 
 Example::
 
     >>> from pdd import PDDConfig, build_pdd
     >>> from export.onnx_export import export_onnx
-    >>> model = build_pdd(PDDConfig(image_size=64, scan_impl="chunked"))
+    >>> model = build_pdd(PDDConfig(image_size=64, scan_impl="eager"))
     >>> report = export_onnx(model, "out/portable", form="portable", batch=(1, 8))  # doctest: +SKIP
     >>> report.nodes, report.size_bytes                                               # doctest: +SKIP
 """
@@ -34,21 +36,22 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import torch
-import torch.nn.functional as F
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from onnxscript.optimizer import fold_constants_ir
 from torch import Tensor, nn
 
-from export.custom_ops import DOMAIN, HEAD_MAP_STRIDE, SS2D_OP, anomaly_head_op, ss2d_scan_op, translation_table
+import pdd
+from export.custom_ops import DOMAIN, HEAD_MAP_STRIDE, anomaly_head_op, translation_table
+from export.fp16 import STAGE_KEY, keep_fp32_for_head_and_scan, to_fp16
 from export.metadata import (
     OnnxMetadata,
     TensorSpec,
@@ -58,17 +61,18 @@ from export.metadata import (
     versions,
     write_metadata,
 )
-from pdd.anomaly import anomaly_head_ref
+from pdd.anomaly import FeaturePairs, anomaly_head_ref
 from pdd.backbones.vmamba import SS2D
-from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, normalise_nhwc
-from pdd.model import PDDFeatures, PDDModel
-from pdd.ssm import TRACE_SCAN_GRAPHS, traced_scan_graph
+from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE, normalise_nhwc
+from pdd.impl_names import canonical_scan_impl
+from pdd.model import PDDModel, build_pdd, head_pairs
 
 __all__ = [
     "DEFAULT_OPSET",
     "FORMS",
     "INPUT_NAME",
     "OUTPUT_NAMES",
+    "SCAN_IMPLS_BY_FORM",
     "STAGE_KEY",
     "ExportReport",
     "ExportablePDD",
@@ -84,33 +88,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMS = ("plugin", "portable")
+# The scan implementations each form is built with; the first is the default.
+SCAN_IMPLS_BY_FORM = {"portable": ("graph-sequential", "graph-parallel"), "plugin": ("plugin",)}
+# The deprecated ``scan_graph=`` argument, by the implementation it names.
+_SCAN_GRAPHS = {"sequential": "graph-sequential", "parallel": "graph-parallel"}
 # Opset 18: the newest that TensorRT 10.x, ONNX Runtime and OpenVINO all import without conversion issues.
 DEFAULT_OPSET = 18
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("pred_score", "anomaly_map")
-# Node metadata key naming the model stage a node computes ("scan", "head"); precision conversion reads it.
-STAGE_KEY = "pdd.stage"
 # Protobuf refuses messages of 2 GB and more; PDD (~480 MB fp32) is far below.
 _PROTOBUF_LIMIT = 2**31 - 1
 # Node metadata worth keeping in a shipped file (stack traces would carry build-machine paths).
 _KEPT_NODE_METADATA = ("namespace", STAGE_KEY)
-
-
-class _PluginSS2D(SS2D):
-    """SS2D whose four-route scan is the ``pdd::ss2d_scan`` custom op (one ONNX node per block).
-
-    The steps before and after the scan repeat :meth:`pdd.backbones.vmamba.SS2D.forward` exactly; the
-    export tests compare both on the same weights, so a change there cannot slip through.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        x, z = self.in_proj(x).chunk(2, dim=-1)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))
-        delta, Bs, Cs = self.projections(x)
-        A = -torch.exp(self.A_logs.float())
-        y = ss2d_scan_op(x.contiguous(), delta, Bs, Cs, A, self.Ds.float(), self.dt_projs_bias.float().reshape(-1))
-        y = self.out_norm(y.permute(0, 2, 3, 1))
-        return self.out_proj(y * F.silu(z))
 
 
 class _AnomalyHeadStage(nn.Module):
@@ -120,8 +109,7 @@ class _AnomalyHeadStage(nn.Module):
         super().__init__()
         self.form, self.sigma = form, sigma
 
-    def forward(self, feats: PDDFeatures, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        pairs = [(t, s) for branch in (feats.prior, feats.plain) for t, s in zip(feats.targets, branch)]
+    def forward(self, pairs: FeaturePairs, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         if self.form == "portable":
             return anomaly_head_ref(pairs, image_size, self.sigma)
         derived = (HEAD_MAP_STRIDE * pairs[0][0].shape[-2], HEAD_MAP_STRIDE * pairs[0][0].shape[-1])
@@ -137,31 +125,46 @@ def weight_sharing_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _form_scan_impl(form: str, scan_impl: str | None) -> str:
+    if form not in FORMS:
+        raise ValueError(f"unknown ONNX form {form!r}; expected one of {FORMS}")
+    allowed = SCAN_IMPLS_BY_FORM[form]
+    impl = allowed[0] if scan_impl is None else canonical_scan_impl(scan_impl)
+    if impl not in allowed:
+        raise ValueError(f"the {form} ONNX form is built with scan_impl {' or '.join(map(repr, allowed))}, "
+                         f"got {scan_impl!r}")
+    return impl
+
+
+def build_for_export(model: PDDModel, scan_impl: str) -> PDDModel:
+    """``model`` rebuilt for graph export: ``scan_impl`` and the graph layer forms (``build_pdd(graph=True)``),
+    its weights loaded with ``assign=True`` so the new model shares their tensors (nothing is copied)."""
+    device = next(model.parameters()).device
+    built = build_pdd(dataclasses.replace(model.cfg, scan_impl=scan_impl), device, graph=True, teacher_weights=False)
+    built.load_state_dict(model.state_dict(keep_vars=True), assign=True)
+    built.calibration = model.calibration
+    return built.eval()
+
+
 class ExportablePDD(nn.Module):
     """PDD's eval forward for export: images -> (pred_score (B,) fp32, anomaly_map (B, H, W) fp32).
 
     images: (B, 3, H, W) float32 ImageNet-normalised, or with ``preprocess`` (B, H, W, 3) uint8 RGB.
-    Wraps a structural copy of ``model`` sharing its weights: the caller's model is not changed.
+    Wraps ``model`` rebuilt for the form (:func:`build_for_export`, sharing its weights): the caller's
+    model is not changed. ``scan_impl``: the scan the form is built with (default: the form's first of
+    :data:`SCAN_IMPLS_BY_FORM`).
     """
 
-    def __init__(self, model: PDDModel, form: str = "portable", preprocess: bool = False) -> None:
+    def __init__(self, model: PDDModel, form: str = "portable", preprocess: bool = False,
+                 scan_impl: str | None = None) -> None:
         super().__init__()
-        if form not in FORMS:
-            raise ValueError(f"unknown ONNX form {form!r}; expected one of {FORMS}")
+        self.scan_impl = _form_scan_impl(form, scan_impl)
         if not isinstance(model, PDDModel):
             raise TypeError(f"ExportablePDD exports PDD models, got {type(model).__name__} "
                             f"(the RD4AD baseline has no export path)")
         self.form, self.preprocess = form, preprocess
-        self.model = weight_sharing_copy(model).eval()
-        for m in self.model.modules():
-            if isinstance(m, SS2D):
-                if form == "plugin":
-                    m.__class__ = _PluginSS2D
-                else:
-                    m.scan_impl = "chunked"  # the one scan that exports to standard ops
+        self.model = build_for_export(model, self.scan_impl)
         self.head = _AnomalyHeadStage(form, model.cfg.sigma)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def normalise(self, images: Tensor) -> Tensor:
         """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 ImageNet-normalised, as locally and on the server."""
@@ -171,7 +174,7 @@ class ExportablePDD(nn.Module):
         if self.preprocess:
             images = self.normalise(images)
         feats = self.model.features(images)
-        amap, score = self.head(feats, (images.shape[-2], images.shape[-1]))
+        amap, score = self.head(head_pairs(feats), (images.shape[-2], images.shape[-1]))
         return score, amap
 
 
@@ -206,9 +209,11 @@ def _onnx_path(out: str | os.PathLike) -> Path:
     return out if out.suffix == ".onnx" else out / "model.onnx"
 
 
-def _tag_stages(model: ir.Model) -> None:
-    """Mark the nodes of the head and of SS2D's own arithmetic (δ/B/C projections and the chunked scan),
-    which stay fp32 in an fp16 graph, from the module hierarchy the exporter records; drop other metadata.
+def _tag_stages(model: ir.Model, scan: bool = True) -> None:
+    """Mark the nodes of the head and, with ``scan``, of SS2D's own arithmetic (δ/B/C projections and the
+    chunked scan of a graph-built scan), which stay fp32 in an fp16 graph, from the module hierarchy the
+    exporter records; drop other metadata. A plugin-built model (``scan=False``) runs its projections in
+    fp16 like other layers: its kernel reads fp16 and computes in fp32.
 
     The exporter's stack traces stop at the calling module's ``forward``, so the innermost module is the
     reliable key: SS2D's Linear, Conv2d and LayerNorm sublayers are not tagged and may run in fp16.
@@ -219,7 +224,7 @@ def _tag_stages(model: ir.Model) -> None:
         props = node.metadata_props
         raw = props.get("pkg.torch.onnx.class_hierarchy")
         modules = ast.literal_eval(raw)[:-1] if raw else []  # the last entry is the aten op
-        stage = "head" if head in modules else "scan" if modules and modules[-1] == ss2d else None
+        stage = "head" if head in modules else "scan" if scan and modules and modules[-1] == ss2d else None
         kept = {k: props[k] for k in _KEPT_NODE_METADATA if k in props}
         props.clear()
         props.update(kept)
@@ -283,23 +288,37 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
+def _scan_graph_argument(scan_graph: str, scan_impl: str | None, form: str) -> str | None:
+    """The deprecated ``scan_graph=`` as the scan implementation it names (it only ever concerned the
+    portable form, so the plugin form ignores it)."""
+    warnings.warn("export_onnx(scan_graph=...) is deprecated; use scan_impl='graph-sequential' or "
+                  "'graph-parallel'", DeprecationWarning, stacklevel=3)
+    if scan_graph not in _SCAN_GRAPHS:
+        raise ValueError(f"unknown scan_graph {scan_graph!r}; expected one of {tuple(_SCAN_GRAPHS)}")
+    if form != "portable":
+        return scan_impl
+    if scan_impl is not None and canonical_scan_impl(scan_impl) != _SCAN_GRAPHS[scan_graph]:
+        raise ValueError(f"scan_graph={scan_graph!r} contradicts scan_impl={scan_impl!r}; give scan_impl only")
+    return _SCAN_GRAPHS[scan_graph]
+
+
 def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable", batch: tuple[int, int] = (1, 32),
                 image_size: int | None = None, preprocess: bool = False, opset: int = DEFAULT_OPSET,
-                scan_graph: str = "sequential") -> ExportReport:
+                scan_impl: str | None = None, scan_graph: str | None = None) -> ExportReport:
     """Export PDD's eval pipeline to ``path`` (a ``.onnx`` file, or a folder that gets ``model.onnx``).
 
     form: ``"portable"`` (standard ops) or ``"plugin"`` (custom SS2D and head nodes); batch: (min, max) of
     the dynamic batch dimension (equal values give a static batch); image_size: square input size,
     default the model's config; preprocess: take uint8 (B, H, W, 3) images and normalise in the graph;
-    scan_graph (portable form): ``"sequential"`` walks the chunks of each scan in order, chunk-sized
-    temporaries (best for CPU runtimes), ``"parallel"`` joins them by a log-depth scan (best for GPUs,
-    TensorRT); see :func:`pdd.ssm.traced_scan_graph`.
-    Writes ``<name>.onnx`` and ``<name>.json`` atomically and returns an :class:`ExportReport`.
+    scan_impl: the scan the exported model is built with: for the portable form ``"graph-sequential"``
+    (default; chunk-sized temporaries, best for CPU runtimes) or ``"graph-parallel"`` (best for GPUs,
+    TensorRT), for the plugin form ``"plugin"``; scan_graph: deprecated (``"sequential"`` /
+    ``"parallel"`` for the portable form), use scan_impl. Writes ``<name>.onnx`` and ``<name>.json``
+    atomically and returns an :class:`ExportReport`.
     """
-    if form not in FORMS:
-        raise ValueError(f"unknown ONNX form {form!r}; expected one of {FORMS}")
-    if scan_graph not in TRACE_SCAN_GRAPHS:
-        raise ValueError(f"unknown scan_graph {scan_graph!r}; expected one of {TRACE_SCAN_GRAPHS}")
+    if scan_graph is not None:
+        scan_impl = _scan_graph_argument(scan_graph, scan_impl, form)
+    scan_impl = _form_scan_impl(form, scan_impl)
     lo, hi = batch
     if not 1 <= lo <= hi:
         raise ValueError(f"batch range must satisfy 1 <= min <= max, got {batch}")
@@ -308,7 +327,7 @@ def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable"
         raise ValueError(f"image_size must be a positive multiple of 32, got {size}")
     path = _onnx_path(path)
     start = time.perf_counter()
-    wrapper = ExportablePDD(model, form, preprocess).eval()
+    wrapper = ExportablePDD(model, form, preprocess, scan_impl).eval()
     # An example batch of 1 would let torch.export specialise the dimension; 2 keeps it symbolic.
     example_batch = min(max(2, lo), hi)
     if preprocess:
@@ -316,14 +335,14 @@ def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable"
     else:
         example = torch.zeros(example_batch, 3, size, size)
     dynamic = {"images": {0: torch.export.Dim("batch", min=lo, max=hi)}} if hi > lo else None
-    with torch.no_grad(), _quiet("onnx_ir", "onnxscript"), traced_scan_graph(scan_graph):
+    with torch.no_grad(), _quiet("onnx_ir", "onnxscript"):
         program = torch.onnx.export(
             wrapper, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
             opset_version=opset, dynamic_shapes=dynamic, optimize=False,
             custom_translation_table=translation_table() if form == "plugin" else None,
         )
         ir_model = program.model
-        _tag_stages(ir_model)
+        _tag_stages(ir_model, scan=scan_impl != "plugin")
         _fold(ir_model)
     proto = ir.serde.serialize_model(ir_model)
     proto.producer_name = "pdd"
@@ -338,10 +357,10 @@ def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable"
         outputs=[_spec(v) for v in proto.graph.output], image_size=(size, size), batch=(lo, hi),
         preprocess=preprocess,
         input_layout="NHWC uint8 RGB" if preprocess else "NCHW float32 RGB, ImageNet-normalised",
-        normalisation={"scale": 1 / 255, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        normalisation={"scale": PIXEL_SCALE, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                        "in_graph": preprocess},
         config=cfg, custom_ops=sorted(k for k in ops if k.startswith(f"{DOMAIN}::")),
-        scan_graph=scan_graph if form == "portable" else "plugin",
+        scan_impl=scan_impl,
         versions={**versions("torch", "onnx", "onnxscript"), "pdd": _pdd_version()},
         calibration=getattr(model, "calibration", None),
     )
@@ -366,185 +385,4 @@ def _quiet(*loggers: str) -> Iterator[None]:
 
 
 def _pdd_version() -> str:
-    import pdd
-
     return str(pdd.__version__)
-
-
-# --- fp16 conversion ---------------------------------------------------------------------------------
-
-_F32, _F16 = TensorProto.FLOAT, TensorProto.FLOAT16
-
-
-def keep_fp32_for_head_and_scan(node: onnx.NodeProto) -> bool:
-    """Nodes that stay fp32 in an fp16 graph: the anomaly head (cosines over ≤2048 channels overflow
-    fp16) and, in the portable form, SS2D's scan arithmetic (cumulative sums of δ and exp(A·Δ) need fp32's
-    range); the plugin scan reads fp16 and computes in fp32 inside its kernel."""
-    if node.domain == DOMAIN:
-        return node.op_type != SS2D_OP  # the SS2D kernels read fp16 and compute in fp32; head ops stay fp32
-    return any(p.key == STAGE_KEY and p.value in ("head", "scan") for p in node.metadata_props)
-
-
-def _schema(node: onnx.NodeProto, opsets: dict[str, int]) -> onnx.defs.OpSchema:
-    domain = "" if node.domain == "ai.onnx" else node.domain
-    try:
-        return onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), domain)
-    except onnx.defs.SchemaError as exc:
-        raise ValueError(f"fp16 conversion: no ONNX schema for node {node.name!r} ({domain or 'ai.onnx'}::"
-                         f"{node.op_type}); register it first (export.custom_ops.register_onnx_schemas)") from exc
-
-
-def _slot_params(params: Sequence[onnx.defs.OpSchema.FormalParameter], count: int) -> list[str]:
-    """Type string of each of ``count`` actual slots (a variadic last parameter repeats)."""
-    out = []
-    for i in range(count):
-        p = params[min(i, len(params) - 1)] if params else None
-        if p is None or (i >= len(params) and p.option != onnx.defs.OpSchema.FormalParameterOption.Variadic):
-            raise ValueError(f"fp16 conversion: slot {i} beyond the schema's {len(params)} parameters")
-        out.append(p.type_str)
-    return out
-
-
-def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool] = keep_fp32_for_head_and_scan
-            ) -> onnx.ModelProto:
-    """A typed fp16 copy of ``model`` for strongly typed TensorRT: activations and weights in fp16, except
-    the nodes ``keep_fp32`` selects and inputs whose schema fixes them to fp32 (the scan's A, D, δ bias).
-
-    Graph inputs and outputs keep their types; Cast nodes are inserted where fp16 and fp32 meet; constant
-    subgraphs (weights reshaped or transposed in the graph) become fp16 when every consumer wants fp16.
-    The conversion follows each node's ONNX schema: a type variable bound to float becomes float16.
-    """
-    from onnx import shape_inference
-
-    m = shape_inference.infer_shapes(model, data_prop=False)
-    g = m.graph
-    opsets = {o.domain: o.version for o in m.opset_import}
-    opsets.setdefault("", opsets.get("ai.onnx", DEFAULT_OPSET))
-    types: dict[str, int] = {}
-    for v in (*g.input, *g.output, *g.value_info):
-        types[v.name] = v.type.tensor_type.elem_type
-    inits = {t.name: t for t in g.initializer}
-    for t in g.initializer:
-        types[t.name] = t.data_type
-    missing = [o for n in g.node for o in n.output if o and o not in types]
-    if missing:
-        raise ValueError(f"fp16 conversion: no type known for {len(missing)} tensors (e.g. {missing[:3]}); "
-                         f"run shape inference on the model first")
-
-    # Tensors computed from weights only (no graph input upstream): their nodes may stay fp32.
-    const = set(inits)
-    for n in g.node:
-        if all(i == "" or i in const for i in n.input):
-            const.update(o for o in n.output if o)
-
-    # Per node: the type variables that turn float16, as slot -> required dtype for float inputs.
-    consumers: dict[str, list[tuple[int, int]]] = {}
-    for ni, n in enumerate(g.node):
-        for si, name in enumerate(n.input):
-            if name:
-                consumers.setdefault(name, []).append((ni, si))
-    graph_outputs = {o.name for o in g.output}
-    schemas = [_schema(n, opsets) for n in g.node]
-    half = [False] * len(g.node)
-    in_req: list[dict[int, int]] = [{} for _ in g.node]
-    out_type: list[dict[int, int]] = [{} for _ in g.node]
-
-    def plan(ni: int, as_half: bool) -> None:
-        n, schema = g.node[ni], schemas[ni]
-        ins = _slot_params(schema.inputs, len(n.input))
-        outs = _slot_params(schema.outputs, len(n.output))
-        params = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
-        float_bound = {p for p, name in (*zip(ins, n.input), *zip(outs, n.output)) if p in params and name
-                       and types.get(name) == _F32}
-        converted = {p for p in float_bound if as_half and "tensor(float16)" in params[p]}
-        in_req[ni] = {si: (_F16 if p in converted else _F32) for si, (p, name) in enumerate(zip(ins, n.input))
-                      if name and types.get(name) in (_F32, _F16)}
-        out_type[ni] = {si: _F16 for si, p in enumerate(outs) if p in converted}
-        half[ni] = bool(converted)
-
-    for ni in reversed(range(len(g.node))):
-        n = g.node[ni]
-        if keep_fp32(n):
-            plan(ni, False)
-            continue
-        if all(o in const for o in n.output if o):
-            # A weight-only node turns fp16 only when everything downstream wants fp16.
-            wants = all(
-                o not in graph_outputs and all(in_req[ci].get(si) == _F16 for ci, si in consumers.get(o, []))
-                for o in n.output if o and types.get(o) == _F32)
-            plan(ni, wants)
-        else:
-            plan(ni, True)
-
-    new_types = dict(types)
-    for ni, n in enumerate(g.node):
-        for si, t in out_type[ni].items():
-            new_types[n.output[si]] = t
-
-    # Initializers read only as fp16 are stored as fp16.
-    for name, tensor in inits.items():
-        uses = consumers.get(name, [])
-        if tensor.data_type == _F32 and uses and all(in_req[ci].get(si) == _F16 for ci, si in uses):
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), name))
-            new_types[name] = _F16
-
-    shapes = {v.name: v.type.tensor_type.shape for v in (*g.input, *g.value_info)}
-    for t in g.initializer:
-        shapes.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims)).tensor_type.shape)
-    nodes: list[onnx.NodeProto] = []
-    casts: dict[tuple[str, int], str] = {}
-    cast_infos: list[onnx.ValueInfoProto] = []
-    for ni, n in enumerate(g.node):
-        for si, name in enumerate(n.input):
-            want = in_req[ni].get(si)
-            if want is None or new_types.get(name) == want:
-                continue
-            key = (name, want)
-            if key not in casts:
-                casts[key] = f"{name}__{'fp16' if want == _F16 else 'fp32'}"
-                nodes.append(helper.make_node("Cast", [name], [casts[key]], to=want, name=f"{casts[key]}_cast"))
-                info = helper.make_tensor_value_info(casts[key], want, None)
-                if name in shapes:
-                    info.type.tensor_type.shape.CopyFrom(shapes[name])
-                cast_infos.append(info)
-            n.input[si] = casts[key]
-        if half[ni]:
-            _retype_attributes(n)
-        nodes.append(n)
-    for out in g.output:
-        if new_types.get(out.name) == _F16 and out.type.tensor_type.elem_type == _F32:
-            # Outputs keep their declared fp32 type: compute in fp16 under another name, cast back.
-            half_name = f"{out.name}__fp16"
-            for n in nodes:
-                n.output[:] = [half_name if o == out.name else o for o in n.output]
-                n.input[:] = [half_name if i == out.name else i for i in n.input]
-            nodes.append(helper.make_node("Cast", [half_name], [out.name], to=_F32, name=f"{out.name}_cast"))
-            info = onnx.ValueInfoProto()
-            info.CopyFrom(out)
-            info.name = half_name
-            info.type.tensor_type.elem_type = _F16
-            cast_infos.append(info)
-    del g.node[:]
-    g.node.extend(nodes)
-    for v in g.value_info:
-        if v.name in new_types:
-            v.type.tensor_type.elem_type = new_types[v.name]
-    g.value_info.extend(cast_infos)
-    return m
-
-
-def _retype_attributes(node: onnx.NodeProto) -> None:
-    """Attributes that fix a float32 output type, switched to float16 in a node computing in fp16."""
-    if node.op_type == "Cast":
-        for a in node.attribute:
-            if a.name == "to" and a.i == _F32:
-                a.i = _F16
-    elif node.op_type in ("ConstantOfShape", "Constant"):
-        for a in node.attribute:
-            if a.name == "value" and a.t.data_type == _F32:
-                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
-        if node.op_type == "ConstantOfShape" and not any(a.name == "value" for a in node.attribute):
-            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))
-    elif any(a.name in ("dtype", "to") for a in node.attribute):
-        raise ValueError(f"fp16 conversion: node {node.name!r} ({node.op_type}) fixes its output type by attribute; "
-                         f"teach export.onnx_export._retype_attributes about it")

@@ -6,7 +6,9 @@ is behind it. :func:`make_runtime` builds one from a short spec and raises :clas
 
 Specs::
 
-    torch[:reference|chunked|triton][:compile]      PyTorch eager (torch.compile with ':compile')
+    torch[:<scan impl>][:compile]                   PyTorch (torch.compile with ':compile'); scan impl one of
+                                                     pdd.impl_names.SCAN_IMPLS (default eager; 'chunked' is
+                                                     the deprecated name of eager)
     onnxruntime[:cpu|cuda|tensorrt][:portable|plugin] ONNX Runtime with that execution provider
     tensorrt[:fp32|fp16]                             a TensorRT engine built by export/build_trt.py
 
@@ -15,7 +17,7 @@ Example::
     >>> import numpy as np
     >>> from pdd import PDDConfig, build_pdd
     >>> from export.runtime import make_runtime
-    >>> rt = make_runtime("torch:chunked", model=build_pdd(PDDConfig(image_size=64, scan_impl="chunked")))
+    >>> rt = make_runtime("torch:eager", model=build_pdd(PDDConfig(image_size=64, scan_impl="eager")))
     >>> out = rt.predict(np.zeros((1, 3, 64, 64), np.float32))
     >>> out["pred_score"].shape, out["anomaly_map"].shape
     ((1,), (1, 64, 64))
@@ -142,15 +144,16 @@ class TorchRuntime(Runtime):
     implementation here does not change the caller's model.
     """
 
-    def __init__(self, model: torch.nn.Module, scan_impl: str = "chunked", device: str | torch.device = "cpu",
+    def __init__(self, model: torch.nn.Module, scan_impl: str = "eager", device: str | torch.device = "cpu",
                  compile: bool = False) -> None:
         dev = torch.device(device)
+        name = f"torch:{scan_impl}" + (":compile" if compile else "")  # as the caller spelled it
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeUnavailable(f"torch on {dev}: no CUDA device here")
         if scan_impl == "triton" and dev.type != "cuda":
             raise RuntimeUnavailable("torch:triton runs the Triton kernels, which need a CUDA device")
         try:
-            resolve_scan_impl(scan_impl, dev)
+            scan_impl = resolve_scan_impl(scan_impl, dev)
         except ScanImplUnavailable as exc:
             raise RuntimeUnavailable(str(exc)) from exc
         current = next(model.parameters()).device
@@ -160,7 +163,7 @@ class TorchRuntime(Runtime):
             self.model.set_scan_impl(scan_impl)
         self._forward = torch.compile(self.model) if compile else self.model
         self.calibration = getattr(model, "calibration", None)
-        self.name = f"torch:{scan_impl}" + (":compile" if compile else "")
+        self.name = name
         self.device = str(dev)
         self._dev = dev
 
@@ -310,7 +313,7 @@ def make_runtime(spec: str, *, model: torch.nn.Module | None = None, onnx_path: 
     if kind == "torch":
         if model is None:
             raise ValueError(f"runtime {spec!r} needs model=")
-        impl = rest[0] if rest else "chunked"
+        impl = rest[0] if rest else "eager"
         compile_ = rest[1:] == ["compile"]
         if rest[1:] not in ([], ["compile"]):
             raise ValueError(f"runtime spec {spec!r}: expected torch[:<scan impl>][:compile]")

@@ -17,10 +17,12 @@ resolution costs one tiny extra buffer and one launch.
 The image score is reduced with ``tl.atomic_max`` on fp32: max is exact and order independent, so the
 result stays deterministic. Launch 1 initialises the score, so no memset launch is needed.
 
-Importing this module registers ``impl="triton"`` for :func:`pdd.anomaly.anomaly_head`.
+These kernels are ``impl="triton"`` of :func:`pdd.anomaly.anomaly_head`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -33,7 +35,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "kernels.anomaly_head needs Triton: pip install 'triton>=3.2' (or pip install -e '.[gpu]')"
     ) from exc
 
-from pdd.anomaly import COS_EPS, FeaturePairs, _check_pairs, register_head_impl
+from kernels.contract import COS_EPS, check_feature_pairs
+
+FeaturePairs = Sequence[tuple[Tensor, Tensor]]
 
 __all__ = ["COSINE_CONFIG", "anomaly_head_triton", "blur_config", "cosine_maps"]
 
@@ -223,7 +227,7 @@ def _launch_cosine(pairs: FeaturePairs, cos: Tensor, score: Tensor) -> None:
 
 def cosine_maps(pairs: FeaturePairs, out: Tensor | None = None) -> Tensor:
     """Launch 1 alone: the packed 1 − cos maps (B, Σ_l H_l·W_l) fp32, level after level, each row-major."""
-    _check_pairs(pairs)
+    check_feature_pairs(pairs)
     _, heights, widths = _level_sizes(pairs)
     ref = pairs[0][0]
     total = sum(h * w for h, w in zip(heights, widths))
@@ -244,7 +248,7 @@ def anomaly_head_triton(pairs: FeaturePairs, image_size: tuple[int, int], sigma:
     pairs: (teacher, student) each (B, C_l, H_l, W_l) fp16|bf16|fp32. Returns (map (B, H, W) fp32,
     score (B,) fp32), written into ``out`` when given.
     """
-    _check_pairs(pairs)
+    check_feature_pairs(pairs)
     _, heights, widths = _level_sizes(pairs)
     height, width = image_size
     ref = pairs[0][0]
@@ -267,5 +271,3 @@ def anomaly_head_triton(pairs: FeaturePairs, image_size: tuple[int, int], sigma:
     _blur_max_kernel[grid](cos, heights, widths, height, width, amap, score, NUM_LEVELS=len(pairs), **cfg)
     return amap, score
 
-
-register_head_impl("triton", anomaly_head_triton)

@@ -2,8 +2,8 @@
 
 Two entry points with the semantics of the Triton kernels and of the SS2DScan plugin node:
 
-- :func:`ss2d_scan_cpu` — the fused four-route SS2D scan, arguments and result of :func:`pdd.ssm.ss2d_scan`;
-- :func:`selective_scan_cpu` — the 1-D scan, arguments and result of :func:`pdd.ssm.selective_scan`;
+- :func:`ss2d_scan_cpu` — the fused four-route SS2D scan, the contract of :func:`kernels.contract.check_ss2d`;
+- :func:`selective_scan_cpu` — the 1-D scan, the contract of :func:`kernels.contract.check_scan_inputs`;
 
 both fp32 and inference-only (no autograd), on torch CPU tensors or numpy arrays (the ONNX Runtime custom op).
 
@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kernels.contract import check_scan_inputs, check_ss2d
+
 __all__ = ["CpuKernelUnavailable", "library_path", "load", "selective_scan_cpu", "ss2d_scan_cpu", "ss2d_scan_numpy"]
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "scan.c"
@@ -43,7 +45,6 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shar
          *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()))
 MAX_STATE = 16
 _ABI = 1
-_ROUTES = 4
 
 
 class CpuKernelUnavailable(RuntimeError):
@@ -145,21 +146,9 @@ def _check(code: int, what: str) -> None:
 
 
 def _ss2d_shapes(x: Any, delta: Any, B: Any, C: Any, A: Any, D: Any, bias: Any) -> tuple[int, int, int, int, int]:
-    if len(x.shape) != 4:
-        raise ValueError(f"ss2d_scan: x must be (B, D, H, W), got {tuple(x.shape)}")
-    batch, dim, height, width = (int(v) for v in x.shape)
-    if len(A.shape) != 2 or A.shape[0] != _ROUTES * dim:
-        raise ValueError(f"ss2d_scan: A must be (4·D={_ROUTES * dim}, N), got {tuple(A.shape)}")
-    n = int(A.shape[1])
-    if not 1 <= n <= MAX_STATE:
-        raise ValueError(f"ss2d_scan: the CPU kernel takes d_state 1..{MAX_STATE}, got {n}")
-    expected = {"delta": (delta, (batch, _ROUTES, dim, height, width)), "B": (B, (batch, _ROUTES, n, height, width)),
-                "C": (C, (batch, _ROUTES, n, height, width)), "D": (D, (_ROUTES * dim,)),
-                "delta_bias": (bias, (_ROUTES * dim,))}
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"ss2d_scan: {name} must be {shape}, got {tuple(t.shape)}")
-    return batch, dim, height, width, n
+    if len(A.shape) == 2 and not 1 <= int(A.shape[1]) <= MAX_STATE:
+        raise ValueError(f"ss2d_scan: the CPU kernel takes d_state 1..{MAX_STATE}, got {int(A.shape[1])}")
+    return check_ss2d(x, delta, B, C, A, D, bias)
 
 
 def ss2d_scan_numpy(x: np.ndarray, delta: np.ndarray, B: np.ndarray, C: np.ndarray, A: np.ndarray, D: np.ndarray,
@@ -175,7 +164,7 @@ def ss2d_scan_numpy(x: np.ndarray, delta: np.ndarray, B: np.ndarray, C: np.ndarr
 
 def _inference_only(name: str, *tensors: Tensor | None) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(f"{name}: the CPU kernel is for inference (no backward); train with impl='chunked' or "
+        raise RuntimeError(f"{name}: the CPU kernel is for inference (no backward); train with impl='eager' or "
                            f"run under torch.no_grad()")
     for t in tensors:
         if t is not None and t.device.type != "cpu":
@@ -184,7 +173,7 @@ def _inference_only(name: str, *tensors: Tensor | None) -> None:
 
 def ss2d_scan_cpu(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor,
                   delta_bias: Tensor) -> Tensor:
-    """Fused SS2D scan on the CPU: the arguments and result of :func:`pdd.ssm.ss2d_scan`.
+    """Fused SS2D scan on the CPU: the arguments and result of :func:`pdd.ss2d.ss2d_scan`.
 
     x: (B, D, H, W); delta: (B, 4, D, H, W) before bias and softplus; B, C: (B, 4, N, H, W); A: (4·D, N);
     D, delta_bias: (4·D,). Computed in fp32; returns (B, D, H, W) in x's dtype.
@@ -201,11 +190,12 @@ def ss2d_scan_cpu(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: 
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                        z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                        return_last_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """The 1-D selective scan on the CPU: the arguments and result of :func:`pdd.ssm.selective_scan`.
+    """The 1-D selective scan on the CPU: the arguments and result of :func:`pdd.ssm.selective_scan_ref`.
 
     u, delta, z: (batch, dim, L); A: (dim, N); B, C: (batch, N, L) or (batch, G, N, L); D, delta_bias: (dim,).
     Computed in fp32; returns out (batch, dim, L) in u's dtype, plus the last state (batch, dim, N) fp32.
     """
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     _inference_only("selective_scan", u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = (int(v) for v in u.shape)
     n = int(A.shape[1])

@@ -1,11 +1,11 @@
 """Triton kernels for the selective scan: the plain Mamba scan and the fused four-route SS2D scan.
 
-Both kernels come in two strategies, chosen with ``strategy=``:
+Both kernels come in two strategies (TensorRT tactics of the SS2DScan plugin), chosen with ``strategy=``:
 
-- ``"sequential"``: one program per (channel block, image) walks L one position at a time with the
+- ``"stepwise"``: one program per (channel block, image) walks L one position at a time with the
   state (BLOCK_D, N) in registers. Little work per step, so it relies on many programs (large batch
   × channels) to hide memory latency.
-- ``"chunked"``: the same program walks L in chunks of CHUNK positions. Inside a chunk the recurrence
+- ``"blockwise"``: the same program walks L in blocks of CHUNK positions. Inside a chunk the recurrence
   h_t = a_t ⊙ h_{t−1} + b_t is an associative scan over (BLOCK_D, N, CHUNK) (``tl.associative_scan``
   with the composition of affine maps), so one iteration loads CHUNK positions at once and does their
   work in parallel: far fewer dependent steps, which is what a small batch needs.
@@ -14,10 +14,10 @@ The SS2D kernel reads x (B, D, H, W) and the per-route projections in spatial or
 route by index arithmetic: no route-ordered copy of the inputs and no per-route output is ever built.
 One program owns a channel block of one image and runs the four routes one after the other; route 0
 stores into the output, routes 1–3 add to what is there. The tile has a single owner, so there are no
-atomics and the result is deterministic.
+atomics and the result is deterministic. Each route's positions come from :func:`kernels.routes.route_pixel`,
+the one definition of the route geometry, compiled here by ``triton.jit``.
 
-Importing this module registers ``impl="triton"`` for :func:`pdd.ssm.selective_scan` and
-:func:`pdd.ssm.ss2d_scan`.
+:mod:`pdd.ssm` and :mod:`pdd.ss2d` call these kernels for ``impl="triton"``.
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "kernels.selective_scan needs Triton: pip install 'triton>=3.2' (or pip install -e '.[gpu]')"
     ) from exc
 
-from pdd.ssm import SS2D_ROUTES, _check_inputs, register_scan_impl, register_ss2d_impl
+from kernels.contract import check_scan_inputs, check_ss2d
+from kernels.routes import route_pixel
 
 __all__ = ["STRATEGIES", "scan_config", "selective_scan_triton", "ss2d_scan_triton"]
 
-STRATEGIES = ("sequential", "chunked")
+STRATEGIES = ("stepwise", "blockwise")
 # exp(x) = exp2(x·log2 e): A is pre-scaled once so each step costs one ex2.
 _LOG2E = tl.constexpr(math.log2(math.e))
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -60,14 +61,8 @@ def _compose(a_prev, b_prev, a_next, b_next):
     return a_prev * a_next, a_next * b_prev + b_next
 
 
-@triton.jit
-def _route_pixel(t, length, height, width, ROUTE: tl.constexpr):
-    """Row-major pixel that SS2D route ROUTE visits at step t (0 rows, 1 columns, 2 and 3 reversed)."""
-    if ROUTE >= 2:
-        t = length - 1 - t
-    if ROUTE % 2 == 1:
-        t = (t % height) * width + t // height
-    return t
+# The route geometry of kernels/routes.py, compiled as a Triton device function.
+_route_pixel = triton.jit(route_pixel)
 
 
 @triton.jit
@@ -82,7 +77,7 @@ def _store_out(y, out_ptrs, z_ptrs, mask, HAS_Z: tl.constexpr, ACCUMULATE: tl.co
 
 
 @triton.jit
-def _route_sequential(u_rows, dl_rows, z_rows, out_rows, b_row, c_row, A2, bias, Dv, mask_d, mask_n,
+def _route_stepwise(u_rows, dl_rows, z_rows, out_rows, b_row, c_row, A2, bias, Dv, mask_d, mask_n,
                       length, height, width, ROUTE: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
                       ACCUMULATE: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr):
     """Scan one route one step at a time; returns the last state (BLOCK_D, N_PAD) fp32.
@@ -106,10 +101,11 @@ def _route_sequential(u_rows, dl_rows, z_rows, out_rows, b_row, c_row, A2, bias,
 
 
 @triton.jit
-def _route_chunked(u_rows, dl_rows, z_rows, out_rows, b_row, c_row, A2, bias, Dv, mask_d, mask_n,
+def _route_blockwise(u_rows, dl_rows, z_rows, out_rows, b_row, c_row, A2, bias, Dv, mask_d, mask_n,
                    length, height, width, ROUTE: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
                    ACCUMULATE: tl.constexpr, BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """Scan one route CHUNK positions at a time; same arguments and result as :func:`_route_sequential`."""
+    """Scan one route CHUNK positions at a time (an associative scan per block); arguments and result of
+    :func:`_route_stepwise`."""
     h = tl.zeros((BLOCK_D, N_PAD), dtype=tl.float32)
     steps = tl.arange(0, CHUNK)
     is_last = (steps == CHUNK - 1)[None, None, :]
@@ -148,7 +144,7 @@ def _scan_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
                  dim, length, groups_b, groups_c,
                  out_ptr, state_ptr,
                  N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                 SEQUENTIAL: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                 STEPWISE: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                  HAS_BIAS: tl.constexpr, STORE_STATE: tl.constexpr):
     """Plain selective scan; grid (cdiv(dim, BLOCK_D), batch).
 
@@ -181,11 +177,11 @@ def _scan_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
         z_rows = z_ptr + rows
     else:
         z_rows = u_rows  # never read: HAS_Z is off
-    if SEQUENTIAL:
-        h = _route_sequential(u_rows, delta_ptr + rows, z_rows, out_ptr + rows, b_row, c_row, A2, bias, Dv,
+    if STEPWISE:
+        h = _route_stepwise(u_rows, delta_ptr + rows, z_rows, out_ptr + rows, b_row, c_row, A2, bias, Dv,
                               mask_d, mask_n, length, 1, length, 0, SOFTPLUS, HAS_Z, False, BLOCK_D, N_PAD)
     else:
-        h = _route_chunked(u_rows, delta_ptr + rows, z_rows, out_ptr + rows, b_row, c_row, A2, bias, Dv,
+        h = _route_blockwise(u_rows, delta_ptr + rows, z_rows, out_ptr + rows, b_row, c_row, A2, bias, Dv,
                            mask_d, mask_n, length, 1, length, 0, SOFTPLUS, HAS_Z, False, BLOCK_D, N_PAD, CHUNK)
     if STORE_STATE:
         tl.store(state_ptr + (b * dim + offs_d[:, None]) * N + offs_n[None, :], h, mask=mask_dn)
@@ -196,7 +192,7 @@ def _ss2d_kernel(x_ptr, delta_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
                  dim, height, width,
                  out_ptr,
                  N: tl.constexpr, N_PAD: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                 SEQUENTIAL: tl.constexpr):
+                 STEPWISE: tl.constexpr):
     """Fused SS2D scan, four routes merged in place; grid (cdiv(dim, BLOCK_D), batch).
 
     x, out: (batch, dim, H, W); delta: (batch, 4, dim, H, W); B, C: (batch, 4, N, H, W), all spatial order;
@@ -230,37 +226,37 @@ def _ss2d_kernel(x_ptr, delta_ptr, B_ptr, C_ptr, A_ptr, D_ptr, bias_ptr,
             Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
             # Routes after the first read back what earlier routes stored, possibly from other threads.
             tl.debug_barrier()
-        if SEQUENTIAL:
-            _route_sequential(x_rows, dl_rows, x_rows, out_rows, b_row, c_row, A2, bias, Dv, mask_d, mask_n,
+        if STEPWISE:
+            _route_stepwise(x_rows, dl_rows, x_rows, out_rows, b_row, c_row, A2, bias, Dv, mask_d, mask_n,
                               length, height, width, k, True, False, k > 0, BLOCK_D, N_PAD)
         else:
-            _route_chunked(x_rows, dl_rows, x_rows, out_rows, b_row, c_row, A2, bias, Dv, mask_d, mask_n,
+            _route_blockwise(x_rows, dl_rows, x_rows, out_rows, b_row, c_row, A2, bias, Dv, mask_d, mask_n,
                            length, height, width, k, True, False, k > 0, BLOCK_D, N_PAD, CHUNK)
 
 
 def scan_config(strategy: str, d_state: int, block_d: int | None = None, chunk: int | None = None) -> dict[str, int]:
-    """Constexpr launch parameters (N_PAD, BLOCK_D, CHUNK, SEQUENTIAL, num_warps) for a strategy and d_state.
+    """Constexpr launch parameters (N_PAD, BLOCK_D, CHUNK, STEPWISE, num_warps) for a strategy and d_state.
 
     The sizes are picked by hand from register budgets (checked with ``ptxas -v`` for sm_90: no spills at
     d_state 16 and 1) rather than autotuned, so that the AOT tactics and the JIT launches are the same
-    kernels and export needs no tuning run. Sequential keeps BLOCK_D·N ≈ 512 fp32 of state (4 values per
-    thread at 4 warps) and leaves batch·d_inner/32 programs to fill the GPU. Chunked uses CHUNK = 32 and
+    kernels and export needs no tuning run. Stepwise keeps BLOCK_D·N ≈ 512 fp32 of state (4 values per
+    thread at 4 warps) and leaves batch·d_inner/32 programs to fill the GPU. Blockwise uses CHUNK = 32 and
     BLOCK_D·N ≈ 128, so the (BLOCK_D, N, CHUNK) scan tile is 4096 fp32 at d_state 16 (16 per thread per
     live tensor at 8 warps) and 1024 at d_state 1 (4 warps).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown scan strategy {strategy!r}; expected one of {STRATEGIES}")
     n_pad = triton.next_power_of_2(d_state)
-    sequential = strategy == "sequential"
-    if sequential:
+    stepwise = strategy == "stepwise"
+    if stepwise:
         block_d, chunk = block_d or max(16, min(128, 512 // n_pad)), 1
     else:
         block_d, chunk = block_d or max(4, min(32, 128 // n_pad)), chunk or 32
     for name, value in (("block_d", block_d), ("chunk", chunk)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two, got {value}")
-    num_warps = 8 if not sequential and block_d * n_pad * chunk >= 4096 else 4
-    return {"N_PAD": n_pad, "BLOCK_D": block_d, "CHUNK": chunk, "SEQUENTIAL": sequential, "num_warps": num_warps}
+    num_warps = 8 if not stepwise and block_d * n_pad * chunk >= 4096 else 4
+    return {"N_PAD": n_pad, "BLOCK_D": block_d, "CHUNK": chunk, "STEPWISE": stepwise, "num_warps": num_warps}
 
 
 def _check_float(name: str, t: Tensor) -> None:
@@ -274,15 +270,15 @@ def _check_float(name: str, t: Tensor) -> None:
 
 def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                           z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                          return_last_state: bool = False, strategy: str = "chunked", block_d: int | None = None,
+                          return_last_state: bool = False, strategy: str = "blockwise", block_d: int | None = None,
                           chunk: int | None = None, out: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """Selective scan with the Triton kernel; the arguments and results of :func:`pdd.ssm.selective_scan`.
+    """Selective scan with the Triton kernel; the arguments and results of :func:`pdd.ssm.selective_scan_ref`.
 
     u, delta, z: (batch, dim, L) fp16|bf16|fp32; A: (dim, N); B, C: (batch, N, L) or (batch, G, N, L);
     D, delta_bias: (dim,). Computes in fp32; returns out (batch, dim, L) in u's dtype (written into ``out``
     when given) and, with ``return_last_state``, the state (batch, dim, N) fp32.
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
         if t is not None:
             _check_float(name, t)
@@ -316,37 +312,17 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     return (out, state) if return_last_state else out
 
 
-def _check_ss2d(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor, delta_bias: Tensor) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"ss2d_scan: x must be (B, D, H, W), got {tuple(x.shape)}")
-    batch, dim, height, width = x.shape
-    if A.dim() != 2 or A.shape[0] != SS2D_ROUTES * dim:
-        raise ValueError(f"ss2d_scan: A must be (4·D={SS2D_ROUTES * dim}, N), got {tuple(A.shape)}")
-    n = A.shape[1]
-    expected = {
-        "delta": (delta, (batch, SS2D_ROUTES, dim, height, width)),
-        "B": (B, (batch, SS2D_ROUTES, n, height, width)),
-        "C": (C, (batch, SS2D_ROUTES, n, height, width)),
-        "D": (D, (SS2D_ROUTES * dim,)),
-        "delta_bias": (delta_bias, (SS2D_ROUTES * dim,)),
-    }
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"ss2d_scan: {name} must be {shape}, got {tuple(t.shape)}")
-    for name, t in (("x", x), ("delta", delta), ("B", B), ("C", C)):
-        _check_float(name, t)
-
-
 def ss2d_scan_triton(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor, delta_bias: Tensor,
-                     strategy: str = "chunked", block_d: int | None = None, chunk: int | None = None,
+                     strategy: str = "blockwise", block_d: int | None = None, chunk: int | None = None,
                      out: Tensor | None = None) -> Tensor:
-    """Fused SS2D scan: the arguments and result of :func:`pdd.ssm.ss2d_scan`, in one kernel launch.
+    """Fused SS2D scan: the arguments and result of :func:`pdd.ss2d.ss2d_scan`, in one kernel launch.
 
     x: (B, D, H, W) fp16|bf16|fp32; delta: (B, 4, D, H, W); B, C: (B, 4, N, H, W); A: (4·D, N);
     D, delta_bias: (4·D,). Returns (B, D, H, W) in x's dtype (written into ``out`` when given).
     """
-    _check_ss2d(x, delta, B, C, A, D, delta_bias)
-    batch, dim, height, width = x.shape
+    batch, dim, height, width, _ = check_ss2d(x, delta, B, C, A, D, delta_bias)
+    for name, t in (("x", x), ("delta", delta), ("B", B), ("C", C)):
+        _check_float(name, t)
     cfg = scan_config(strategy, A.shape[1], block_d, chunk)
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -363,6 +339,3 @@ def ss2d_scan_triton(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, 
         )
     return out
 
-
-register_scan_impl("triton", selective_scan_triton)
-register_ss2d_impl("triton", ss2d_scan_triton)

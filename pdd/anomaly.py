@@ -8,7 +8,7 @@ For each (teacher, student) pair of feature maps (B, C_l, H_l, W_l)::
     score = max(M)                                  per image
 
 One API (:func:`anomaly_head`) with implementations behind ``impl=``: ``"reference"`` (PyTorch, exports
-to standard ONNX ops) and ``"triton"`` (the kernels of ``kernels/``, registered when they import).
+to standard ONNX ops) and ``"triton"`` (the kernels of ``kernels/anomaly_head.py``, loaded on first use).
 
 Example::
 
@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -31,6 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels.contract import COS_EPS, check_feature_pairs
+from pdd.impl_names import HEAD_IMPLS
 
 __all__ = [
     "COS_EPS",
@@ -41,25 +43,11 @@ __all__ = [
     "gaussian_blur",
     "gaussian_kernel1d",
     "reflect_indices",
-    "register_head_impl",
 ]
 
 log = logging.getLogger(__name__)
 
-HEAD_IMPLS = ("reference", "triton")
-# Cosine denominator floor, as torch.nn.functional.cosine_similarity.
-COS_EPS = 1e-8
-
 FeaturePairs = Sequence[tuple[Tensor, Tensor]]
-_registry: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
-_providers = {"triton": "kernels.anomaly_head"}
-
-
-def register_head_impl(name: str, fn: Callable[..., tuple[Tensor, Tensor]]) -> None:
-    """Make ``anomaly_head(..., impl=name)`` call ``fn(pairs, image_size, sigma)``."""
-    if name not in HEAD_IMPLS:
-        raise ValueError(f"unknown anomaly head implementation {name!r}; expected one of {HEAD_IMPLS}")
-    _registry[name] = fn
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
@@ -112,22 +100,9 @@ def cosine_distance(teacher: Tensor, student: Tensor) -> Tensor:
     return 1.0 - dot / norm.clamp_min(COS_EPS)
 
 
-def _check_pairs(pairs: FeaturePairs) -> None:
-    if not pairs:
-        raise ValueError("anomaly head: no feature pairs given")
-    batch = pairs[0][0].shape[0]
-    for i, (t, s) in enumerate(pairs):
-        if t.dim() != 4 or s.dim() != 4:
-            raise ValueError(
-                f"anomaly head: pair {i} must be (B, C, H, W) tensors, got {tuple(t.shape)}, {tuple(s.shape)}"
-            )
-        if t.shape[0] != batch:
-            raise ValueError(f"anomaly head: pair {i} has batch {t.shape[0]}, pair 0 has {batch}")
-
-
 def anomaly_head_ref(pairs: FeaturePairs, image_size: tuple[int, int], sigma: float = 4.0) -> tuple[Tensor, Tensor]:
     """PyTorch anomaly head. Returns (map (B, H, W) float32, score (B,) float32)."""
-    _check_pairs(pairs)
+    check_feature_pairs(pairs)
     total = None
     for teacher, student in pairs:
         m = cosine_distance(teacher, student).unsqueeze(1)
@@ -137,7 +112,12 @@ def anomaly_head_ref(pairs: FeaturePairs, image_size: tuple[int, int], sigma: fl
     return smoothed, smoothed.flatten(1).amax(1)
 
 
-register_head_impl("reference", anomaly_head_ref)
+def _triton_head() -> Callable[..., tuple[Tensor, Tensor]]:
+    try:
+        from kernels.anomaly_head import anomaly_head_triton  # optional: needs Triton
+    except ImportError as exc:
+        raise RuntimeError(f"anomaly head impl='triton' is not available: {exc}. Use impl='reference' on CPU.") from exc
+    return anomaly_head_triton
 
 
 def anomaly_head(pairs: FeaturePairs, image_size: int | tuple[int, int], sigma: float = 4.0,
@@ -151,11 +131,5 @@ def anomaly_head(pairs: FeaturePairs, image_size: int | tuple[int, int], sigma: 
         image_size = (image_size, image_size)
     if impl not in HEAD_IMPLS:
         raise ValueError(f"unknown anomaly head implementation {impl!r}; expected one of {HEAD_IMPLS}")
-    if impl not in _registry:
-        try:
-            importlib.import_module(_providers[impl])
-        except ImportError as exc:
-            raise RuntimeError(
-                f"anomaly head impl={impl!r} is not available: {exc}. Use impl='reference' on CPU."
-            ) from exc
-    return _registry[impl](pairs, tuple(image_size), sigma)
+    fn = anomaly_head_ref if impl == "reference" else _triton_head()
+    return fn(pairs, tuple(image_size), sigma)

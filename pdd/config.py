@@ -23,13 +23,12 @@ from typing import Any
 
 import yaml
 
+from pdd.impl_names import HEAD_IMPLS, SCAN_CHOICES, canonical_scan_impl
+
 __all__ = [
     "ConfigError", "DataConfig", "LossConfig", "PDDConfig", "TrainConfig", "apply_overrides", "atomic_file",
     "atomic_write_bytes", "atomic_write_text", "resolve_config",
 ]
-
-SCAN_CHOICES = ("auto", "reference", "chunked", "triton", "cpu_kernel", "mamba_ssm")
-HEAD_CHOICES = ("reference", "triton")
 
 
 class ConfigError(ValueError):
@@ -167,6 +166,11 @@ class PDDConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
+    def __post_init__(self) -> None:
+        # Old scan names (configs, checkpoints, CLI) map to the current ones with a DeprecationWarning.
+        if isinstance(self.scan_impl, str) and self.scan_impl in SCAN_CHOICES:
+            object.__setattr__(self, "scan_impl", canonical_scan_impl(self.scan_impl, allow_auto=True))
+
     def validate(self) -> PDDConfig:
         if self.model not in ("pdd", "rd4ad"):
             raise ConfigError(f"model must be 'pdd' or 'rd4ad', got {self.model!r}")
@@ -176,8 +180,8 @@ class PDDConfig:
             )
         if self.scan_impl not in SCAN_CHOICES:
             raise ConfigError(f"scan_impl must be one of {SCAN_CHOICES}, got {self.scan_impl!r}")
-        if self.head_impl not in HEAD_CHOICES:
-            raise ConfigError(f"head_impl must be one of {HEAD_CHOICES}, got {self.head_impl!r}")
+        if self.head_impl not in HEAD_IMPLS:
+            raise ConfigError(f"head_impl must be one of {HEAD_IMPLS}, got {self.head_impl!r}")
         if self.sigma <= 0:
             raise ConfigError(f"sigma must be > 0, got {self.sigma}")
         if self.decoder_blocks < 1:

@@ -34,7 +34,7 @@ from pdd.anomaly import anomaly_head
 from pdd.backbones import vmamba_tiny_v0, wide_resnet50_2_features
 from pdd.calibration import Calibration
 from pdd.config import PDDConfig
-from pdd.ssm import is_tracing, resolve_scan_impl
+from pdd.ssm import resolve_scan_impl
 
 __all__ = [
     "Adapter",
@@ -49,6 +49,7 @@ __all__ = [
     "Teachers",
     "UpConv2x2",
     "build_pdd",
+    "head_pairs",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,19 +146,20 @@ class ManifoldPriorAffine(nn.Module):
 
 
 class UpConv2x2(nn.ConvTranspose2d):
-    """2x2 transposed convolution of stride 2 (no bias), run in eager mode as one GEMM and a pixel shuffle.
+    """2x2 transposed convolution of stride 2 (no bias); with ``eager_gemm`` run as one GEMM and a pixel shuffle.
 
     The 2x2 windows of a stride-2 deconvolution do not overlap, so each input pixel maps to its own 2x2
     output block: (4·cout × cin) @ (cin × HW), then the blocks moved into place. That is the same sum
-    as ``conv_transpose2d`` and 2–4x faster on CPUs, whose deconvolution kernels are slow. Traced and
-    exported graphs keep the ConvTranspose op, which graph runtimes implement well.
+    as ``conv_transpose2d`` and 2–4x faster on CPUs, whose deconvolution kernels are slow. A model built
+    for graph export (``eager_gemm=False``) keeps the ConvTranspose op, which graph runtimes implement well.
     """
 
-    def __init__(self, cin: int, cout: int) -> None:
+    def __init__(self, cin: int, cout: int, eager_gemm: bool = True) -> None:
         super().__init__(cin, cout, 2, stride=2, bias=False)
+        self.eager_gemm = eager_gemm
 
     def forward(self, x: Tensor) -> Tensor:
-        if is_tracing() or x.dim() != 4:
+        if not self.eager_gemm or x.dim() != 4:
             return super().forward(x)
         b, _, h, w = x.shape
         y = torch.matmul(self.weight.flatten(1).t(), x.flatten(2))          # (B, cout·2·2, H·W)
@@ -168,16 +170,16 @@ class UpConv2x2(nn.ConvTranspose2d):
 class DecoderBlock(nn.Module):
     """Reverse-distillation bottleneck: 1x1 → BN → ReLU → (2x2 deconv s2 | 3x3) → BN → ReLU → 1x1 → BN, + shortcut."""
 
-    def __init__(self, cin: int, width: int, cout: int, upsample: bool) -> None:
+    def __init__(self, cin: int, width: int, cout: int, upsample: bool, eager_gemm: bool = True) -> None:
         super().__init__()
-        mid = (UpConv2x2(width, width) if upsample
+        mid = (UpConv2x2(width, width, eager_gemm) if upsample
                else nn.Conv2d(width, width, 3, padding=1, bias=False))
         self.body = nn.Sequential(
             nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             mid, nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout),
         )
-        self.shortcut = (nn.Sequential(UpConv2x2(cin, cout), nn.BatchNorm2d(cout))
+        self.shortcut = (nn.Sequential(UpConv2x2(cin, cout, eager_gemm), nn.BatchNorm2d(cout))
                          if upsample else nn.Identity())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -187,19 +189,20 @@ class DecoderBlock(nn.Module):
 class DecoderStage(nn.Sequential):
     """D_k: ``blocks`` bottlenecks (width_per_group 128), the first upsampling x2: cin@s → cout@2s."""
 
-    def __init__(self, cin: int, cout: int, blocks: int = 2) -> None:
+    def __init__(self, cin: int, cout: int, blocks: int = 2, eager_gemm: bool = True) -> None:
         width = cout // 2  # planes = cout / 4, wide: width = planes · 128 / 64
-        super().__init__(*[DecoderBlock(cin if i == 0 else cout, width, cout, upsample=i == 0) for i in range(blocks)])
+        super().__init__(*[DecoderBlock(cin if i == 0 else cout, width, cout, upsample=i == 0, eager_gemm=eager_gemm)
+                           for i in range(blocks)])
 
 
 class StudentDecoder(nn.Module):
     """D1 2048→1024, D2 1024→512, D3 512→256 (each doubling the resolution)."""
 
-    def __init__(self, blocks: int = 2) -> None:
+    def __init__(self, blocks: int = 2, eager_gemm: bool = True) -> None:
         super().__init__()
-        self.d1 = DecoderStage(2048, 1024, blocks)
-        self.d2 = DecoderStage(1024, 512, blocks)
-        self.d3 = DecoderStage(512, 256, blocks)
+        self.d1 = DecoderStage(2048, 1024, blocks, eager_gemm)
+        self.d2 = DecoderStage(1024, 512, blocks, eager_gemm)
+        self.d3 = DecoderStage(512, 256, blocks, eager_gemm)
 
 
 def _init_trainable(m: nn.Module) -> None:
@@ -232,19 +235,21 @@ class PDDModel(nn.Module):
     """PDD: frozen WRN50-2 + VMamba-T teachers, InA/MMU/MPA, prior and plain students, anomaly head.
 
     ``forward(images)`` with images (B, 3, H, W) ImageNet-normalised: in training mode returns
-    :class:`PDDFeatures` for the loss; in eval mode :class:`PDDOutput`.
+    :class:`PDDFeatures` for the loss; in eval mode :class:`PDDOutput`. ``graph``: build the layer forms
+    that export well (ConvTranspose instead of the eager GEMM of :class:`UpConv2x2`).
     """
 
-    def __init__(self, cfg: PDDConfig, teachers: Teachers) -> None:
+    def __init__(self, cfg: PDDConfig, teachers: Teachers, graph: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.teachers = teachers
         self.ina = InterLevelAdapter()
         self.mmu = ManifoldUnification()
         self.mpa = ManifoldPriorAffine()
-        self.prior_student = StudentDecoder(cfg.decoder_blocks)
+        self.prior_student = StudentDecoder(cfg.decoder_blocks, eager_gemm=not graph)
         # The authors run one decoder twice; the paper's figure draws two students.
-        self.plain_student = self.prior_student if cfg.shared_decoder else StudentDecoder(cfg.decoder_blocks)
+        self.plain_student = (self.prior_student if cfg.shared_decoder
+                              else StudentDecoder(cfg.decoder_blocks, eager_gemm=not graph))
         for part in (self.ina, self.mmu, self.mpa, self.prior_student, self.plain_student):
             part.apply(_init_trainable)
         # The operating point (pdd.calibration), set after training or by `pdd calibrate`; None until then.
@@ -254,6 +259,7 @@ class PDDModel(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("teachers.")]
 
     def set_scan_impl(self, impl: str) -> None:
+        """Name the SS2D scan implementation of the VMamba teacher (see :func:`pdd.ss2d.ss2d`)."""
         self.teachers.vmamba.set_scan_impl(impl)
 
     def students(self, y: tuple[Tensor, ...], z: tuple[Tensor, ...]) -> PDDFeatures:
@@ -275,8 +281,7 @@ class PDDModel(nn.Module):
         return self.students(*self.teachers(images))
 
     def head(self, feats: PDDFeatures, image_size: tuple[int, int]) -> PDDOutput:
-        pairs = [(t, s) for branch in (feats.prior, feats.plain) for t, s in zip(feats.targets, branch)]
-        amap, score = anomaly_head(pairs, image_size, sigma=self.cfg.sigma, impl=self.cfg.head_impl)
+        amap, score = anomaly_head(head_pairs(feats), image_size, sigma=self.cfg.sigma, impl=self.cfg.head_impl)
         return PDDOutput(score, amap)
 
     def forward(self, images: Tensor) -> PDDFeatures | PDDOutput:
@@ -298,15 +303,30 @@ class PDDModel(nn.Module):
             raise ValueError(f"PDD expects float images (ImageNet-normalised), got {images.dtype}")
 
 
-def build_pdd(cfg: PDDConfig | None = None, device: torch.device | str = "cpu") -> PDDModel:
-    """Build PDD from its config: teachers with their weights (random if None), fresh trainable parts."""
+def head_pairs(feats: PDDFeatures) -> list[tuple[Tensor, Tensor]]:
+    """The anomaly head's (teacher target, student) pairs: prior student levels 1..3, then plain student 1..3."""
+    return [(t, s) for branch in (feats.prior, feats.plain) for t, s in zip(feats.targets, branch)]
+
+
+def build_pdd(cfg: PDDConfig | None = None, device: torch.device | str = "cpu", graph: bool = False,
+              teacher_weights: bool = True) -> PDDModel:
+    """Build PDD from its config: teachers with their weights (random if None), fresh trainable parts.
+
+    What the model is built for is said here, not found out later: the SS2D scan implementation is
+    ``cfg.scan_impl`` (``auto`` resolved for ``device``; ScanImplUnavailable if it cannot run here);
+    ``graph=True`` builds the layer forms that export as standard ops (Conv, ConvTranspose) instead of the
+    eager CPU GEMMs; ``teacher_weights=False`` skips reading the teachers' weight files, for a caller that
+    loads a full state dict next (``load_state_dict(..., assign=True)``).
+    """
     cfg = (cfg or PDDConfig()).validate()
     if cfg.model != "pdd":
         raise ValueError(f"build_pdd builds model 'pdd', the config asks for {cfg.model!r}")
     scan = resolve_scan_impl(cfg.scan_impl, device)
-    teachers = Teachers(wide_resnet50_2_features(cfg.wrn_weights), vmamba_tiny_v0(cfg.vmamba_weights, scan_impl=scan))
-    if cfg.wrn_weights is None or cfg.vmamba_weights is None:
+    wrn_weights, vmamba_weights = (cfg.wrn_weights, cfg.vmamba_weights) if teacher_weights else (None, None)
+    teachers = Teachers(wide_resnet50_2_features(wrn_weights, eager_gemm=not graph),
+                        vmamba_tiny_v0(vmamba_weights, scan_impl=scan))
+    if teacher_weights and (cfg.wrn_weights is None or cfg.vmamba_weights is None):
         random_init = [n for n, w in (("WRN50-2", cfg.wrn_weights), ("VMamba-T", cfg.vmamba_weights)) if w is None]
         log.warning("PDD teachers: %s randomly initialised (no weights given); scores are not meaningful",
                     " and ".join(random_init))
-    return PDDModel(cfg, teachers).to(device)
+    return PDDModel(cfg, teachers, graph=graph).to(device)

@@ -23,7 +23,7 @@ def small_pdd():
 
     logging.getLogger("pdd.model").setLevel(logging.ERROR)
     torch.manual_seed(0)
-    return build_pdd(PDDConfig(image_size=64, scan_impl="chunked")).eval()
+    return build_pdd(PDDConfig(image_size=64, scan_impl="eager")).eval()
 
 
 @pytest.fixture(scope="module")

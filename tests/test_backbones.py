@@ -164,36 +164,54 @@ def test_gemm_conv_equals_conv2d(stride, dilation, bias):
     torch.testing.assert_close((gx, gw), (rx, rw), rtol=0, atol=1e-10)
     big = torch.randn(1, 64, 16, 16, dtype=torch.float64)  # K < 32 · positions: oneDNN's convolution
     torch.testing.assert_close(conv(big), F.conv2d(big, w, conv.bias, stride, dilation, dilation))
-    assert all(type(m) is not nn.Conv2d for m in wide_resnet50_2_features().modules())
+    eager = wide_resnet50_2_features()
+    assert all(type(m) is not nn.Conv2d for m in eager.modules())
+    # Built for graph export: plain Conv2d layers (the Conv op), same parameter names.
+    graph = wide_resnet50_2_features(eager_gemm=False)
+    assert not any(isinstance(m, GemmConv2d) for m in graph.modules())
+    assert list(dict(graph.named_parameters())) == list(dict(eager.named_parameters()))
+    shared = GemmConv2d.sharing(nn.Conv2d(4, 8, 3, bias=True))
+    assert shared.weight.device.type == "cpu" and shared.bias is not None
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
-def test_routed_projections_equal_spatial_projections(impl):
-    """SS2D projects δ, B, C on each route-ordered copy (as VMamba v0 does); the fused kernels' API takes
-    them in spatial order and reads them per route. Both give the same scan."""
+def test_gemm_conv_shares_the_weights_it_was_built_from():
+    conv = nn.Conv2d(64, 8, 3, padding=1)
+    gemm = GemmConv2d.sharing(conv)
+    assert gemm.weight is conv.weight and gemm.bias is conv.bias
+    x = torch.randn(1, 64, 3, 5)
+    torch.testing.assert_close(gemm(x), conv(x))
+
+
+def _block_and_weights(impl: str):
     from pdd.backbones.vmamba import SS2D
-    from pdd.ssm import ss2d_scan
 
     torch.manual_seed(0)
     block = SS2D(16, scan_impl=impl).double()
+    return block, block.scan_weights()
+
+
+@pytest.mark.parametrize("impl", ["reference", "eager"])
+def test_routed_projections_equal_spatial_projections(impl):
+    """SS2D projects δ, B, C on each route-ordered copy (as VMamba v0 does); the fused kernels' API takes
+    them in spatial order and reads them per route. Both give the same scan."""
+    from pdd.ss2d import spatial_projections, ss2d, ss2d_scan
+
+    _, w = _block_and_weights(impl)
     x = torch.randn(2, 32, 5, 7, dtype=torch.float64)  # non-square: routes 1 and 3 differ from 0 and 2
     with torch.no_grad():
-        routed = block.routed_scan(x)
+        routed = ss2d(x, w, impl)                                              # (B, H, W, d)
         # float32 parameters, as SS2D passes them (the scan itself runs in x's float64)
-        spatial = ss2d_scan(x, *block.projections(x), -torch.exp(block.A_logs.float()), block.Ds.float(),
-                            block.dt_projs_bias.float().reshape(-1), impl=impl)
-    torch.testing.assert_close(routed, spatial, rtol=0, atol=1e-10)
+        spatial = ss2d_scan(x, *spatial_projections(x, w), w.A, w.D, w.delta_bias, impl=impl)
+    torch.testing.assert_close(routed, spatial.permute(0, 2, 3, 1), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("size", [(5, 7), (8, 8)])  # L = 35 (padded to 48) and 64
-def test_position_major_scan_equals_routed_scan(size):
-    """What SS2D exports with the sequential scan graph (position-major) against its eager scan."""
-    from pdd.backbones.vmamba import SS2D
+@pytest.mark.parametrize("impl", ["graph-sequential", "graph-parallel"])
+def test_graph_scans_equal_the_eager_scan(size, impl):
+    """What SS2D exports (position-major chunks in order; whole sequence, fixed chunk) against its eager scan."""
+    from pdd.ss2d import ss2d
 
-    torch.manual_seed(0)
-    block = SS2D(16, scan_impl="chunked").double()
+    _, w = _block_and_weights("eager")
     x = torch.randn(2, 32, *size, dtype=torch.float64)
     with torch.no_grad():
-        routed = block.routed_scan(x)
-        positions = block.position_scan(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-    torch.testing.assert_close(positions, routed, rtol=0, atol=1e-10)
+        torch.testing.assert_close(ss2d(x, w, impl), ss2d(x, w, "eager"), rtol=0, atol=1e-10)

@@ -51,3 +51,13 @@ def test_overrides():
         apply_overrides(PDDConfig(), ["train.epoch=5"])
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides(PDDConfig(), ["train.epochs"])
+
+
+def test_scan_impl_names_and_the_deprecated_alias():
+    from pdd.impl_names import SCAN_IMPLS
+
+    for name in ("auto", *SCAN_IMPLS):
+        assert PDDConfig(scan_impl=name).validate().scan_impl == name
+    with pytest.warns(DeprecationWarning, match="'chunked' is deprecated; use 'eager'"):
+        cfg = apply_overrides(PDDConfig(), ["scan_impl=chunked"])
+    assert cfg.scan_impl == "eager"

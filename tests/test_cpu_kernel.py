@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pdd.ssm import selective_scan, ss2d_scan
+from pdd.ss2d import ss2d_scan
+from pdd.ssm import selective_scan
 
 cpu_scan = pytest.importorskip("kernels.cpu_scan")
 try:
@@ -88,18 +89,44 @@ def test_autograd_and_bad_shapes_are_refused_with_the_reason() -> None:
         cpu_scan.ss2d_scan_cpu(x.detach(), delta, B, C, torch.zeros(32, 17), D, bias)
 
 
+@pytest.mark.parametrize(("h", "w"), [(3, 5), (4, 2)])
+def test_the_c_kernel_walks_the_routes_of_kernels_routes(h: int, w: int) -> None:
+    """The C kernel keeps its own index arithmetic; on non-square grids each of its routes, isolated (C = 0 on
+    the other routes, D = 0), equals the reference's, which reads positions by kernels.routes.route_order, and
+    differs from what the same data gives along any other route (so the input tells the orders apart)."""
+    g = torch.Generator().manual_seed(3)
+    b, d, n = 1, 3, 2
+    x = torch.randn(b, d, h, w, generator=g)
+    A = -(torch.rand(d, n, generator=g) + 0.5).repeat(4, 1)  # the same on every route: only the order differs
+    D, bias = torch.zeros(4 * d), torch.zeros(4 * d)
+
+    def one_route(k: int, delta: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        deltas, Bs, Cs = torch.zeros(b, 4, d, h, w), torch.zeros(b, 4, n, h, w), torch.zeros(b, 4, n, h, w)
+        deltas[:, k], Bs[:, k], Cs[:, k] = delta, B, 1.0
+        return x, deltas, Bs, Cs, A, D, bias
+
+    delta, B = torch.randn(b, d, h, w, generator=g) * 2, torch.randn(b, n, h, w, generator=g)
+    for k in range(4):
+        got = cpu_scan.ss2d_scan_cpu(*one_route(k, delta, B))
+        ref = ss2d_scan(*(t.double() for t in one_route(k, delta, B)), impl="reference")
+        assert _rel(got, ref) < RTOL, f"route {k}"
+        for other in set(range(4)) - {k}:
+            elsewhere = ss2d_scan(*(t.double() for t in one_route(other, delta, B)), impl="reference")
+            assert _rel(got, elsewhere) > 1e-2, f"route {k} looks like route {other}"
+
+
 def test_the_model_runs_the_kernel_it_was_built_with(small_pdd: torch.nn.Module) -> None:
-    """Teacher features with the kernel equal those of the chunked scan (same weights)."""
+    """Teacher features with the kernel equal those of the eager scan (same weights)."""
     x = torch.randn(2, 3, 64, 64)
     vmamba = small_pdd.teachers.vmamba
     with torch.no_grad():
-        vmamba.set_scan_impl("chunked")
+        vmamba.set_scan_impl("eager")
         expected = vmamba(x)
         vmamba.set_scan_impl("cpu_kernel")
         try:
             got = vmamba(x)
         finally:
-            vmamba.set_scan_impl("chunked")
+            vmamba.set_scan_impl("eager")
     for e, g in zip(expected, got):
         assert float((g - e).abs().max() / e.abs().max()) < 1e-4
 

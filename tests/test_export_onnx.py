@@ -28,7 +28,6 @@ from export.onnx_export import (
     ExportablePDD,
     ExportReport,
     _fold,
-    _PluginSS2D,
     _tag_stages,
     export_onnx,
     op_counts,
@@ -37,7 +36,7 @@ from export.onnx_export import (
 from export.parity import compare_predictions, labelled_images, predict_all
 from export.runtime import OnnxRuntime, TorchRuntime
 from pdd.backbones.vmamba import SS2D
-from pdd.ssm import traced_scan_graph
+from pdd.ssm import ScanImplUnavailable
 
 EXPORT_BATCH = (1, 4)
 
@@ -77,17 +76,17 @@ def labelled() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def reference(small_pdd: torch.nn.Module, labelled: tuple) -> dict[str, np.ndarray]:
-    """PyTorch eager (chunked scan) predictions of the labelled set, batches of 2."""
-    return predict_all(TorchRuntime(small_pdd, "chunked"), labelled[0], batch=2)
+    """PyTorch eager (eager scan) predictions of the labelled set, batches of 2."""
+    return predict_all(TorchRuntime(small_pdd, "eager"), labelled[0], batch=2)
 
 
-def _export_block(size: int, dim: int = 32, scan_graph: str = "parallel") -> onnx.ModelProto:
-    """One SS2D block (portable scan) exported and folded like the full model."""
+def _export_block(size: int, dim: int = 32, scan_impl: str = "graph-parallel") -> onnx.ModelProto:
+    """One SS2D block (built with a portable scan) exported and folded like the full model."""
     import onnx_ir as ir
 
     torch.manual_seed(0)
-    block = SS2D(dim).eval()
-    with traced_scan_graph(scan_graph):
+    block = SS2D(dim, scan_impl=scan_impl).eval()
+    with torch.no_grad():
         program = torch.onnx.export(block, (torch.randn(1, size, size, dim),), dynamo=True, optimize=False)
     _tag_stages(program.model)
     _fold(program.model)
@@ -107,24 +106,23 @@ def test_schemas_registered() -> None:
 def test_plugin_ss2d_equals_vmamba_ss2d() -> None:
     torch.manual_seed(0)
     block = SS2D(32).eval()
+    plugin = SS2D(32, scan_impl="plugin").eval()
+    plugin.load_state_dict(block.state_dict())
     x = torch.randn(2, 8, 8, 32)
     with torch.no_grad():
-        ref = block(x)
-        block.__class__ = _PluginSS2D
-        out = block(x)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close(plugin(x), block(x), rtol=0, atol=0)
 
 
 def test_wrapper_shares_weights_and_leaves_the_model_unchanged(small_pdd: torch.nn.Module) -> None:
     impls = {m.scan_impl for m in small_pdd.modules() if isinstance(m, SS2D)}
-    for form in ("portable", "plugin"):
-        wrapper = ExportablePDD(small_pdd, form, preprocess=True)
+    for form, scan_impl in (("portable", None), ("portable", "graph-parallel"), ("plugin", None)):
+        wrapper = ExportablePDD(small_pdd, form, preprocess=True, scan_impl=scan_impl)
         ours = dict(wrapper.model.named_parameters())
         assert all(p is ours[n] for n, p in small_pdd.named_parameters())  # no weight copied
-        kinds = {type(m) for m in wrapper.model.modules() if isinstance(m, SS2D)}
-        assert kinds == ({_PluginSS2D} if form == "plugin" else {SS2D})
+        built = {m.scan_impl for m in wrapper.model.modules() if isinstance(m, SS2D)}
+        assert built == {scan_impl or ("plugin" if form == "plugin" else "graph-sequential")}
+        assert all(type(m) is SS2D for m in wrapper.model.modules() if isinstance(m, SS2D))
     assert {m.scan_impl for m in small_pdd.modules() if isinstance(m, SS2D)} == impls
-    assert all(type(m) is SS2D for m in small_pdd.modules() if isinstance(m, SS2D))
     uint8 = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -149,10 +147,13 @@ def test_plugin_graph_has_one_node_per_scan_and_one_head(plugin_report: ExportRe
     assert plugin_report.ops[f"{DOMAIN}::{SS2D_OP}"] == 15
     assert plugin_report.nodes < 1000
     assert {o.domain for o in model.opset_import} >= {"", DOMAIN}
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # the batch stays dynamic through the custom nodes
 
 
 def test_portable_graph_is_standard_ops_with_dynamic_batch(portable_report: ExportReport) -> None:
     model = loaded(portable_report.path)
+    assert read_onnx_metadata(portable_report.path).scan_impl == "graph-sequential"  # the default
     assert {n.domain for n in model.graph.node} == {""}
     assert not {"Loop", "Scan", "If"} & set(portable_report.ops)
     # Sequential scans (the default): one CumSum (of δ) per SS2D block; in-chunk sums are MatMuls.
@@ -176,21 +177,22 @@ def test_portable_node_count_does_not_grow_per_scan_step() -> None:
 
 
 def test_sequential_graph_grows_per_chunk_not_per_step() -> None:
-    small, large = (_export_block(size, scan_graph="sequential") for size in (8, 16))  # 4 and 16 chunks of 16
+    small, large = (_export_block(size, scan_impl="graph-sequential") for size in (8, 16))  # 4, 16 chunks of 16
     grown = len(large.graph.node) - len(small.graph.node)
     assert 12 * 5 <= grown <= 12 * 16, (len(small.graph.node), len(large.graph.node))  # 5..16 nodes per chunk
     assert {n.domain for n in large.graph.node} == {""} and not {"Loop", "Scan", "If"} & set(op_counts(large))
 
 
-@pytest.mark.parametrize("scan_graph", ["sequential", "parallel"])
-def test_both_scan_graphs_run_in_onnxruntime_like_pytorch(scan_graph: str) -> None:
+@pytest.mark.parametrize("scan_impl", ["graph-sequential", "graph-parallel"])
+def test_both_scan_graphs_run_in_onnxruntime_like_pytorch(scan_impl: str) -> None:
     torch.manual_seed(0)
     block = SS2D(32).eval()
+    graph_block = SS2D(32, scan_impl=scan_impl).eval()
+    graph_block.load_state_dict(block.state_dict())
     x = torch.randn(2, 16, 12, 32)  # non-square: L = 192, 12 chunks of 16
     with torch.no_grad():
         expect = block(x).numpy()
-        with traced_scan_graph(scan_graph):
-            program = torch.onnx.export(block, (x,), dynamo=True, optimize=False)
+        program = torch.onnx.export(graph_block, (x,), dynamo=True, optimize=False)
     session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
@@ -202,6 +204,7 @@ def test_metadata_beside_the_onnx(plugin_report: ExportReport) -> None:
     assert meta.sha256 == sha256_file(plugin_report.path) == plugin_report.sha256
     assert meta.size_bytes == plugin_report.path.stat().st_size
     assert (meta.form, meta.batch, meta.image_size, meta.preprocess) == ("plugin", EXPORT_BATCH, (64, 64), False)
+    assert meta.scan_impl == "plugin"
     assert meta.custom_ops == [f"{DOMAIN}::{HEAD_OP}", f"{DOMAIN}::{SS2D_OP}"]
     assert meta.normalisation["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert meta.config["image_size"] == 64 and meta.calibration is None  # a fresh model has none
@@ -210,9 +213,27 @@ def test_metadata_beside_the_onnx(plugin_report: ExportReport) -> None:
     assert not list(plugin_report.path.parent.glob(".*.tmp"))
 
 
+def test_metadata_written_before_scan_impl_still_reads(plugin_report: ExportReport, tmp_path: Path) -> None:
+    import json
+
+    data = json.loads(plugin_report.metadata_path.read_text())
+    del data["scan_impl"]
+    data["scan_graph"] = "parallel"  # files of earlier versions name the portable scan graph
+    (tmp_path / "model.json").write_text(json.dumps(data))
+    meta = read_onnx_metadata(tmp_path / "model.json")
+    assert (meta.scan_impl, meta.scan_graph) == ("graph-parallel", "parallel")
+
+
 def test_export_rejects_bad_arguments(small_pdd: torch.nn.Module, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="form"):
         export_onnx(small_pdd, tmp_path, form="tensorrt")
+    with pytest.raises(ValueError, match="portable ONNX form is built with scan_impl 'graph-sequential' or"):
+        export_onnx(small_pdd, tmp_path, form="portable", scan_impl="eager")
+    with pytest.raises(ValueError, match="plugin ONNX form is built with scan_impl 'plugin'"):
+        export_onnx(small_pdd, tmp_path, form="plugin", scan_impl="graph-parallel")
+    with pytest.warns(DeprecationWarning, match="scan_graph"), pytest.raises(ValueError, match="contradicts"):
+        export_onnx(small_pdd, tmp_path, scan_graph="parallel", scan_impl="graph-sequential")
+    assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="batch"):
         export_onnx(small_pdd, tmp_path, batch=(0, 4))
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -267,11 +288,15 @@ def test_fp16_plugin_graph_casts_into_the_head_only(plugin_report: ExportReport)
 
 
 def test_to_ort_domain_moves_nodes_and_keeps_readable_attributes(plugin_report: ExportReport) -> None:
-    moved = to_ort_domain(loaded(plugin_report.path))
+    moved = to_ort_domain(loaded(plugin_report.path), "eager")
     custom = [n for n in moved.graph.node if n.domain == ORT_DOMAIN]
     assert len(custom) == 16 and not any(n.domain == DOMAIN for n in moved.graph.node)
     head = next(n for n in custom if n.op_type == HEAD_OP)
     assert [a.name for a in head.attribute] == ["sigma"]
+    scans = [n for n in custom if n.op_type == SS2D_OP]
+    assert all({a.name: a.s for a in n.attribute} == {"scan_impl": b"eager"} for n in scans)
+    with pytest.raises(ScanImplUnavailable, match="mamba_ssm"):
+        to_ort_domain(loaded(plugin_report.path), "mamba_ssm")
     assert ORT_DOMAIN in {o.domain for o in moved.opset_import} and DOMAIN not in {o.domain for o in moved.opset_import}
 
 
@@ -284,14 +309,12 @@ def test_plugin_form_in_onnxruntime_runs_the_compiled_cpu_scan(small_pdd: torch.
         cpu_scan.load()
     except cpu_scan.CpuKernelUnavailable as exc:
         pytest.skip(f"no CPU kernel here: {exc}")
-    import pdd.ssm as ssm
-
     calls = []
     candidate = OnnxRuntime(exported("plugin", small_pdd).path, threads=1, scan_impl="cpu_kernel")
-    kernel = ssm._ss2d_registry["cpu_kernel"]
-    monkeypatch.setitem(ssm._ss2d_registry, "cpu_kernel", lambda *a: calls.append(1) or kernel(*a))
+    kernel = cpu_scan.ss2d_scan_cpu
+    monkeypatch.setattr(cpu_scan, "ss2d_scan_cpu", lambda *a: calls.append(1) or kernel(*a))
     images, labels = labelled
-    parity = compare_predictions(reference, predict_all(candidate, images, batch=2), labels, "torch:chunked",
+    parity = compare_predictions(reference, predict_all(candidate, images, batch=2), labels, "torch:eager",
                                  "onnxruntime:cpu:plugin+cpu_kernel")
     assert len(calls) == 15 * -(-len(images) // 2)  # every SS2D node of every batch ran the kernel
     assert parity.map_relative_error < 1e-5 and parity.rank_identical, str(parity)
@@ -302,8 +325,8 @@ def test_onnxruntime_parity_with_pytorch(form: str, small_pdd: torch.nn.Module, 
                                          reference: dict[str, np.ndarray]) -> None:
     images, labels = labelled
     candidate = OnnxRuntime(exported(form, small_pdd).path, threads=1, name=f"onnxruntime:cpu:{form}",
-                            scan_impl="chunked")
-    parity = compare_predictions(reference, predict_all(candidate, images, batch=2), labels, "torch:chunked",
+                            scan_impl="eager")
+    parity = compare_predictions(reference, predict_all(candidate, images, batch=2), labels, "torch:eager",
                                  candidate.name)
     assert parity.ok(), str(parity)
     assert parity.map_relative_error < 1e-4 and parity.rank_identical

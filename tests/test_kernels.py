@@ -20,10 +20,15 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton
+import triton.language as tl
+
 from kernels import anomaly_head as head_kernels
 from kernels import selective_scan as scan_kernels
+from kernels.routes import route_order
 from pdd.anomaly import anomaly_head, anomaly_head_ref, cosine_distance
-from pdd.ssm import ScanImplUnavailable, selective_scan, selective_scan_ref, ss2d_scan
+from pdd.ss2d import ss2d_scan
+from pdd.ssm import ScanImplUnavailable, selective_scan, selective_scan_ref
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
@@ -152,6 +157,27 @@ def test_ss2d_api_dispatches_to_fused_kernel(rand: Rand) -> None:
                  rand.seed)
 
 
+# --- route geometry ------------------------------------------------------------------------------
+
+@triton.jit
+def _route_index_kernel(out_ptr, length, height, width, ROUTE: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.arange(0, BLOCK)
+    tl.store(out_ptr + t, scan_kernels._route_pixel(t, length, height, width, ROUTE), mask=t < length)
+
+
+@runs_kernels
+@pytest.mark.parametrize(("h", "w"), [(2, 3), (3, 5), (5, 2), (1, 7)])
+def test_jitted_route_pixel_gives_route_order(h: int, w: int) -> None:
+    """The kernels' route arithmetic is kernels.routes.route_pixel compiled by triton.jit: same indices."""
+    length = h * w
+    got = []
+    for k in range(4):
+        out = torch.full((16,), -1, dtype=torch.int32, device=DEVICE)
+        _route_index_kernel[(1,)](out, length, h, w, k, 16)
+        got += out[:length].cpu().tolist()
+    assert got == route_order(h, w).tolist()
+
+
 # --- anomaly head --------------------------------------------------------------------------------
 
 HEAD_CASES = {
@@ -231,12 +257,12 @@ def test_scan_config_block_sizes() -> None:
     for strategy in scan_kernels.STRATEGIES:
         for n in (1, 16):
             cfg = scan_kernels.scan_config(strategy, n)
-            assert cfg["N_PAD"] == n and cfg["SEQUENTIAL"] == (strategy == "sequential")
+            assert cfg["N_PAD"] == n and cfg["STEPWISE"] == (strategy == "stepwise")
             assert all(v & (v - 1) == 0 for k, v in cfg.items() if k in ("BLOCK_D", "CHUNK"))
     with pytest.raises(ValueError, match="unknown scan strategy"):
         scan_kernels.scan_config("parallel", 16)
     with pytest.raises(ValueError, match="block_d must be a power of two"):
-        scan_kernels.scan_config("chunked", 16, block_d=6)
+        scan_kernels.scan_config("blockwise", 16, block_d=6)
 
 
 def test_anomaly_head_rejects_mismatched_pair() -> None:

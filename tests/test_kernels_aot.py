@@ -25,7 +25,7 @@ import triton
 from kernels import anomaly_head, aot, selective_scan
 
 TACTICS = {t.name: t for t in aot.ss2d_tactics() + aot.anomaly_head_tactics()}
-KERNEL_NAMES = {"ss2d_sequential": "_ss2d_kernel", "ss2d_chunked": "_ss2d_kernel", "head_cosine": "_cosine_kernel",
+KERNEL_NAMES = {"ss2d_stepwise": "_ss2d_kernel", "ss2d_blockwise": "_ss2d_kernel", "head_cosine": "_cosine_kernel",
                 "head_blur": "_blur_max_kernel"}
 
 
@@ -64,7 +64,7 @@ def test_contract_holds(compiled: dict[str, aot.AotKernel], tactic: str) -> None
 
 
 def test_ss2d_parameter_order(compiled: dict[str, aot.AotKernel]) -> None:
-    k = compiled["ss2d_chunked_n16_fp16"]
+    k = compiled["ss2d_blockwise_n16_fp16"]
     assert [p.name for p in k.params] == ["x_ptr", "delta_ptr", "B_ptr", "C_ptr", "A_ptr", "D_ptr", "bias_ptr",
                                           "dim", "height", "width", "out_ptr"]
     assert [p.type for p in k.params][:4] == ["*fp16"] * 4 and k.params[-1].type == "*fp16"
@@ -102,7 +102,7 @@ def test_head_grids_match_the_wrapper() -> None:
 
 
 def test_check_contract_reports_violations(compiled: dict[str, aot.AotKernel]) -> None:
-    good = compiled["ss2d_sequential_n1_fp32"]
+    good = compiled["ss2d_stepwise_n1_fp32"]
     params = list(good.params)
     swapped = dataclasses.replace(good, params=(params[-1], *params[:-1]))
     assert any("inputs, then int32 scalars, then outputs" in p for p in aot.check_contract(swapped))
@@ -122,7 +122,7 @@ def test_check_contract_reports_violations(compiled: dict[str, aot.AotKernel]) -
 
 
 def test_ptx_isa_is_capped_to_the_target_driver() -> None:
-    tactic = TACTICS["ss2d_chunked_n1_fp32"]
+    tactic = TACTICS["ss2d_blockwise_n1_fp32"]
     free = aot.compile_tactic(tactic, aot.KernelTarget(90, 99))  # no cap below Triton's own ISA
     capped = aot.compile_tactic(tactic, aot.KernelTarget(90, 84))
     assert capped.ptx_isa == 84 and re.search(r"^\.version 8\.4$", capped.ptx, re.MULTILINE)
@@ -175,7 +175,7 @@ class _FakeSource:
 
 
 def test_make_ast_source_speaks_both_signature_formats(monkeypatch: pytest.MonkeyPatch) -> None:
-    tactic = TACTICS["ss2d_chunked_n16_fp16"]
+    tactic = TACTICS["ss2d_blockwise_n16_fp16"]
     kernel = tactic.kernel
 
     class New(_FakeSource):  # Triton ≥ 3.3, as 3.6 and 3.8

@@ -9,16 +9,19 @@ import torch
 
 from pdd import PDDConfig, PDDOutput, build_pdd
 from pdd.backbones import WeightsError
+from pdd.backbones.vmamba import SS2D
+from pdd.backbones.wrn import GemmConv2d
 from pdd.checkpoint import load_pdd, save_pdd
 from pdd.losses import pdd_loss
 from pdd.model import DecoderStage, UpConv2x2, _init_trainable
+from pdd.ssm import ScanImplUnavailable
 
 logging.getLogger("pdd.model").setLevel(logging.ERROR)
 
 
 @pytest.mark.parametrize("size", [256, 128])
 def test_shapes(size):
-    model = build_pdd(PDDConfig(image_size=size, scan_impl="chunked"))
+    model = build_pdd(PDDConfig(image_size=size, scan_impl="eager"))
     model.train()
     feats = model(torch.randn(2, 3, size, size))
     s = size // 4
@@ -84,6 +87,56 @@ def test_upconv_gemm_equals_transposed_convolution(shape):
     rx, rw = torch.autograd.grad(ref, (x, up.weight), g)
     torch.testing.assert_close(gx, rx, rtol=0, atol=1e-12)
     torch.testing.assert_close(gw, rw, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["eager", "graph-parallel", "graph-sequential", "plugin"])
+def test_the_model_runs_the_scan_it_was_built_with(impl, monkeypatch):
+    """A spy in the four-route table counts the calls of the built implementation: one per SS2D block."""
+    import pdd.ss2d as ss2d_module
+
+    calls: dict[str, int] = {}
+    for name, fn in list(ss2d_module._SS2D.items()):
+        monkeypatch.setitem(ss2d_module._SS2D, name,
+                            lambda x, w, name=name, fn=fn: calls.update({name: calls.get(name, 0) + 1}) or fn(x, w))
+    model = build_pdd(PDDConfig(image_size=64, scan_impl=impl), graph=impl.startswith("graph")).eval()
+    assert {m.scan_impl for m in model.modules() if isinstance(m, SS2D)} == {impl}
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert calls == {impl: 15}  # VMamba-T v0: depths 2, 2, 9, 2
+
+
+def test_building_with_an_unavailable_scan_is_a_clear_error(monkeypatch, tmp_path):
+    with pytest.raises(ScanImplUnavailable, match="pip install mamba-ssm"):
+        build_pdd(PDDConfig(image_size=64, scan_impl="mamba_ssm"))
+    from kernels import cpu_scan
+
+    monkeypatch.setenv("PDD_CACHE_DIR", str(tmp_path))  # nothing cached: it would have to build
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    cpu_scan.load.cache_clear()
+    try:
+        with pytest.raises(ScanImplUnavailable, match=r"'cpu_kernel' is not available.*no-such-cc"):
+            build_pdd(PDDConfig(image_size=64, scan_impl="cpu_kernel"))
+    finally:
+        cpu_scan.load.cache_clear()
+
+
+def test_graph_build_chooses_the_exportable_layer_forms():
+    eager, graph = build_pdd(PDDConfig(image_size=64)), build_pdd(PDDConfig(image_size=64), graph=True)
+    ups = [m for m in graph.modules() if isinstance(m, UpConv2x2)]
+    assert ups and not any(m.eager_gemm for m in ups)
+    assert all(m.eager_gemm for m in eager.modules() if isinstance(m, UpConv2x2))
+    assert not any(isinstance(m, GemmConv2d) for m in graph.modules())
+    assert any(isinstance(m, GemmConv2d) for m in eager.modules())
+    graph.load_state_dict(eager.state_dict(), strict=True)  # same parameters either way
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(graph.eval()(x).anomaly_map, eager.eval()(x).anomaly_map, rtol=1e-4, atol=1e-5)
+
+
+def test_old_scan_name_in_a_config_is_read_as_eager():
+    with pytest.warns(DeprecationWarning, match="'chunked' is deprecated"):
+        cfg = PDDConfig.from_dict({"image_size": 64, "scan_impl": "chunked"})
+    assert cfg.scan_impl == "eager"
 
 
 def test_init_is_kaiming_for_conv2d_only():

@@ -12,14 +12,15 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from export.custom_ops import DOMAIN, HEAD_MAP_STRIDE, HEAD_OP, SS2D_OP, register_ort_ops, ss2d_shapes, to_ort_domain
+from export.custom_ops import DOMAIN, HEAD_MAP_STRIDE, HEAD_OP, SS2D_OP, register_ort_ops, to_ort_domain
 from export.metadata import OnnxMetadata, TensorSpec, metadata_path, write_metadata
 from export.parity import compare_predictions, labelled_images
 from export.runtime import OnnxRuntime, RuntimeUnavailable, TorchRuntime, make_runtime
+from kernels.contract import ss2d_shapes
 from pdd.anomaly import anomaly_head_ref
 from pdd.backbones.vmamba import SS2D
 from pdd.calibration import Calibration, apply_calibration, fit_operating_point
-from pdd.ssm import ss2d_scan
+from pdd.ss2d import ss2d_scan
 
 # One intra-op thread for the forward passes of this module (fixture in conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,7 +133,7 @@ def test_torch_runtime_predicts_and_keeps_the_model_untouched(small_pdd: torch.n
     assert isinstance(rt, TorchRuntime) and rt.name == "torch:reference" and rt.device == "cpu"
     assert {m.scan_impl for m in rt.model.modules() if isinstance(m, SS2D)} == {"reference"}
     assert {m.scan_impl for m in small_pdd.modules() if isinstance(m, SS2D)} == impls
-    out = make_runtime("torch:chunked", model=small_pdd).predict(np.zeros((1, 3, 64, 64), np.float32))
+    out = make_runtime("torch:eager", model=small_pdd).predict(np.zeros((1, 3, 64, 64), np.float32))
     assert out["pred_score"].shape == (1,) and out["anomaly_map"].shape == (1, 64, 64)
     assert out["anomaly_map"].dtype == np.float32
 
@@ -154,11 +155,11 @@ def test_unavailable_runtimes_say_why(small_pdd: torch.nn.Module, tmp_path: Path
 
 
 def test_bad_specs_are_programming_errors(small_pdd: torch.nn.Module) -> None:
-    for spec in ("openvino", "onnxruntime:gpu", "tensorrt:int8", "torch:chunked:fast"):
+    for spec in ("openvino", "onnxruntime:gpu", "tensorrt:int8", "torch:eager:fast"):
         with pytest.raises(ValueError, match=r"spec|runtime"):
             make_runtime(spec, model=small_pdd)
     with pytest.raises(ValueError, match="model="):
-        make_runtime("torch:chunked")
+        make_runtime("torch:eager")
 
 
 def test_labelled_images_are_deterministic_and_balanced() -> None:

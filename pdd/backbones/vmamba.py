@@ -29,17 +29,8 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from pdd.backbones.weights import WeightsError, check_and_load, load_checkpoint_file
-from pdd.ssm import (
-    SS2D_ROUTES,
-    cross_scan,
-    has_fused_ss2d,
-    merge_routes,
-    route_positions,
-    selective_scan,
-    ss2d_positions,
-    ss2d_scan,
-    tracing_sequential,
-)
+from pdd.impl_names import canonical_scan_impl
+from pdd.ss2d import SS2D_ROUTES, SS2DWeights, ss2d
 
 __all__ = ["SS2D", "VMAMBA_V0_TINY_URL", "VSSBlock", "VSSMv0", "map_legacy_vmamba_keys", "vmamba_tiny_v0"]
 
@@ -74,15 +65,16 @@ def map_legacy_vmamba_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 class SS2D(nn.Module):
     """2-D selective scan (v0): in_proj → depthwise conv → SiLU → 4-route scan → LayerNorm → ·SiLU(z) → out_proj.
 
-    Input and output (B, H, W, dim), channels-last.
+    Input and output (B, H, W, dim), channels-last. ``scan_impl`` names the four-route scan implementation
+    (:func:`pdd.ss2d.ss2d`), fixed when the block is built.
     """
 
-    def __init__(self, dim: int, d_state: int = 16, expand: int = 2, scan_impl: str = "chunked") -> None:
+    def __init__(self, dim: int, d_state: int = 16, expand: int = 2, scan_impl: str = "eager") -> None:
         super().__init__()
         d_inner = expand * dim
         dt_rank = math.ceil(dim / 16)
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, dt_rank
-        self.scan_impl = scan_impl
+        self.scan_impl = canonical_scan_impl(scan_impl)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner, bias=True)
         self.x_proj_weight = nn.Parameter(torch.empty(SS2D_ROUTES, dt_rank + 2 * d_state, d_inner))
@@ -107,63 +99,23 @@ class SS2D(nn.Module):
         self.A_logs.copy_(s4d_real.repeat(SS2D_ROUTES * self.d_inner, 1))
         self.Ds.fill_(1.0)
 
-    def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Scan inputs of the four routes from x (B, d_inner, H, W): δ before bias (B, 4, d_inner, H, W),
-        B and C (B, 4, N, H, W), all in spatial order (they are pointwise; the scan reads them per route).
-
-        Two matrix products (what einsum "bdhw,kcd->bkchw" and "bkrhw,kdr->bkdhw" compute), which
-        export as MatMul nodes rather than Einsum.
-        """
-        height, width = x.shape[-2:]
-        proj = torch.matmul(self.x_proj_weight.flatten(0, 1), x.flatten(2))     # (B, 4·(R + 2N), L)
-        dt_r, Bs, Cs = proj.unflatten(1, (SS2D_ROUTES, -1)).split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.matmul(self.dt_projs_weight, dt_r)                          # (B, 4, d_inner, L)
-        return tuple(t.unflatten(-1, (height, width)).contiguous() for t in (delta, Bs, Cs))
-
-    def routed_scan(self, x: Tensor) -> Tensor:
-        """The four-route scan as VMamba v0 computes it: x read along each route (cross-scan), the δ/B/C
-        projections of each route on its route-ordered copy (so δ, B and C need no reordering of their
-        own), one selective scan over the 4·d_inner sequences, the routes merged back. For the
-        implementations without a fused SS2D kernel (reference, chunked)."""
-        b, _, height, width = x.shape
-        xs = cross_scan(x)                                                       # (B, 4, d_inner, L)
-        proj = torch.matmul(self.x_proj_weight, xs)                              # (B, 4, R + 2N, L)
-        dt_r, Bs, Cs = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.matmul(self.dt_projs_weight, dt_r)                          # (B, 4, d_inner, L)
-        ys = selective_scan(xs.flatten(1, 2), delta.flatten(1, 2), -torch.exp(self.A_logs.float()), Bs, Cs,
-                            delta_bias=self.dt_projs_bias.float().reshape(-1), delta_softplus=True,
-                            impl=self.scan_impl)
-        return merge_routes(ys.view(b, SS2D_ROUTES, self.d_inner, height * width), x, self.Ds.float())
-
-    def position_scan(self, x: Tensor) -> Tensor:
-        """:meth:`routed_scan` position-major, x and result (B, H, W, d_inner): the graph a traced chunked
-        scan exports with ``traced_scan_graph("sequential")``, free of channel/position transposes."""
-        xs = route_positions(x)                                                  # (B, 4, L, d_inner)
-        proj = torch.matmul(xs, self.x_proj_weight.transpose(1, 2))              # (B, 4, L, R + 2N)
-        dt_r, Bs, Cs = proj.split([self.dt_rank, self.d_state, self.d_state], dim=3)
-        delta = torch.matmul(dt_r, self.dt_projs_weight.transpose(1, 2))          # (B, 4, L, d_inner)
-        return ss2d_positions(x, xs, delta, Bs, Cs, -torch.exp(self.A_logs.float()), self.Ds.float(),
-                              self.dt_projs_bias.float().reshape(-1))
+    def scan_weights(self) -> SS2DWeights:
+        """The parameters the four-route scan reads (A = −exp(A_logs), fp32 as the scan kernels want)."""
+        return SS2DWeights(self.x_proj_weight, self.dt_projs_weight, -torch.exp(self.A_logs.float()),
+                           self.Ds.float(), self.dt_projs_bias.float().reshape(-1))
 
     def forward(self, x: Tensor) -> Tensor:
         x, z = self.in_proj(x).chunk(2, dim=-1)
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))                          # (B, d_inner, H, W)
-        if has_fused_ss2d(self.scan_impl):  # the fused kernel reads spatial-order inputs along each route
-            delta, Bs, Cs = self.projections(x)
-            y = ss2d_scan(x, delta, Bs, Cs, -torch.exp(self.A_logs.float()), self.Ds.float(),
-                          self.dt_projs_bias.float().reshape(-1), impl=self.scan_impl).permute(0, 2, 3, 1)
-        elif self.scan_impl == "chunked" and tracing_sequential():
-            y = self.position_scan(x.permute(0, 2, 3, 1))
-        else:
-            y = self.routed_scan(x).permute(0, 2, 3, 1)
-        y = self.out_norm(y)                                                     # (B, H, W, d_inner)
+        y = ss2d(x, self.scan_weights(), self.scan_impl)                         # (B, H, W, d_inner)
+        y = self.out_norm(y)
         return self.out_proj(y * F.silu(z))
 
 
 class VSSBlock(nn.Module):
     """x + DropPath(SS2D(LayerNorm(x))), channels-last; v0 has no MLP."""
 
-    def __init__(self, dim: int, drop_path: float = 0.0, scan_impl: str = "chunked") -> None:
+    def __init__(self, dim: int, drop_path: float = 0.0, scan_impl: str = "eager") -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.op = SS2D(dim, scan_impl=scan_impl)
@@ -202,7 +154,7 @@ class VSSMv0(nn.Module):
     """VMamba v0 backbone returning each stage's output after its PatchMerging, channels-first."""
 
     def __init__(self, depths: Sequence[int] = (2, 2, 9, 2), dims: Sequence[int] = (96, 192, 384, 768),
-                 drop_path_rate: float = 0.2, scan_impl: str = "chunked") -> None:
+                 drop_path_rate: float = 0.2, scan_impl: str = "eager") -> None:
         super().__init__()
         self.patch_embed = nn.Sequential(
             nn.Conv2d(3, dims[0], kernel_size=4, stride=4, bias=True),
@@ -219,6 +171,8 @@ class VSSMv0(nn.Module):
         self.apply(_init_weights)
 
     def set_scan_impl(self, impl: str) -> None:
+        """Name the scan implementation of every SS2D block (an explicit choice, e.g. by a runtime)."""
+        impl = canonical_scan_impl(impl)
         for m in self.modules():
             if isinstance(m, SS2D):
                 m.scan_impl = impl
@@ -265,7 +219,7 @@ def _init_weights(m: nn.Module) -> None:
 
 @register_model
 def vmamba_tiny_v0(weights: str | os.PathLike | None = None, pretrained: bool = False,
-                   scan_impl: str = "chunked", allow_pickle: bool = False, **kwargs) -> VSSMv0:
+                   scan_impl: str = "eager", allow_pickle: bool = False, **kwargs) -> VSSMv0:
     """VMamba-Tiny v0 (depths 2,2,9,2; dims 96..768; d_state 16). ~22.9 M parameters with the classifier.
 
     ``weights``: None (random), a local checkpoint path, or ``"hub"`` (the official release file, needs

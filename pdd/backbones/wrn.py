@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pdd.backbones.weights import WeightsError, check_and_load, load_checkpoint_file
-from pdd.ssm import is_tracing
 
 __all__ = ["TORCHVISION_WRN50_2_URL", "GemmConv2d", "wide_resnet50_2_features"]
 
@@ -26,16 +25,27 @@ GEMM_MIN_K_PER_POSITION = 32
 
 
 class GemmConv2d(nn.Conv2d):
-    """A Conv2d that, in eager mode on the CPU, runs as im2col and one GEMM when its weights outweigh its
+    """A Conv2d for eager runs that, on the CPU, runs as im2col and one GEMM when its weights outweigh its
     output (layer4 of WRN50-2: 1024·1024·3·3 weights for an 8x8 map at 256²).
 
     oneDNN reorders the weights on every call of an NCHW convolution; for those layers that costs more
     than the arithmetic (17 ms against 6 ms for the GEMM on 2 cores). Same parameters and checkpoints as
-    Conv2d; traced and exported graphs keep the Conv op.
+    Conv2d. A model built for graph export keeps plain Conv2d layers instead
+    (``wide_resnet50_2_features(eager_gemm=False)``), which export as the Conv op.
     """
 
+    @classmethod
+    def sharing(cls, conv: nn.Conv2d) -> GemmConv2d:
+        """A GemmConv2d with the hyperparameters of ``conv`` that shares its weight and bias tensors."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        new.weight = conv.weight
+        if conv.bias is not None:
+            new.bias = conv.bias
+        return new
+
     def forward(self, x: Tensor) -> Tensor:
-        if (is_tracing() or x.dim() != 4 or x.device.type != "cpu" or self.groups != 1
+        if (x.dim() != 4 or x.device.type != "cpu" or self.groups != 1
                 or self.padding_mode != "zeros" or isinstance(self.padding, str)):
             return super().forward(x)
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
@@ -50,25 +60,28 @@ class GemmConv2d(nn.Conv2d):
         return y.view(b, self.out_channels, oh, ow)
 
 
-def _gemm_convs(net: nn.Module) -> nn.Module:
-    """Turn the plain Conv2d layers of ``net`` into :class:`GemmConv2d` (in place; weights untouched)."""
-    for module in net.modules():
-        if type(module) is nn.Conv2d:
-            module.__class__ = GemmConv2d
+def _gemm_convs(net: nn.Module, eager_gemm: bool) -> nn.Module:
+    """With ``eager_gemm``, put a :class:`GemmConv2d` sharing the weights in place of each plain Conv2d."""
+    if eager_gemm:
+        for parent in list(net.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Conv2d:
+                    setattr(parent, name, GemmConv2d.sharing(child))
     return net
 
 
 def wide_resnet50_2_features(weights: str | os.PathLike | None = None, out_indices: tuple[int, ...] = (1, 2, 3, 4),
-                             allow_pickle: bool = False) -> nn.Module:
+                             allow_pickle: bool = False, eager_gemm: bool = True) -> nn.Module:
     """WRN50-2 returning the outputs of layer1..layer4 (256, 512, 1024, 2048 channels at /4../32).
 
     ``weights``: None (random), a local file (timm or torchvision layout), ``"timm"`` (racm_in1k from the
-    Hugging Face hub) or ``"torchvision"`` (IMAGENET1K_V1 from download.pytorch.org).
+    Hugging Face hub) or ``"torchvision"`` (IMAGENET1K_V1 from download.pytorch.org). ``eager_gemm``: the
+    convolutions are :class:`GemmConv2d` (fast eager CPU runs); False keeps plain Conv2d (graph export).
     """
     if weights == "timm":
         try:
             return _gemm_convs(timm.create_model("wide_resnet50_2.racm_in1k", pretrained=True,
-                                                 features_only=True, out_indices=out_indices))
+                                                 features_only=True, out_indices=out_indices), eager_gemm)
         except Exception as exc:  # hub errors come in many types
             raise WeightsError(
                 f"could not fetch timm wide_resnet50_2.racm_in1k ({exc}); pass the local file "
@@ -86,4 +99,4 @@ def wide_resnet50_2_features(weights: str | os.PathLike | None = None, out_indic
         check_and_load(net, state, TORCHVISION_WRN50_2_URL, ignore=("fc.",))
     elif weights is not None:
         check_and_load(net, load_checkpoint_file(weights, allow_pickle), f"weight file {weights}", ignore=("fc.",))
-    return _gemm_convs(net)
+    return _gemm_convs(net, eager_gemm)
