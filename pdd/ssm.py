@@ -12,8 +12,8 @@ implementation (the names of :mod:`pdd.impl_names`; nothing is chosen behind the
 
 ============================  ==================================================================
 ``reference``                 :func:`selective_scan_ref`, one step per position; the oracle
-``eager``                     :func:`selective_scan_eager`: whole-sequence chunked, safe chunk size
-``graph-parallel``            :func:`selective_scan_graph_parallel`: the same, fixed chunk of 16
+``eager``                     :func:`selective_scan_eager`: chunks walked over tiles, safe chunk size; inference
+``graph-parallel``            :func:`selective_scan_graph_parallel`: whole sequence, fixed chunk of 16; autograd
 ``graph-sequential``          :func:`selective_scan_graph_sequential`: chunks of 16 walked in order
 ``triton``                    ``kernels.selective_scan.selective_scan_triton`` (needs Triton)
 ``cpu_kernel``                ``kernels.cpu_scan.selective_scan_cpu`` (needs a C compiler once)
@@ -50,6 +50,7 @@ from pdd.chunked_scan import (
     graph_softplus,
     safe_chunk_size,
     sequential_positions,
+    tile_walk,
     whole_sequence_scan,
 )
 from pdd.impl_names import SCAN_IMPLS, canonical_scan_impl
@@ -214,14 +215,20 @@ def _chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 def selective_scan_eager(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                          z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                          return_last_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """``eager``: the whole-sequence chunked scan with the largest chunk (≤ 64) the data allows.
+    """``eager``: the chunks walked in order over cache-sized tiles (:func:`tile_walk`), with the largest
+    chunk (≤ 64) the data allows.
 
-    Same arguments, dtypes and results as :func:`selective_scan_ref`; differentiable. The chunk shrinks
-    (logged) when δ·|A| is so large that the in-chunk exponentials would overflow; NaN or inf in δ or A is
-    a ValueError. Reads δ once on the host (``.item()``), so it is for eager runs, not for graphs.
+    Same arguments, dtypes and results as :func:`selective_scan_ref`, for inference: it refuses inputs that
+    need gradients (``graph-parallel`` is the differentiable formulation). The chunk shrinks (logged) when
+    δ·|A| is so large that the in-chunk exponentials would overflow; NaN or inf in δ or A is a ValueError.
+    Reads δ once on the host (``.item()``), so it is for eager runs, not for graphs.
     """
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise ValueError("selective_scan impl='eager' is for inference (in-place tiles, no autograd); use "
+                         "impl='graph-parallel' for gradients, or run under torch.no_grad()")
     return _chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, None, F.softplus,
-                    whole_sequence_scan)
+                    tile_walk)
 
 
 def selective_scan_graph_parallel(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,

@@ -8,7 +8,7 @@ import torch
 
 from kernels import cpu_scan
 from kernels.routes import route_order, route_pixel
-from pdd.chunked_scan import whole_sequence_scan
+from pdd.chunked_scan import tile_walk, whole_sequence_scan
 from pdd.ss2d import along_routes, merge_routes, route_positions, ss2d_scan
 from pdd.ssm import (
     ScanImplUnavailable,
@@ -75,20 +75,28 @@ def test_chunked_equals_reference_float32_options(options):
 
 
 def test_chunked_gradients_match_reference():
+    """graph-parallel is the differentiable formulation; eager (in-place tiles) refuses to take part."""
     x = make_inputs(batch=1, dim=6, length=21, n=4, groups=2)
     ins = {k: v.clone().requires_grad_(True) for k, v in x.items()}
     ins_ref = {k: v.clone().requires_grad_(True) for k, v in x.items()}
     w = torch.randn(1, 6, 21, dtype=torch.float64)
-    (selective_scan_eager(**ins, delta_softplus=True) * w).sum().backward()
+    (selective_scan_graph_parallel(**ins, delta_softplus=True) * w).sum().backward()
     (selective_scan_ref(**ins_ref, delta_softplus=True) * w).sum().backward()
     for k in x:
         torch.testing.assert_close(ins[k].grad, ins_ref[k].grad, rtol=1e-6, atol=1e-6, msg=f"gradient of {k}")
+    with pytest.raises(ValueError, match="graph-parallel"):
+        selective_scan_eager(**ins, delta_softplus=True)
+    with torch.no_grad():
+        torch.testing.assert_close(selective_scan_eager(**ins, delta_softplus=True),
+                                   selective_scan_ref(**ins_ref, delta_softplus=True), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("elements", [1, 1 << 17])
 @pytest.mark.parametrize("chunk", [1, 8, 64])
-def test_both_chunked_formulations_equal_reference(chunk):
-    """The whole-sequence formulation (eager, graph-parallel) and the chunks walked in order
-    (graph-sequential) at any chunk length: the recurrence's numbers, last state included."""
+def test_the_chunked_formulations_equal_reference(chunk, elements):
+    """The tile walk (eager; tiles of one channel, or all), the whole sequence (graph-parallel) and the
+    chunks walked in order position-major (graph-sequential) at any chunk length: the recurrence's
+    numbers, last state included."""
     batch, groups, per_group, n, length = 2, 3, 5, 16, 128
     x = make_inputs(batch=batch, dim=groups * per_group, length=length, n=n, groups=groups)
     ref_y, ref_state = selective_scan_ref(**{**x, "D": None, "z": None}, delta_softplus=True,
@@ -96,7 +104,8 @@ def test_both_chunked_formulations_equal_reference(chunk):
     dl = torch.nn.functional.softplus(x["delta"] + x["delta_bias"][:, None])
     args = (x["u"].reshape(batch, groups, per_group, length), dl.reshape(batch, groups, per_group, length),
             x["A"].reshape(groups, per_group, n), x["B"], x["C"], chunk)
-    paths = (("whole sequence", whole_sequence_scan(*args)), ("chunks in order", _walk_in_order(*args)))
+    paths = (("tile walk", tile_walk(*args, elements=elements)), ("whole sequence", whole_sequence_scan(*args)),
+             ("chunks in order", _walk_in_order(*args)))
     for name, (y, state) in paths:
         torch.testing.assert_close(y.reshape(batch, -1, length), ref_y, rtol=0, atol=1e-6, msg=name)
         torch.testing.assert_close(state.reshape(batch, -1, n), ref_state, rtol=0, atol=1e-6, msg=name)
