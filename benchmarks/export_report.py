@@ -1,5 +1,5 @@
 """CPU export report: ONNX node counts and file sizes of both forms, ONNX Runtime (portable graph) versus
-PyTorch eager (chunked scan) latency, and CPU parity of both forms with PyTorch.
+PyTorch eager-scan latency, and CPU parity of both forms with PyTorch.
 
     python benchmarks/export_report.py [--image-size 256] [--count-sizes 64 256] [--batches 1 8] [--repeats 5]
                                        [--parity-images 8] [--out benchmarks/results]
@@ -56,10 +56,10 @@ def _latency_child(spec: str, onnx_path: str | None, size: int, batch: int, repe
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     try:
         torch.set_num_threads(threads)
-        if spec == "torch:chunked":
+        if spec == "torch:eager":
             logging.getLogger("pdd.model").setLevel(logging.ERROR)
             torch.manual_seed(0)
-            runtime: Runtime = TorchRuntime(build_pdd(PDDConfig(image_size=size, scan_impl="chunked")).eval())
+            runtime: Runtime = TorchRuntime(build_pdd(PDDConfig(image_size=size, scan_impl="eager")).eval())
         else:
             runtime = OnnxRuntime(onnx_path, threads=threads, name=spec)
         images = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     size = args.image_size
-    model = build_pdd(PDDConfig(image_size=size, scan_impl="chunked")).eval()
+    model = build_pdd(PDDConfig(image_size=size, scan_impl="eager")).eval()
     result: dict[str, Any] = {
         "command": "python benchmarks/export_report.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         paths = {}
         for count_size in sorted(set(args.count_sizes) | {size}):
             sized = model if count_size == size else build_pdd(PDDConfig(image_size=count_size,
-                                                                         scan_impl="chunked")).eval()
+                                                                         scan_impl="eager")).eval()
             for form in ("portable", "plugin"):
                 report = export_onnx(sized, Path(tmp) / f"{form}-{count_size}", form=form,
                                      batch=(1, max(args.batches)), image_size=count_size)
@@ -124,12 +124,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     paths[form] = report.path
             del sized
         for batch in args.batches:
-            for spec, path in (("torch:chunked", None), ("onnxruntime:cpu:portable", paths["portable"])):
+            for spec, path in (("torch:eager", None), ("onnxruntime:cpu:portable", paths["portable"])):
                 row = _measure(spec, path, size, batch, args)
                 result["latency"].append({"runtime": spec, "batch": batch, **row})
                 shown = f"median {row['median_s']:.3f} s" if row["ok"] else row["error"]
                 print(f"{spec:<28} batch {batch}: {shown}", flush=True)
-        eager = TorchRuntime(model, "chunked")
+        eager = TorchRuntime(model, "eager")
         images, labels = labelled_images(args.parity_images, size, seed=0)
         # One image at a time, as a deployment scores them.
         reference = predict_all(eager, images, batch=1)
@@ -171,7 +171,7 @@ def _markdown(r: dict[str, Any]) -> str:
                      f"{e['size_bytes'] / 2**20:.1f} MiB | {e['export_s']:.0f} s |")
     lines += [
         "",
-        "The portable form is exported with sequential scans (the default `scan_graph`): each scan walks its",
+        "The portable form is exported with the graph-sequential scan (the default `scan_impl`): each scan walks its",
         "chunks of 16 positions in order, about 11 nodes per chunk, so the node count grows with L / 16 (16x",
         "more positions from 64² to 256²), never per position; one CumSum per block (of δ), the in-chunk sums",
         "being MatMuls.",
@@ -179,7 +179,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"## CPU latency at {r['image_size']}² (median of repeats after one warm-up run)",
         "",
         f"Each row ran in its own process under a {r['memory_gib']:g} GiB address-space limit; peak memory is",
-        "that process's peak resident set (model or session included). PyTorch's chunked scan works through",
+        "that process's peak resident set (model or session included). PyTorch's eager scan works through",
         "cache-sized tiles in place; the sequential graph's temporaries are one chunk of every channel",
         "(batch · 4·D · N · 16 values), so memory grows with the batch but not with L.",
         "",
@@ -195,12 +195,12 @@ def _markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {row['runtime']} | {row['batch']} | failed: {row['error']} | | | | |")
     by = {(row["runtime"], row["batch"]): row["median_s"] for row in r["latency"] if row["ok"]}
     for batch in sorted({row["batch"] for row in r["latency"]}):
-        eager, ort_ = by.get(("torch:chunked", batch)), by.get(("onnxruntime:cpu:portable", batch))
+        eager, ort_ = by.get(("torch:eager", batch)), by.get(("onnxruntime:cpu:portable", batch))
         if eager and ort_:
             lines.append(f"\nBatch {batch}: ONNX Runtime (portable) / PyTorch eager = {ort_ / eager:.2f}× the time.")
     lines += [
         "",
-        f"## Parity with PyTorch eager (chunked scan), {r['parity'][0]['images']} labelled images at "
+        f"## Parity with PyTorch (eager scan), {r['parity'][0]['images']} labelled images at "
         f"{r['image_size']}²",
         "",
         "Labelled set: smooth random textures, a bright Gaussian blob in every second image, run one image at a",

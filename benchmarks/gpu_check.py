@@ -24,9 +24,9 @@ cut to what is left of ``--budget-s``; a failed, timed-out or skipped step is re
    plugin fp16 engine served as the ``tensorrt`` flavour repository, its scores and maps compared with the
    engine run directly, and its latency (``benchmarks/gpu_serve.py``);
 7. ``benchmark``: ``benchmarks/run.py`` at 256², batch 1,8,32, fp32 and fp16, over PyTorch eager (reference,
-   chunked, Triton scan), ONNX Runtime CUDA / TensorRT providers and the TensorRT engines; its accuracy
+   eager, Triton scan), ONNX Runtime CUDA / TensorRT providers and the TensorRT engines; its accuracy
    columns are the engines' parity check against PyTorch fp32;
-8. ``benchmark-compile``: torch.compile (chunked scan) on its own, last, as its compile time is the least
+8. ``benchmark-compile``: torch.compile (graph-parallel scan) on its own, last, as its compile time is the least
    predictable.
 
 Outputs in ``--out`` (at most eight files): ``summary.md`` (steps, machine, parity verdicts, the short
@@ -63,7 +63,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("machine", "kernel-tests", "kernel-bench", "onnx-export", "tensorrt", "serve", "benchmark",
          "benchmark-compile")
-GPU_RUNTIMES = ("torch:chunked", "torch:triton", "torch:reference", "onnxruntime:cuda:portable",
+GPU_RUNTIMES = ("torch:eager", "torch:triton", "torch:reference", "onnxruntime:cuda:portable",
                 "onnxruntime:tensorrt:portable", "tensorrt:plugin", "tensorrt:portable")
 # Largest anomaly-map error over the reference maps' range for an engine to pass parity, by precision.
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
@@ -276,7 +276,7 @@ def summary(checker: Checker, facts: dict[str, str], results_dir: Path) -> str:
         lines += ["", f"## {label}", "", "```", table, "```"]
         parity = _parity(results)
         if parity:
-            lines += ["", "Parity against PyTorch fp32 (chunked scan) on the labelled images:", "", *parity]
+            lines += ["", "Parity against PyTorch fp32 (eager scan) on the labelled images:", "", *parity]
     kernels = results_dir / "kernels.json"
     if kernels.is_file():
         from benchmarks.kernel_bench import short_table as kernel_table  # lazily: see machine_facts
@@ -410,7 +410,7 @@ def _serve_and_benchmark_steps(run: _Run, py: str, built: list[Path]) -> None:
     if run.want("benchmark-compile"):
         if run.cuda:
             # Batch 1 only: every new batch size would be one more inductor compilation.
-            checker.run("benchmark-compile", [py, "benchmarks/run.py", "--runtimes", "torch:chunked:compile",
+            checker.run("benchmark-compile", [py, "benchmarks/run.py", "--runtimes", "torch:graph-parallel:compile",
                                               "--image-size", str(args.image_size), "--batch", "1",
                                               "--precision", "fp32", "--repeats", "10", "--warmup", "2",
                                               "--out", str(results / "compile"), *run.images], checker.remaining())

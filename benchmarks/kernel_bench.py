@@ -4,7 +4,7 @@
 
 SS2D scan at the four VMamba-T v0 stage shapes of a 256² input (H = W = 64, 32, 16, 8; d_inner = 192,
 384, 768, 1536; N = 16; 4 routes) and batch 1, 8, 64: the fused Triton kernel in each strategy, the
-PyTorch chunked path, the sequential reference (batch 1 and L ≤ 256 only: one Python step per position)
+PyTorch eager path, the sequential reference (batch 1 and L ≤ 256 only: one Python step per position)
 and mamba-ssm's CUDA scan when installed (behind the same ss2d_scan, so with its route copies). The
 anomaly head, Triton against PyTorch, on PDD's pairs at 256² (256@64², 512@32², 1024@16², twice each).
 
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from pdd.anomaly import anomaly_head_ref
 from pdd.config import atomic_write_text
-from pdd.ssm import ss2d_scan
+from pdd.ss2d import ss2d_scan
 
 STAGES = ((64, 192), (32, 384), (16, 768), (8, 1536))  # (H = W, d_inner) of VMamba-T v0 at 256²
 D_STATE = 16
@@ -69,7 +69,7 @@ def ss2d_impls(batch: int, length: int) -> dict[str, Callable[..., Tensor]]:
     impls: dict[str, Callable[..., Tensor]] = {
         f"triton-{s}": (lambda *a, s=s: ss2d_scan_triton(*a, strategy=s)) for s in STRATEGIES
     }
-    impls["torch-chunked"] = lambda *a: ss2d_scan(*a, impl="chunked")
+    impls["torch-eager"] = lambda *a: ss2d_scan(*a, impl="eager")
     if batch == 1 and length <= REFERENCE_MAX_L:
         impls["torch-reference"] = lambda *a: ss2d_scan(*a, impl="reference")
     if importlib.util.find_spec("mamba_ssm") is not None:
@@ -82,7 +82,7 @@ def ss2d_rows(bench: Bench, batches: tuple[int, ...], stages: tuple[tuple[int, i
     rows = []
     for side, dim in stages:
         check = ss2d_inputs(1, side, dim, dtype, device)
-        want = ss2d_scan(*check, impl="chunked")
+        want = ss2d_scan(*check, impl="eager")
         for batch in batches:
             inputs = ss2d_inputs(batch, side, dim, dtype, device)
             moved = nbytes(*inputs) + nbytes(inputs[0])  # inputs once, output (x's shape and dtype) once

@@ -3,16 +3,16 @@
     python benchmarks/run.py [--full] [--runtimes all|cpu|gpu|NAME,...] [--batch 1,8,32] [--concurrency 1,4,16]
         [--image-size 256] [--precision fp32,fp16] [--repeats N] [--warmup N] [--out DIR]
 
-Without options it is a quick run, a few minutes on a 2-core CPU: PyTorch (reference and chunked scans,
+Without options it is a quick run, a few minutes on a 2-core CPU: PyTorch (reference, eager and cpu_kernel scans,
 Triton where a GPU is), ONNX Runtime on CPU and the bundled Triton server, 64² images, batch 1,
 concurrency 1, 3 timed calls. ``--full`` makes the exhaustive run the default instead: every runtime,
 256², batch 1,8,32, concurrency 1,4,16, 20 timed calls. Explicit options override either preset.
 
 Runtimes (``--runtimes``; ``cpu`` and ``gpu`` name the ones that compute there)::
 
-    torch:reference  torch:chunked  torch:cpu_kernel  torch:triton
+    torch:reference  torch:eager  torch:cpu_kernel  torch:triton
                                                         PyTorch eager, by selective-scan implementation
-    torch:chunked:compile  torch:triton:compile         torch.compile (inductor)
+    torch:graph-parallel:compile  torch:triton:compile  torch.compile (inductor)
     onnxruntime:cpu:portable  onnxruntime:cpu:plugin    ONNX Runtime (export/runtime.py), by provider
     onnxruntime:cuda:portable  onnxruntime:tensorrt:portable                                  and ONNX form
     tensorrt:plugin  tensorrt:portable                  TensorRT engines (export/build_trt.py) in --artifacts
@@ -41,8 +41,8 @@ forms (``DIR/onnx-<form>``), ``python export/build_trt.py --onnx DIR/onnx-<form>
 --out DIR/tensorrt-<form>-<P>`` builds each engine, and a later ``run.py --artifacts DIR`` uses them after
 checking they come from the same weights (benchmarks/gpu_check.py does all of it).
 
-Accuracy: every runtime's maps and scores on the labelled images are compared with PyTorch fp32 eager with
-the chunked scan, on the same device: max map error (absolute and over the reference maps' range) and
+Accuracy: every runtime's maps and scores on the labelled images are compared with PyTorch fp32 with the
+eager scan (``torch:eager``), on the same device: max map error (absolute and over the reference maps' range) and
 image-AUROC difference. Per-stage time (WRN teacher, VMamba teacher, adapters and students, anomaly head):
 PyTorch eager through the model's submodules; TensorRT through its layer profiler (``IProfiler``), each
 layer assigned to a stage by the ONNX node names it was built from. Yardstick (when a CPU runtime runs): the
@@ -199,10 +199,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     logging.getLogger("pdd.model").setLevel(logging.ERROR)
     if args.checkpoint is not None:
-        model = load_model(args.checkpoint, scan_impl="chunked", image_size=args.image_size)
+        model = load_model(args.checkpoint, scan_impl="eager", image_size=args.image_size)
         return model, f"weights from checkpoint {args.checkpoint.name}"
     torch.manual_seed(0)
-    model = load_model(config=PDDConfig(), scan_impl="chunked", image_size=args.image_size)
+    model = load_model(config=PDDConfig(), scan_impl="eager", image_size=args.image_size)
     return model, ("random teachers and students (seed 0): timings do not depend on weight values; accuracy "
                    "compares runtimes on the same weights, AUROC values themselves are not meaningful")
 
@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model, weights = _build_model(args)
         artifacts = Artifacts(args.artifacts or work / "artifacts", model, args.image_size,
                               max(*args.batch, *args.server_batch),
-                              scan_graph="parallel" if args.device == "cuda" else "sequential")
+                              portable_scan="graph-parallel" if args.device == "cuda" else "graph-sequential")
         artifacts.folder.mkdir(parents=True, exist_ok=True)
         if args.prepare_only:
             forms = sorted({n.split(":")[-1] for n in args.runtimes if n.startswith(("onnxruntime", "tensorrt"))}

@@ -34,7 +34,8 @@ from benchmarks.common import (
 )
 from export.metadata import read_engine_metadata, read_onnx_metadata
 from export.onnx_export import INPUT_NAME, export_onnx
-from export.runtime import Runtime, RuntimeUnavailable, make_runtime
+from export.runtime import ORT_PROVIDERS, Runtime, RuntimeUnavailable, make_runtime
+from export.runtime import RUNTIMES as RUNTIME_NAMES
 from pdd.config import atomic_write_text
 
 __all__ = ["FULL", "PRECISIONS", "PRESETS", "QUICK", "REFERENCE", "RUNTIMES", "SERVER", "SLOW", "TENSORRT",
@@ -42,30 +43,32 @@ __all__ = ["FULL", "PRECISIONS", "PRESETS", "QUICK", "REFERENCE", "RUNTIMES", "S
 
 log = logging.getLogger("benchmarks.run")
 
-TORCH = ("torch:reference", "torch:chunked", "torch:cpu_kernel", "torch:triton", "torch:chunked:compile",
+# The runtimes measured, by export.runtime's names (checked below), plus the server's protocols.
+TORCH = ("torch:reference", "torch:eager", "torch:cpu_kernel", "torch:triton", "torch:graph-parallel:compile",
          "torch:triton:compile")
 ONNXRUNTIME = ("onnxruntime:cpu:portable", "onnxruntime:cpu:plugin", "onnxruntime:cuda:portable",
                "onnxruntime:tensorrt:portable")
 TENSORRT = ("tensorrt:plugin", "tensorrt:portable")
 SERVER = ("server:http", "server:grpc", "server:shm")
 RUNTIMES = TORCH + ONNXRUNTIME + TENSORRT + SERVER
+_UNKNOWN = set(TORCH + ONNXRUNTIME + TENSORRT) - set(RUNTIME_NAMES)
+if _UNKNOWN:
+    raise ImportError(f"benchmark runtimes unknown to export.runtime: {sorted(_UNKNOWN)}")
 PRESETS = {
     "all": RUNTIMES,
-    "cpu": ("torch:reference", "torch:chunked", "torch:cpu_kernel", "torch:chunked:compile",
+    "cpu": ("torch:reference", "torch:eager", "torch:cpu_kernel", "torch:graph-parallel:compile",
             "onnxruntime:cpu:portable", "onnxruntime:cpu:plugin", *SERVER),
-    "gpu": ("torch:reference", "torch:chunked", "torch:triton", "torch:chunked:compile", "torch:triton:compile",
+    "gpu": ("torch:reference", "torch:eager", "torch:triton", "torch:graph-parallel:compile", "torch:triton:compile",
             "onnxruntime:cuda:portable", "onnxruntime:tensorrt:portable", *TENSORRT),
 }
 PRECISIONS = ("fp32", "fp16")
-REFERENCE = "torch:chunked"  # accuracy is measured against this runtime in fp32
+REFERENCE = "torch:eager"  # accuracy is measured against this runtime in fp32
 SLOW = "torch:reference"
-_ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
-                  "tensorrt": "TensorrtExecutionProvider"}
 _FINGERPRINT = "model-fingerprint.txt"
 
 # The default run: what runs on any machine, small enough for a few minutes on a 2-core CPU (no compile,
 # no plugin form, TensorRT only from prebuilt engines).
-QUICK = {"runtimes": ["torch:reference", "torch:chunked", "torch:cpu_kernel", "torch:triton",
+QUICK = {"runtimes": ["torch:reference", "torch:eager", "torch:cpu_kernel", "torch:triton",
                       "onnxruntime:cpu:portable", *SERVER],
          "image_size": 64, "batch": [1], "concurrency": [1], "repeats": 3, "warmup": 1, "reference_repeats": 1,
          "accuracy_images": 4, "paired_rounds": 2}
@@ -112,9 +115,9 @@ class Artifacts:
     """
 
     def __init__(self, folder: Path, model: torch.nn.Module, image_size: int, max_batch: int,
-                 scan_graph: str = "sequential") -> None:
+                 portable_scan: str = "graph-sequential") -> None:
         self.folder, self.model, self.size, self.max_batch = folder, model, image_size, max_batch
-        self.scan_graph = scan_graph  # how portable scans join their chunks: sequential on CPU, parallel on GPU
+        self.portable_scan = portable_scan  # the portable form's scan: graph-sequential on CPU, graph-parallel on GPU
         self._fingerprint: str | None = None
         self._errors: dict[str, str] = {}
 
@@ -136,14 +139,14 @@ class Artifacts:
             meta = read_onnx_metadata(path)
             if (tuple(meta.image_size) == (self.size, self.size) and meta.batch[0] <= 1
                     and meta.batch[1] >= self.max_batch and not meta.preprocess
-                    and (form != "portable" or meta.scan_graph == self.scan_graph)):
+                    and meta.scan_impl == (self.portable_scan if form == "portable" else "plugin")):
                 return path
         print(f"exporting the {form} ONNX form ({self.size}², batch 1..{self.max_batch}"
-              f"{f', {self.scan_graph} scans' if form == 'portable' else ''}) …", flush=True)
+              f"{f', {self.portable_scan} scans' if form == 'portable' else ''}) …", flush=True)
         start = time.perf_counter()
         try:
             export_onnx(self.model, path.parent, form=form, batch=(1, max(self.max_batch, 2)), image_size=self.size,
-                        scan_graph=self.scan_graph)
+                        scan_impl=self.portable_scan if form == "portable" else None)
         except Exception as exc:  # one failed export skips its runtimes, not the benchmark
             self._errors[form] = f"ONNX export of the {form} form failed: {error_text(exc)}"
             raise RuntimeFailed(self._errors[form]) from exc
@@ -216,8 +219,8 @@ class Bench:
             except ImportError:
                 raise RuntimeUnavailable("onnxruntime is not installed (pip install -e '.[export]')") from None
 
-            if _ORT_PROVIDERS[provider] not in onnxruntime.get_available_providers():
-                raise RuntimeUnavailable(f"this ONNX Runtime has no {_ORT_PROVIDERS[provider]} (available: "
+            if ORT_PROVIDERS[provider][0] not in onnxruntime.get_available_providers():
+                raise RuntimeUnavailable(f"this ONNX Runtime has no {ORT_PROVIDERS[provider][0]} (available: "
                                          f"{onnxruntime.get_available_providers()})")
             if form == "plugin" and package_version("onnxruntime-extensions") is None:
                 raise RuntimeUnavailable("the plugin form runs its custom ops through onnxruntime-extensions, "
@@ -374,7 +377,7 @@ class Bench:
         return accuracy_vs_reference(ref, pred, self.images.labels[order])
 
     def ensure_reference(self) -> None:
-        """Reference predictions from a PyTorch fp32 chunked runtime when the run does not measure one."""
+        """Reference predictions from the PyTorch fp32 eager-scan runtime when the run does not measure one."""
         try:
             with make_runtime(REFERENCE, model=self.model_on(self.device), device=self.device) as rt:
                 parts = [rt.predict(self.images.normalised[i:i + 1]) for i in range(len(self.images))]

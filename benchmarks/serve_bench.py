@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.repo:
             repo, model_desc = args.repo, f"repository {args.repo}"
         else:
-            model = load_model(args.checkpoint, None if args.checkpoint else args.config, scan_impl="chunked",
+            model = load_model(args.checkpoint, None if args.checkpoint else args.config, scan_impl="eager",
                                image_size=args.image_size)
             model_desc = (f"checkpoint {args.checkpoint}" if args.checkpoint else
                           f"config {args.config}, freshly initialised (random teachers: speed only)")

@@ -106,19 +106,19 @@ def targets(entries: list[dict[str, Any]], image_size: int, paired: list[dict[st
     else:
         add("CPU batch 1: best runtime vs PyTorch eager, reference scan", ">= 10x", None, None,
             "needs torch:reference and another runtime at batch 1 on the CPU")
-    ort, chunked = _ok(entries, "onnxruntime:cpu:portable"), _ok(entries, REFERENCE, device="cpu")
-    if ort and chunked and median_ms(ort["latency"], 1) and median_ms(chunked["latency"], 1):
-        ratio = median_ms(chunked["latency"], 1) / median_ms(ort["latency"], 1)
-        detail = (f"{median_ms(ort['latency'], 1):.0f} ms vs {median_ms(chunked['latency'], 1):.0f} ms "
+    ort, eager = _ok(entries, "onnxruntime:cpu:portable"), _ok(entries, REFERENCE, device="cpu")
+    if ort and eager and median_ms(ort["latency"], 1) and median_ms(eager["latency"], 1):
+        ratio = median_ms(eager["latency"], 1) / median_ms(ort["latency"], 1)
+        detail = (f"{median_ms(ort['latency'], 1):.0f} ms vs {median_ms(eager['latency'], 1):.0f} ms "
                   f"(medians, measured one after the other)")
         if pair := _paired(paired, REFERENCE, "onnxruntime:cpu:portable"):
             detail = (f"alternating calls: {pair['b_ms']:.0f} ms vs {pair['a_ms']:.0f} ms (medians of "
                       f"{pair['rounds']} each); {detail}: {ratio:.2f}x")
             ratio = pair["ratio"]
-        add("CPU batch 1: ONNX Runtime portable vs PyTorch eager chunked", ">= 1x", ratio, ratio >= 1, detail + note)
+        add("CPU batch 1: ONNX Runtime portable vs PyTorch eager scan", ">= 1x", ratio, ratio >= 1, detail + note)
     else:
-        add("CPU batch 1: ONNX Runtime portable vs PyTorch eager chunked", ">= 1x", None, None,
-            "needs onnxruntime:cpu:portable and torch:chunked at batch 1 on the CPU")
+        add("CPU batch 1: ONNX Runtime portable vs PyTorch eager scan", ">= 1x", None, None,
+            "needs onnxruntime:cpu:portable and torch:eager at batch 1 on the CPU")
     eager = _ok(entries, REFERENCE, device="cuda")
     trts = [e for e in (_ok(entries, n, "fp16") for n in TENSORRT) if e]
     throughput = {id(e): next((r["throughput_img_s"] for r in e["latency"] if r["batch"] == 32), None)
@@ -132,7 +132,7 @@ def targets(entries: list[dict[str, Any]], image_size: int, paired: list[dict[st
             f"{note}")
     else:
         add("GPU batch 32: TensorRT fp16 vs PyTorch eager fp32 throughput", ">= 3x", None, None,
-            "needs a GPU with TensorRT fp16 engines and torch:chunked on CUDA at batch 32")
+            "needs a GPU with TensorRT fp16 engines and torch:eager on CUDA at batch 32")
     served = [r for n in SERVER if (e := _ok(entries, n)) for r in e["latency"]
               if r["batch"] == 1 and r["concurrency"] == 1 and r["completed"]]
     if served and ort and median_ms(ort["latency"], 1):

@@ -126,7 +126,7 @@ def prepare(out: Path, *, model: Any = None, onnx: Path | None = None, form: str
         kwargs = {"opset": opset} if opset else {}
         # On the GPU the portable scans join their chunks by a parallel log-depth scan.
         export_onnx(model, out / "onnx", form=form, batch=(lo, hi), image_size=image_size, preprocess=preprocess,
-                    scan_graph="parallel", **kwargs)
+                    scan_impl="graph-parallel", **kwargs)
         onnx = out / "onnx" / "model.onnx"
     meta = read_onnx_metadata(onnx)
     if not (meta.batch[0] <= lo and hi <= meta.batch[1]):
@@ -279,7 +279,7 @@ def check_engine(plan: BuildPlan, model: Any = None, images: int = 8, batch: int
     feeds = [{INPUT_NAME: x[i:i + batch]} for i in range(0, len(x), batch)]
     runners = [TrtRunner(engine_rt.engine, name="tensorrt"), OnnxrtRunner(ort_rt.session, name="onnxruntime")]
     if model is not None and not plan.onnx_meta.preprocess:
-        runners.append(_torch_runner(TorchRuntime(model, "chunked"), "pytorch"))
+        runners.append(_torch_runner(TorchRuntime(model, "eager"), "pytorch"))
     results = Comparator.run(runners, data_loader=feeds)
     tol = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2)}[plan.precision]
     passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tol[0], rtol=tol[1])))
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None, prog: str = "python export/build_trt.py"
         if args.checkpoint is None:
             log.warning("building from config %r without a checkpoint: trainable parts are freshly initialised",
                         args.config)
-        model = load_model(args.checkpoint, args.config, scan_impl="chunked")
+        model = load_model(args.checkpoint, args.config, scan_impl="eager")
     plan = prepare(args.out, model=model, onnx=args.onnx, form=args.onnx_form, precision=args.precision,
                    batch=args.batch, image_size=args.image_size, preprocess=args.preprocess, opset=args.opset,
                    target=target)

@@ -4,13 +4,14 @@ Benchmarks, parity checks and serving hold a :class:`Runtime` and call ``predict
 is behind it. :func:`make_runtime` builds one from a short spec and raises :class:`RuntimeUnavailable`
 (with the reason) when it cannot run here, so a benchmark can list it as skipped instead of failing.
 
-Specs::
+Specs (:data:`RUNTIMES` lists every full name; the benchmarks use these names)::
 
     torch[:<scan impl>][:compile]                   PyTorch (torch.compile with ':compile'); scan impl one of
                                                      pdd.impl_names.SCAN_IMPLS (default eager; 'chunked' is
                                                      the deprecated name of eager)
-    onnxruntime[:cpu|cuda|tensorrt][:portable|plugin] ONNX Runtime with that execution provider
-    tensorrt[:fp32|fp16]                             a TensorRT engine built by export/build_trt.py
+    onnxruntime[:cpu|cuda|tensorrt][:portable|plugin] ONNX Runtime with that execution provider and ONNX form
+    tensorrt[:plugin|portable][:fp32|fp16]          a TensorRT engine built by export/build_trt.py from that
+                                                     ONNX form (default plugin, fp16)
 
 Example::
 
@@ -48,12 +49,15 @@ from export.metadata import (
     read_onnx_metadata,
     sha256_file,
 )
-from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, load_onnx, weight_sharing_copy
+from export.onnx_export import FORMS, INPUT_NAME, OUTPUT_NAMES, load_onnx, weight_sharing_copy
 from kernels.target import driver_ptx_isa
 from pdd.calibration import Calibration, apply_calibration
+from pdd.impl_names import SCAN_IMPLS
 from pdd.ssm import ScanImplUnavailable, resolve_scan_impl
 
 __all__ = [
+    "ORT_PROVIDERS",
+    "RUNTIMES",
     "OnnxRuntime",
     "Runtime",
     "RuntimeUnavailable",
@@ -64,11 +68,20 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ORT_PROVIDERS = {
+# ONNX Runtime's execution providers by runtime-name word, in the order a session tries them.
+ORT_PROVIDERS = {
     "cpu": ("CPUExecutionProvider",),
     "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
+# Every runtime's full name. torch.compile is offered for the scans that compile to one graph (the
+# eager scan reads its chunk size on the host, a graph break).
+RUNTIMES = (
+    *(f"torch:{impl}" for impl in SCAN_IMPLS),
+    "torch:graph-parallel:compile", "torch:triton:compile",
+    *(f"onnxruntime:{provider}:{form}" for provider in ORT_PROVIDERS for form in FORMS),
+    *(f"tensorrt:{form}" for form in FORMS),
+)
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -306,8 +319,9 @@ def make_runtime(spec: str, *, model: torch.nn.Module | None = None, onnx_path: 
                  device: str | None = None, threads: int | None = None) -> Runtime:
     """Build the runtime a spec names (see the module docstring); :class:`RuntimeUnavailable` if it cannot run.
 
-    ``artifacts``: a folder laid out as ``onnx-<form>/model.onnx`` and ``tensorrt-<precision>/``, used when
-    ``onnx_path`` / ``engine_dir`` are not given.
+    ``artifacts``: a folder laid out as ``onnx-<form>/model.onnx`` and ``tensorrt-<form>-<precision>/`` (what
+    ``benchmarks/run.py --prepare-only`` and ``benchmarks/gpu_check.py`` write), used when ``onnx_path`` /
+    ``engine_dir`` are not given.
     """
     kind, *rest = spec.split(":")
     if kind == "torch":
@@ -321,17 +335,18 @@ def make_runtime(spec: str, *, model: torch.nn.Module | None = None, onnx_path: 
     if kind == "onnxruntime":
         provider = rest[0] if rest else "cpu"
         form = rest[1] if len(rest) > 1 else "portable"
-        if provider not in _ORT_PROVIDERS or len(rest) > 2:
-            raise ValueError(f"runtime spec {spec!r}: expected onnxruntime[:{'|'.join(_ORT_PROVIDERS)}][:<form>]")
+        if provider not in ORT_PROVIDERS or len(rest) > 2:
+            raise ValueError(f"runtime spec {spec!r}: expected onnxruntime[:{'|'.join(ORT_PROVIDERS)}][:<form>]")
         path = onnx_path or (Path(artifacts) / f"onnx-{form}" / "model.onnx" if artifacts else None)
         if path is None:
             raise RuntimeUnavailable(f"{spec}: no ONNX file given (onnx_path= or artifacts=)")
-        return OnnxRuntime(path, _ORT_PROVIDERS[provider], threads=threads, name=f"onnxruntime:{provider}:{form}")
+        return OnnxRuntime(path, ORT_PROVIDERS[provider], threads=threads, name=f"onnxruntime:{provider}:{form}")
     if kind == "tensorrt":
+        form = rest.pop(0) if rest and rest[0] in FORMS else "plugin"
         precision = rest[0] if rest else "fp16"
         if precision not in ("fp32", "fp16") or len(rest) > 1:
-            raise ValueError(f"runtime spec {spec!r}: expected tensorrt[:fp32|fp16]")
-        folder = engine_dir or (Path(artifacts) / f"tensorrt-{precision}" if artifacts else None)
+            raise ValueError(f"runtime spec {spec!r}: expected tensorrt[:{'|'.join(FORMS)}][:fp32|fp16]")
+        folder = engine_dir or (Path(artifacts) / f"tensorrt-{form}-{precision}" if artifacts else None)
         if folder is None:
             raise RuntimeUnavailable(f"{spec}: no engine folder given (engine_dir= or artifacts=)")
         return TensorRTRuntime(folder)

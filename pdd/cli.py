@@ -199,13 +199,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_onnx
+    from export.onnx_export import SCAN_IMPLS_BY_FORM, export_onnx
 
+    if args.scan_graph:
+        print("pdd export onnx: --scan-graph is deprecated; use --scan-impl graph-sequential|graph-parallel",
+              file=sys.stderr)
+        args.scan_impl = f"graph-{args.scan_graph}"
     model = _model(args, "cpu")
     lo, _, hi = args.batch.partition(":")
+    # The scan the graph is built with, when --scan-impl names one of the form's; else the form's default.
+    scan = args.scan_impl if args.scan_impl in SCAN_IMPLS_BY_FORM[args.form] else None
     report = export_onnx(model, args.out, form=args.form, batch=(int(lo), int(hi or lo)),
                          image_size=args.image_size or model.cfg.image_size, preprocess=args.preprocess,
-                         scan_graph=args.scan_graph)
+                         scan_impl=scan)
     print(report)
     return 0
 
@@ -252,7 +258,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="a PDD checkpoint (best.pt / last.pt)")
     g.add_argument("--config", help="config name or YAML file: a freshly initialised model")
-    p.add_argument("--scan-impl", choices=SCAN_CHOICES)
+    p.add_argument("--scan-impl", choices=SCAN_CHOICES, help="scan implementation (default: the config's); for "
+                   "`export onnx` graph-sequential or graph-parallel also choose the portable form's scan")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (with --config)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
 
@@ -356,9 +363,9 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--batch", default="1:32", help="MIN:MAX dynamic batch range")
     p.add_argument("--image-size", type=int)
     p.add_argument("--preprocess", action="store_true", help="uint8 HWC images in, normalisation in the graph")
-    p.add_argument("--scan-graph", choices=["sequential", "parallel"], default="sequential",
-                   help="portable form: scans walk their chunks in order (CPU runtimes) or join them by a "
-                        "log-depth scan (GPUs, TensorRT)")
+    p.add_argument("--scan-graph", choices=["sequential", "parallel"],
+                   help="deprecated: --scan-impl graph-sequential (portable form, the default: chunks walked in "
+                        "order, for CPU runtimes) or graph-parallel (chunks joined by a log-depth scan, for GPUs)")
     p.set_defaults(fn=cmd_export_onnx)
     # The builder's own command line (python export/build_trt.py), passed through whole: --help shows it.
     p = exp.add_parser("trt", add_help=False, help="build a TensorRT engine (plugin or portable form; "

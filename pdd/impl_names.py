@@ -6,12 +6,12 @@ Scan implementations (``PDDConfig.scan_impl``, ``--scan-impl``, ``impl=``), one 
 
 - ``auto``: resolved when the model is built: ``triton`` on CUDA, ``cpu_kernel`` on CPU, else ``eager``.
 - ``reference``: the per-position loop; float64-capable; the oracle.
-- ``eager``: standard PyTorch ops for eager runs, autograd included (whole-sequence chunked formulation,
-  data-dependent safe chunk size).
+- ``eager``: PyTorch ops for eager inference (chunks walked over cache-sized channel tiles in place,
+  data-dependent safe chunk size); no autograd.
 - ``graph-sequential``: standard ops for graph export to CPU runtimes (chunks of 16 walked in order,
   position-major SS2D).
-- ``graph-parallel``: standard ops for graph export to GPU runtimes (the ``eager`` formulation with a fixed
-  chunk of 16).
+- ``graph-parallel``: standard ops for graph export to GPU runtimes, and the differentiable formulation
+  (the whole sequence at once, chunks of 16 joined by a log-depth scan).
 - ``plugin``: the ``pdd::ss2d_scan`` custom op, one ONNX node per SS2D block (TensorRT plugin, ONNX
   Runtime custom op).
 - ``triton``, ``cpu_kernel``, ``mamba_ssm``: the Triton kernel, the compiled CPU kernel, mamba-ssm's CUDA kernel.

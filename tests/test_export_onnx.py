@@ -336,3 +336,14 @@ def test_onnxruntime_parity_with_pytorch(form: str, small_pdd: torch.nn.Module, 
             out = candidate.predict(images[:batch])
             assert out["pred_score"].shape == (batch,) and out["anomaly_map"].shape == (batch, 64, 64)
             np.testing.assert_allclose(out["pred_score"], reference["pred_score"][:batch], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_scan_impl_chooses_the_portable_scan(tmp_path: Path) -> None:
+    """`pdd export onnx --scan-impl graph-parallel` builds the portable graph with that scan (the metadata says
+    so); the deprecated --scan-graph spelling names the same choice."""
+    from pdd.cli import main
+
+    out = tmp_path / "onnx"
+    assert main(["export", "onnx", "--config", "brain-synth", "--image-size", "64", "--batch", "1:2",
+                 "--scan-impl", "graph-parallel", "--out", str(out)]) == 0
+    assert read_onnx_metadata(out / "model.onnx").scan_impl == "graph-parallel"
