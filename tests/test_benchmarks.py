@@ -106,14 +106,14 @@ def _entry(runtime: str, device: str, medians: dict[int, float], precision: str 
 
 def test_targets_from_measured_medians(bench) -> None:
     run, _ = bench
-    entries = [_entry("torch:reference", "cpu", {1: 10_000.0}), _entry("torch:chunked", "cpu", {1: 800.0}),
+    entries = [_entry("torch:reference", "cpu", {1: 10_000.0}), _entry("torch:eager", "cpu", {1: 800.0}),
                _entry("onnxruntime:cpu:portable", "cpu", {1: 500.0}),
                {**_entry("torch:triton", "cpu", {}), "status": "skipped", "reason": "no CUDA"}]
     by_name = {t["target"]: t for t in run.targets(entries, 256)}
     best = by_name["CPU batch 1: best runtime vs PyTorch eager, reference scan"]
     assert best["value"] == pytest.approx(20.0) and best["met"] is True
     assert "onnxruntime:cpu:portable" in best["detail"]
-    ort = by_name["CPU batch 1: ONNX Runtime portable vs PyTorch eager chunked"]
+    ort = by_name["CPU batch 1: ONNX Runtime portable vs PyTorch eager scan"]
     assert ort["value"] == pytest.approx(1.6) and ort["met"] is True
     gpu = by_name["GPU batch 32: TensorRT fp16 vs PyTorch eager fp32 throughput"]
     assert gpu["met"] is None and gpu["detail"].startswith("needs")
@@ -123,17 +123,17 @@ def test_targets_from_measured_medians(bench) -> None:
     # Alternating (paired) measurements, when present, decide the CPU verdicts; the sequential ratio is quoted.
     paired = [{"a": "torch:reference", "b": "onnxruntime:cpu:portable", "status": "ok", "a_ms": 9000.0,
                "b_ms": 1000.0, "ratio": 9.0, "rounds": 2},
-              {"a": "torch:chunked", "b": "onnxruntime:cpu:portable", "status": "ok", "a_ms": 700.0,
+              {"a": "torch:eager", "b": "onnxruntime:cpu:portable", "status": "ok", "a_ms": 700.0,
                "b_ms": 800.0, "ratio": 0.875, "rounds": 6}]
     by_name = {t["target"]: t for t in run.targets(entries, 256, paired)}
     best = by_name["CPU batch 1: best runtime vs PyTorch eager, reference scan"]
     assert best["value"] == pytest.approx(9.0) and best["met"] is False and "20.00x" in best["detail"]
-    ort = by_name["CPU batch 1: ONNX Runtime portable vs PyTorch eager chunked"]
+    ort = by_name["CPU batch 1: ONNX Runtime portable vs PyTorch eager scan"]
     assert ort["value"] == pytest.approx(0.875) and ort["met"] is False and "alternating" in ort["detail"]
     assert run.target_pairs(entries, 6) == [("torch:reference", "onnxruntime:cpu:portable", 1),
-                                              ("torch:chunked", "onnxruntime:cpu:portable", 6)]
+                                              ("torch:eager", "onnxruntime:cpu:portable", 6)]
 
-    gpu_entries = [_entry("torch:chunked", "cuda", {32: 400.0}),
+    gpu_entries = [_entry("torch:eager", "cuda", {32: 400.0}),
                    _entry("tensorrt:plugin", "cuda:0", {32: 100.0}, "fp16"),
                    _entry("tensorrt:portable", "cuda:0", {32: 160.0}, "fp16")]
     gpu = {t["target"]: t for t in run.targets(gpu_entries, 256)}["GPU batch 32: TensorRT fp16 vs PyTorch eager "
@@ -145,10 +145,10 @@ def test_parse_args_quick_defaults_and_errors(bench) -> None:
     run, _ = bench
     args = run.parse_args(["--runtimes", "cpu,torch:triton", "--batch", "4,1,4"])
     assert args.preset == "quick" and args.image_size == 64 and args.repeats == 3 and args.batch == [1, 4]
-    assert args.runtimes[:2] == ["torch:reference", "torch:chunked"] and "torch:triton" in args.runtimes
+    assert args.runtimes[:2] == ["torch:reference", "torch:eager"] and "torch:triton" in args.runtimes
     assert args.requests == args.repeats and args.paired_rounds == 2
     quick = run.parse_args([])
-    assert quick.batch == quick.concurrency == [1] and "torch:chunked:compile" not in quick.runtimes
+    assert quick.batch == quick.concurrency == [1] and "torch:graph-parallel:compile" not in quick.runtimes
     assert {"onnxruntime:cpu:portable", "server:http"} <= set(quick.runtimes)
     full = run.parse_args(["--full", "--repeats", "5"])
     assert full.preset == "full" and full.image_size == 256 and full.batch == [1, 8, 32] and full.repeats == 5
@@ -159,11 +159,11 @@ def test_parse_args_quick_defaults_and_errors(bench) -> None:
 
 
 def test_quick_run_end_to_end(bench, tmp_path: Path) -> None:
-    """The quick preset on the CPU: PyTorch chunked and reference scan measured, GPU runtimes listed as skipped."""
+    """The quick preset on the CPU: PyTorch eager and reference scans measured, GPU runtimes listed as skipped."""
     run, common = bench
     out = tmp_path / "results"
     result = run.main(["--batch", "1,2", "--repeats", "1", "--device", "cpu", "--threads", "1", "--out", str(out),
-                       "--runtimes", "torch:chunked,torch:reference,torch:triton,tensorrt:plugin"])
+                       "--runtimes", "torch:eager,torch:reference,torch:triton,tensorrt:plugin"])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["runtimes"] == json.loads(json.dumps(result["runtimes"], default=str))
     env = on_disk["environment"]
@@ -175,7 +175,7 @@ def test_quick_run_end_to_end(bench, tmp_path: Path) -> None:
     assert "brain-synth" in on_disk["config"]["images"] or "textures" in on_disk["config"]["images"]
 
     entries = {e["runtime"]: e for e in on_disk["runtimes"]}
-    chunked, reference = entries["torch:chunked"], entries["torch:reference"]
+    chunked, reference = entries["torch:eager"], entries["torch:reference"]
     assert chunked["status"] == reference["status"] == "ok"
     assert [r["batch"] for r in chunked["latency"]] == [1, 2]
     for row in chunked["latency"] + reference["latency"]:
@@ -201,12 +201,12 @@ def test_quick_run_end_to_end(bench, tmp_path: Path) -> None:
     best = chunked["latency"][0]["median_ms"]  # the reference scan is never the "best runtime"
     assert share["value"] == pytest.approx(100 * yard["model_gflop"] / (best / 1e3) / yard["gemm_gflops"])
     (pair,) = on_disk["paired"]  # reference vs the best other CPU runtime, in alternation
-    assert (pair["a"], pair["b"], pair["status"]) == ("torch:reference", "torch:chunked", "ok")
-    assert len(pair["times_ms"]["torch:reference"]) == len(pair["times_ms"]["torch:chunked"]) == pair["rounds"]
+    assert (pair["a"], pair["b"], pair["status"]) == ("torch:reference", "torch:eager", "ok")
+    assert len(pair["times_ms"]["torch:reference"]) == len(pair["times_ms"]["torch:eager"]) == pair["rounds"]
     assert pair["ratio"] == pytest.approx(pair["a_ms"] / pair["b_ms"])
 
     md = (out / "results.md").read_text()
-    assert "| torch:chunked | fp32 |" in md and "Skipped or failed" in md and "Targets" in md
+    assert "| torch:eager | fp32 |" in md and "Skipped or failed" in md and "Targets" in md
     for png in ("latency.png", "throughput.png", "stages.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
