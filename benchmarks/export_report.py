@@ -180,7 +180,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         f"Each row ran in its own process under a {r['memory_gib']:g} GiB address-space limit; peak memory is",
         "that process's peak resident set (model or session included). PyTorch's eager scan works through",
-        "cache-sized tiles in place; the sequential graph's temporaries are one chunk of every channel",
+        "cache-sized tiles in place; the graph-sequential scan's temporaries are one chunk of every channel",
         "(batch · 4·D · N · 16 values), so memory grows with the batch but not with L.",
         "",
         "| runtime | batch | median | min | max | images/s | peak memory |",

@@ -9,7 +9,7 @@ engines, and the end-to-end benchmark over every GPU runtime the machine has.
 cut to what is left of ``--budget-s``; a failed, timed-out or skipped step is recorded and the next runs):
 
 1. ``machine``: GPU, driver, torch/CUDA, triton, and whether tensorrt, tensorrt.plugin, ONNX Runtime's
-   CUDA and TensorRT providers, polygraphy, tritonclient, the bundled Triton server, perf_analyzer and
+   CUDA and TensorRT providers, polygraphy, tritonclient, the bundled Triton Inference Server, perf_analyzer and
    nilearn (brain-synth) are there;
 2. ``kernel-tests``: ``pytest tests/test_kernels.py`` natively on CUDA (fp32 and fp16, fresh random inputs,
    odd sizes, against the float64 oracles);
@@ -139,7 +139,7 @@ class Checker:
 
 
 def _end_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM a step's process group, SIGKILL it after ``grace_s``. SIGTERM first: a step's Triton server
+    """SIGTERM a step's process group, SIGKILL it after ``grace_s``. SIGTERM first: a step's tritonserver
     runs in a group of its own, which only the step's own handler (export/serve.py) stops."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""Serve a TensorRT engine with NVIDIA's Triton server (TensorRT backend) and check it against the engine.
+"""Serve a TensorRT engine with NVIDIA's Triton Inference Server (TensorRT backend) and check it against the engine.
 
     python -m benchmarks.gpu_serve --server /opt/tritonserver/bin/tritonserver --engine ENGINE_DIR \\
         [--images MVTEC_DIR] [--requests 32] --out serve.json
@@ -8,7 +8,7 @@ bundled CPU server has no TensorRT backend. It writes the ``tensorrt`` flavour r
 starts the server on loopback ports in a process group of its own (stopped on exit, also on failure),
 sends the images one per request over HTTP, and compares the served scores and maps with the same engine
 run in this process on the same pixels (largest map error over the map range, score ranks); then times
-``--requests`` sequential requests (p50/p99 latency, throughput). Prints one JSON line and writes ``--out``.
+``--requests`` requests one after another (p50/p99 latency, throughput). Prints one JSON line and writes ``--out``.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", required=True, type=Path, help="engine folder (engine.plan + engine.json)")
     ap.add_argument("--images", type=Path, help="MVTec-style folder (default: labelled textures)")
     ap.add_argument("--count", type=int, default=8, help="images compared with the engine")
-    ap.add_argument("--requests", type=int, default=32, help="timed sequential requests")
+    ap.add_argument("--requests", type=int, default=32, help="timed requests, one after another")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="pdd-gpu-serve-"))

@@ -4,7 +4,7 @@
 
 SS2D scan at the four VMamba-T v0 stage shapes of a 256² input (H = W = 64, 32, 16, 8; d_inner = 192,
 384, 768, 1536; N = 16; 4 routes) and batch 1, 8, 64: the fused Triton kernel in each strategy, the
-PyTorch eager path, the sequential reference (batch 1 and L ≤ 256 only: one Python step per position)
+PyTorch eager path, the reference loop (batch 1 and L ≤ 256 only: one Python step per position)
 and mamba-ssm's CUDA scan when installed (behind the same ss2d_scan, so with its route copies). The
 anomaly head, Triton against PyTorch, on PDD's pairs at 256² (256@64², 512@32², 1024@16², twice each).
 

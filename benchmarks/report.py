@@ -92,9 +92,9 @@ def _server_lines(entries: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     served = [e for e in entries if e["device"] == "server" and e["status"] == "ok"]
     if served:
-        lines += ["", "Triton server (closed-loop load from export.client.run_load, perf_analyzer's fields; shm = gRPC "
-                      "with system shared memory; server times: the engine step's per-request means from Triton's "
-                      "statistics, warm-up requests included):", "",
+        lines += ["", "Triton Inference Server (closed-loop load from export.client.run_load, perf_analyzer's fields; "
+                      "shm = gRPC with system shared memory; server times: the engine step's per-request means "
+                      "from the server's statistics, warm-up requests included):", "",
                   "| runtime | batch | concurrency | requests | errors | infer/s | p50 µs | p90 µs | p95 µs | p99 µs | "
                   "queue µs | compute infer µs | max abs err | ΔAUROC |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -227,7 +227,7 @@ def plots(result: dict[str, Any], out: Path) -> list[str]:
                                 marker="o", label=f"{e['runtime']} batch {b}")
                 ax.set_xlabel("client concurrency")
                 ax.set_ylabel("infer / s")
-                ax.set_title("Triton server throughput")
+                ax.set_title("Triton Inference Server throughput")
             ax.set_xscale("log", base=2)
             ax.legend(fontsize=7)
         fig.tight_layout()

@@ -4,7 +4,7 @@
         [--image-size 256] [--precision fp32,fp16] [--repeats N] [--warmup N] [--out DIR]
 
 Without options it is a quick run, a few minutes on a 2-core CPU: PyTorch (reference, eager and cpu_kernel scans,
-Triton where a GPU is), ONNX Runtime on CPU and the bundled Triton server, 64² images, batch 1,
+Triton where a GPU is), ONNX Runtime on CPU and the bundled Triton Inference Server, 64² images, batch 1,
 concurrency 1, 3 timed calls. ``--full`` makes the exhaustive run the default instead: every runtime,
 256², batch 1,8,32, concurrency 1,4,16, 20 timed calls. Explicit options override either preset.
 
@@ -16,7 +16,7 @@ Runtimes (``--runtimes``; ``cpu`` and ``gpu`` name the ones that compute there):
     onnxruntime:cpu:portable  onnxruntime:cpu:plugin    ONNX Runtime (export/runtime.py), by provider
     onnxruntime:cuda:portable  onnxruntime:tensorrt:portable                                  and ONNX form
     tensorrt:plugin  tensorrt:portable                  TensorRT engines (export/build_trt.py) in --artifacts
-    server:http  server:grpc  server:shm                the bundled Triton server (python flavour), shm = gRPC
+    server:http  server:grpc  server:shm                the bundled Triton Inference Server (python flavour), shm = gRPC
                                                         with system shared memory
 
 Every runtime goes through :func:`export.runtime.make_runtime`; one that cannot run here is listed as

@@ -287,7 +287,7 @@ class Bench:
             med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
             out.update(status="ok", a_ms=med[a], b_ms=med[b], ratio=med[a] / med[b],
                        times_ms={name: [v * 1e3 for v in t] for name, t in times.items()})
-        except Exception as exc:  # recorded; the targets then fall back to the sequential medians
+        except Exception as exc:  # recorded; the targets then fall back to the medians measured one after the other
             out.update(status="failed", reason=error_text(exc))
         finally:
             for rt in runtimes.values():

@@ -71,7 +71,7 @@ def _start_server(bench: Bench) -> Any:
     except ServerError as exc:
         raise RuntimeUnavailable(str(exc)) from None
     onnx = bench.artifacts.onnx("portable")
-    print("starting the Triton server (python flavour) …", flush=True)
+    print("starting tritonserver (python flavour) …", flush=True)
     repo = build_triton_repo(bench.work / "triton-repo", flavour="python", engine_dir=onnx.parent,
                              max_batch_size=bench.artifacts.max_batch, image_size=bench.size)
     if bench.args.threads:
@@ -82,7 +82,7 @@ def _start_server(bench: Bench) -> Any:
     try:
         server.start(timeout_s=600)
     except ServerError as exc:
-        raise RuntimeUnavailable(f"the bundled Triton server did not start: {exc}") from None
+        raise RuntimeUnavailable(f"the bundled tritonserver did not start: {exc}") from None
     return server
 
 def _load(bench: Bench, server: Any, entry: dict[str, Any]) -> None:

@@ -83,7 +83,7 @@ def targets(entries: list[dict[str, Any]], image_size: int, paired: list[dict[st
     """The issue's performance targets, each with the measured ratio and whether it is met (None: not measured).
 
     The CPU ratios come from the alternating (paired) measurement when there is one, since the machine's
-    speed may drift between runtimes measured one after the other; the sequential medians are quoted too.
+    speed may drift between runtimes measured one after the other; those separate medians are quoted too.
     """
     out = []
     note = "" if image_size == 256 else f" (measured at {image_size}², the target is stated for 256²)"
@@ -144,7 +144,7 @@ def targets(entries: list[dict[str, Any]], image_size: int, paired: list[dict[st
             f"target is stated for a GPU server with TensorRT, which the bundled server cannot host{note}")
     else:
         add("Served p99 at batch 1 vs engine-only latency", "<= 1.5x", None, None,
-            "needs the Triton server and the engine it serves (onnxruntime:cpu:portable) "
+            "needs Triton Inference Server and the engine it serves (onnxruntime:cpu:portable) "
             "measured at batch 1")
     _cpu_kernel_targets(entries, paired, yardstick, add, note)
     return out

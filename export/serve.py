@@ -101,7 +101,7 @@ def find_tritonserver() -> TritonInstall:
     """Locate the bundled server without importing pytriton (whose own numpy pin we do not need)."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerError(f"the Triton server binary comes with nvidia-pytriton: `pip install --no-deps "
+        raise ServerError(f"the tritonserver binary comes with nvidia-pytriton: `pip install --no-deps "
                           f"{PYTRITON_REQUIREMENT}` (--no-deps: it pins numpy<2, which this environment does not "
                           "need; the server's Python models get their own environment)")
     root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"

@@ -1,7 +1,7 @@
 """TensorRT ahead-of-time plugins for the plugin-form graph, built from the Triton kernels' AOT records.
 
 A TensorRT AOT plugin ("quickly deployable plugin", ``tensorrt.plugin``) launches exactly one kernel, whose
-PTX the engine stores, so the engine runs in plain C++ TensorRT (trtexec, Triton server's TensorRT
+PTX the engine stores, so the engine runs in plain C++ TensorRT (trtexec, Triton Inference Server's TensorRT
 backend). The kernels of :mod:`kernels.aot` map onto plugins as follows:
 
 =================  ==========================================================  ===================

@@ -335,7 +335,7 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--pixel-threshold", type=float,
                    help="raw map value above which a pixel is in the mask (default: the calibration's)")
     p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--server", help="Triton server URL (host:port) instead of a local model")
+    p.add_argument("--server", help="Triton Inference Server URL (host:port) instead of a local model")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--shm", action="store_true", help="send inputs through system shared memory")
     p.add_argument("--model-name", default="pdd")
