@@ -1,4 +1,5 @@
-"""Shared fixtures: seeded RNG per test, one small PDD model per session, a DICOM writer."""
+"""Shared fixtures: seeded RNG per test, one small PDD model per session, a DICOM writer, a stand-in ONNX
+export folder (for the server-repository tests)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,11 @@ def _write_dicom(path: Path, stored: np.ndarray, *, photometric: str = "MONOCHRO
 def write_dicom() -> Callable[..., Path]:
     """``write_dicom(path, stored, photometric=, slope=, intercept=, centre=, width=)`` -> path."""
     return _write_dicom
+
+
+@pytest.fixture()
+def onnx_dir(tmp_path: Path) -> Path:
+    """A tiny ONNX export with its metadata (tests/triton_fakes.py), for building server repositories."""
+    from triton_fakes import make_onnx_dir
+
+    return make_onnx_dir(tmp_path / "onnx")

@@ -15,7 +15,6 @@ import importlib.util
 import io
 import json
 import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from google.protobuf import json_format
 from PIL import Image
 from torch import nn
+from triton_fakes import BackendTensor, backend_utils
 
 from export.onnx_export import ExportablePDD
 from export.triton_repo import parse_config
@@ -89,33 +89,10 @@ def files(tmp_path: Path, write_dicom) -> dict[str, Path]:
 # --- the server's preprocess model, loaded as the Python backend loads it ----------------------------------
 
 
-class _Tensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self.name, self.array = name, np.asarray(array)
-
-    def as_numpy(self) -> np.ndarray:
-        return self.array
-
-
-class _Response:
-    def __init__(self, output_tensors: list[_Tensor] | None = None, error: object = None) -> None:
-        self.outputs = {t.name: t.array for t in output_tensors or []}
-        self.error = error
-
-
-class _TritonError:
-    def __init__(self, message: str, code: int | None = None) -> None:
-        self.message = message
-
-
 @pytest.fixture()
 def server_preprocess(monkeypatch):
     """``preprocess/1/model.py`` of the committed example repository, initialised with its own config.pbtxt."""
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor, pb.InferenceResponse, pb.TritonError = _Tensor, _Response, _TritonError
-    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
-    pb.TritonModelException = RuntimeError
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", backend_utils())
     spec = importlib.util.spec_from_file_location("_server_preprocess", EXAMPLE / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -128,7 +105,7 @@ def server_preprocess(monkeypatch):
 
 
 def _serve(model, request: dict[str, np.ndarray]) -> np.ndarray:
-    [response] = model.execute([{name: _Tensor(name, array) for name, array in request.items()}])
+    [response] = model.execute([{name: BackendTensor(name, array) for name, array in request.items()}])
     assert response.error is None, response.error.message
     return response.outputs["normalised"]
 

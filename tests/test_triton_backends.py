@@ -7,7 +7,6 @@ import importlib.util
 import io
 import json
 import sys
-import types
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,7 +15,9 @@ import pytest
 import torch
 from google.protobuf import json_format
 from PIL import Image
-from triton_fakes import TEMPLATES, calibration, make_onnx_dir
+from triton_fakes import TEMPLATES, backend_utils, calibration, make_onnx_dir
+from triton_fakes import BackendError as _TritonError
+from triton_fakes import BackendTensor as _Tensor
 
 from export.triton_repo import (
     MAX_SIDE,
@@ -26,44 +27,13 @@ from export.triton_repo import (
 from pdd.calibration import apply_calibration
 from pdd.data.readers import read_image, read_image_bytes, to_model_input
 
-
-@pytest.fixture()
-def onnx_dir(tmp_path: Path) -> Path:
-    return make_onnx_dir(tmp_path / "onnx")
-
-
 # --- the Python-backend models, offline -------------------------------------------------------------------
-
-
-class _Tensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self.name, self.array = name, np.asarray(array)
-
-    def as_numpy(self) -> np.ndarray:
-        return self.array
-
-
-class _TritonError:
-    INVALID_ARG = 3
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        self.message, self.code = message, code
-
-
-class _Response:
-    def __init__(self, output_tensors: list[_Tensor] | None = None, error: _TritonError | None = None) -> None:
-        self.outputs = {t.name: t.array for t in output_tensors or []}
-        self.error = error
 
 
 @pytest.fixture()
 def backend_model(monkeypatch):
     """Load a template as the Python backend would, with a minimal ``triton_python_backend_utils``."""
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor, pb.TritonError, pb.InferenceResponse = _Tensor, _TritonError, _Response
-    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
-    pb.TritonModelException = RuntimeError
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", backend_utils())
 
     def load(template: str, repo: Path | None = None, name: str | None = None):
         spec = importlib.util.spec_from_file_location(f"_triton_{template}", TEMPLATES / f"{template}.py")

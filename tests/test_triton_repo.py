@@ -34,11 +34,6 @@ from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture()
-def onnx_dir(tmp_path: Path) -> Path:
-    return make_onnx_dir(tmp_path / "onnx")
-
-
-@pytest.fixture()
 def engine_dir(tmp_path: Path) -> Path:
     return make_engine_dir(tmp_path / "engine")
 

@@ -3,6 +3,7 @@ each with real metadata files (no export, no GPU)."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,38 @@ def calibration() -> Calibration:
     image = fit_operating_point(rng.normal(0.3, 0.05, 30) + 0.2 * labels, labels, source="stand-in")
     pixel = fit_operating_point(rng.normal(0.2, 0.05, 1000), target=0.01, source="stand-in pixels")
     return Calibration(image, pixel)
+
+
+# --- triton_python_backend_utils: what the Python-backend models import from the server --------------------
+
+
+class BackendTensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self.name, self.array = name, np.asarray(array)
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+
+class BackendError:
+    INVALID_ARG = 3
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        self.message, self.code = message, code
+
+
+class BackendResponse:
+    def __init__(self, output_tensors: list[BackendTensor] | None = None, error: BackendError | None = None) -> None:
+        self.outputs = {t.name: t.array for t in output_tensors or []}
+        self.error = error
+
+
+def backend_utils() -> types.ModuleType:
+    """A stand-in ``triton_python_backend_utils`` (only the server provides the real one): tensors, responses
+    and errors as plain records, requests as dicts of arrays. Install it in ``sys.modules`` before loading a
+    model.py."""
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.Tensor, pb.TritonError, pb.InferenceResponse = BackendTensor, BackendError, BackendResponse
+    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
+    pb.TritonModelException = RuntimeError
+    return pb
