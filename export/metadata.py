@@ -24,6 +24,7 @@ from typing import Any
 from kernels.target import parse_ptx_isa, version_text
 from pdd.calibration import Calibration, CalibrationError
 from pdd.config import atomic_write_bytes
+from pdd.impl_names import DEPRECATED_SCAN_GRAPHS
 
 __all__ = [
     "ENGINE_FILE",
@@ -70,8 +71,8 @@ class TensorSpec:
     shape: tuple[int | str, ...]
 
 
-# The old metadata field ``scan_graph`` against the scan implementation it names.
-_SCAN_IMPLS_BY_GRAPH = {"sequential": "graph-sequential", "parallel": "graph-parallel", "plugin": "plugin"}
+# The old metadata field ``scan_graph`` against the scan implementation it names (the plugin form wrote "plugin").
+_SCAN_IMPLS_BY_GRAPH = {**DEPRECATED_SCAN_GRAPHS, "plugin": "plugin"}
 _SCAN_GRAPHS_BY_IMPL = {v: k for k, v in _SCAN_IMPLS_BY_GRAPH.items()}
 
 

@@ -64,7 +64,7 @@ from export.metadata import (
 from pdd.anomaly import FeaturePairs, anomaly_head_ref
 from pdd.backbones.vmamba import SS2D
 from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, PIXEL_SCALE, normalise_nhwc
-from pdd.impl_names import canonical_scan_impl
+from pdd.impl_names import DEPRECATED_SCAN_GRAPHS, canonical_scan_impl
 from pdd.model import PDDModel, build_pdd, head_pairs
 
 __all__ = [
@@ -90,8 +90,6 @@ log = logging.getLogger(__name__)
 FORMS = ("plugin", "portable")
 # The scan implementations each form is built with; the first is the default.
 SCAN_IMPLS_BY_FORM = {"portable": ("graph-sequential", "graph-parallel"), "plugin": ("plugin",)}
-# The deprecated ``scan_graph=`` argument, by the implementation it names.
-_SCAN_GRAPHS = {"sequential": "graph-sequential", "parallel": "graph-parallel"}
 # Opset 18: the newest that TensorRT 10.x, ONNX Runtime and OpenVINO all import without conversion issues.
 DEFAULT_OPSET = 18
 INPUT_NAME = "images"
@@ -293,13 +291,13 @@ def _scan_graph_argument(scan_graph: str, scan_impl: str | None, form: str) -> s
     portable form, so the plugin form ignores it)."""
     warnings.warn("export_onnx(scan_graph=...) is deprecated; use scan_impl='graph-sequential' or "
                   "'graph-parallel'", DeprecationWarning, stacklevel=3)
-    if scan_graph not in _SCAN_GRAPHS:
-        raise ValueError(f"unknown scan_graph {scan_graph!r}; expected one of {tuple(_SCAN_GRAPHS)}")
+    if scan_graph not in DEPRECATED_SCAN_GRAPHS:
+        raise ValueError(f"unknown scan_graph {scan_graph!r}; expected one of {tuple(DEPRECATED_SCAN_GRAPHS)}")
     if form != "portable":
         return scan_impl
-    if scan_impl is not None and canonical_scan_impl(scan_impl) != _SCAN_GRAPHS[scan_graph]:
+    if scan_impl is not None and canonical_scan_impl(scan_impl) != DEPRECATED_SCAN_GRAPHS[scan_graph]:
         raise ValueError(f"scan_graph={scan_graph!r} contradicts scan_impl={scan_impl!r}; give scan_impl only")
-    return _SCAN_GRAPHS[scan_graph]
+    return DEPRECATED_SCAN_GRAPHS[scan_graph]
 
 
 def export_onnx(model: PDDModel, path: str | os.PathLike, form: str = "portable", batch: tuple[int, int] = (1, 32),

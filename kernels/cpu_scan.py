@@ -164,8 +164,8 @@ def ss2d_scan_numpy(x: np.ndarray, delta: np.ndarray, B: np.ndarray, C: np.ndarr
 
 def _inference_only(name: str, *tensors: Tensor | None) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(f"{name}: the CPU kernel is for inference (no backward); train with impl='eager' or "
-                           f"run under torch.no_grad()")
+        raise RuntimeError(f"{name}: the CPU kernel is for inference (no backward); use impl='graph-parallel' "
+                           f"for gradients, or run under torch.no_grad()")
     for t in tensors:
         if t is not None and t.device.type != "cpu":
             raise ValueError(f"{name}: the CPU kernel takes CPU tensors, got one on {t.device}")
@@ -179,12 +179,8 @@ def ss2d_scan_cpu(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: 
     D, delta_bias: (4·D,). Computed in fp32; returns (B, D, H, W) in x's dtype.
     """
     _inference_only("ss2d_scan", x, delta, B, C, A, D, delta_bias)
-    batch, dim, height, width, n = _ss2d_shapes(x, delta, B, C, A, D, delta_bias)
-    args = [t.detach().to(torch.float32).contiguous() for t in (x, delta, B, C, A, D, delta_bias)]
-    out = torch.empty((batch, dim, height, width), dtype=torch.float32)
-    _check(load().pdd_ss2d_scan(*(_ptr(a) for a in args), batch, dim, height, width, n, _ptr(out), _threads()),
-           "ss2d_scan")
-    return out.to(x.dtype)
+    out = ss2d_scan_numpy(*(t.detach().to(torch.float32).numpy() for t in (x, delta, B, C, A, D, delta_bias)))
+    return torch.from_numpy(out).to(x.dtype)
 
 
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,

@@ -27,6 +27,7 @@ from pdd.config import (
     atomic_write_text,
     resolve_config,
 )
+from pdd.impl_names import DEPRECATED_SCAN_GRAPHS
 
 __all__ = ["CONFIG_DIR", "build_parser", "main", "resolve_config"]
 
@@ -204,7 +205,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     if args.scan_graph:
         print("pdd export onnx: --scan-graph is deprecated; use --scan-impl graph-sequential|graph-parallel",
               file=sys.stderr)
-        args.scan_impl = f"graph-{args.scan_graph}"
+        args.scan_impl = DEPRECATED_SCAN_GRAPHS[args.scan_graph]
     model = _model(args, "cpu")
     lo, _, hi = args.batch.partition(":")
     # The scan the graph is built with, when --scan-impl names one of the form's; else the form's default.
@@ -363,7 +364,7 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--batch", default="1:32", help="MIN:MAX dynamic batch range")
     p.add_argument("--image-size", type=int)
     p.add_argument("--preprocess", action="store_true", help="uint8 HWC images in, normalisation in the graph")
-    p.add_argument("--scan-graph", choices=["sequential", "parallel"],
+    p.add_argument("--scan-graph", choices=list(DEPRECATED_SCAN_GRAPHS),
                    help="deprecated: --scan-impl graph-sequential (portable form, the default: chunks walked in "
                         "order, for CPU runtimes) or graph-parallel (chunks joined by a log-depth scan, for GPUs)")
     p.set_defaults(fn=cmd_export_onnx)

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["DEPRECATED_SCAN_IMPLS", "HEAD_IMPLS", "SCAN_CHOICES", "SCAN_IMPLS", "canonical_scan_impl"]
+__all__ = ["DEPRECATED_SCAN_GRAPHS", "DEPRECATED_SCAN_IMPLS", "HEAD_IMPLS", "SCAN_CHOICES", "SCAN_IMPLS",
+           "canonical_scan_impl"]
 
 SCAN_IMPLS = ("reference", "eager", "graph-sequential", "graph-parallel", "plugin", "triton", "cpu_kernel",
               "mamba_ssm")
 # Old names still accepted (configs, checkpoints, CLI, impl=) with a DeprecationWarning.
 DEPRECATED_SCAN_IMPLS = {"chunked": "eager"}
+# The portable ONNX form's former ``scan_graph`` values (export_onnx, --scan-graph, old metadata), by the
+# implementation each names.
+DEPRECATED_SCAN_GRAPHS = {"sequential": "graph-sequential", "parallel": "graph-parallel"}
 # What a config or the CLI may name: the implementations, "auto", and the deprecated aliases.
 SCAN_CHOICES = ("auto", *SCAN_IMPLS, *DEPRECATED_SCAN_IMPLS)
 HEAD_IMPLS = ("reference", "triton")

@@ -230,7 +230,7 @@ def ss2d_positions(x: Tensor, w: SS2DWeights) -> Tensor:
                                 padded(Cs), chunk)
     y = y[:, :, :h * width]                                                  # (B, 4, L, d)
     # Step s of route k read grid position order[k, s]: scatter each route back by the inverse order.
-    back = route_order(h, width, y.device).view(SS2D_ROUTES, h * width).argsort(dim=1)
+    back = _route_index(h, width, y.device, inverse=True).view(SS2D_ROUTES, h * width)
     back = back + torch.arange(SS2D_ROUTES, device=y.device)[:, None] * (h * width)
     grid = y.reshape(b, SS2D_ROUTES * h * width, d).index_select(1, back.flatten())
     grid = grid.view(b, SS2D_ROUTES, h * width, d).sum(1)
