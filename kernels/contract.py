@@ -3,7 +3,7 @@
 One place for each shape rule: the 1-D selective scan's arguments (:func:`check_scan_inputs`), the SS2D
 scan's seven inputs (:func:`ss2d_shapes`, :func:`check_ss2d`; also the contract of the ``SS2DScan`` ONNX
 node and TensorRT plugin) and the anomaly head's feature pairs (:func:`check_feature_pairs`). Works on
-torch tensors and numpy arrays alike (only ``.shape`` is read).
+torch tensors and numpy arrays alike (only ``.shape`` is read); imports neither torch nor numpy.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kernels.routes import SS2D_ROUTES
+__all__ = ["COS_EPS", "SS2D_ROUTES", "check_feature_pairs", "check_scan_inputs", "check_ss2d", "ss2d_shapes"]
 
-__all__ = ["COS_EPS", "check_feature_pairs", "check_scan_inputs", "check_ss2d", "ss2d_shapes"]
-
+# The SS2D scan walks the H×W grid along four routes (their geometry: kernels.routes).
+SS2D_ROUTES = 4
 # Cosine denominator floor of the anomaly head, as torch.nn.functional.cosine_similarity.
 COS_EPS = 1e-8
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels.contract import SS2D_ROUTES
+
 try:  # The Triton interpreter looks for triton.language in the globals of a jitted function.
     import triton.language as tl
 except ImportError:  # pragma: no cover - Triton is optional; route_order needs only torch
     tl = None
 
 __all__ = ["SS2D_ROUTES", "route_order", "route_pixel"]
-
-SS2D_ROUTES = 4
 
 
 def route_pixel(t, length, height, width, ROUTE: tl.constexpr):
