@@ -127,9 +127,10 @@ static void parallel(int64_t items, int threads, void (*run)(const void *, int64
 /* ---- SS2D ------------------------------------------------------------------------------------------- */
 
 typedef struct {
-    const float *x, *delta, *B, *C, *A, *D, *bias;
+    const float *x, *delta, *A, *D, *bias;
+    const float *Bt, *Ct; /* (batch, 4, L, N): B and C of each route in its own step order, position-major */
     float *out;
-    const int32_t *pos; /* (4, L) */
+    const int32_t *pos; /* (4, L): the row-major position route k visits at step t */
     int64_t batch, dim, L;
     int N;
     int failed; /* set when a work item could not allocate its scratch rows */
@@ -137,12 +138,92 @@ typedef struct {
 
 /* The SS2D scan keeps one channel per vector lane: a work item is a block of LANES channels, copied
  * position-major into scratch rows (LANES floats per position), so each step updates the N states of every
- * channel in the block with N full-width vector operations and no horizontal sums, and reads B[n, p],
- * C[n, p] as scalars broadcast to all lanes. */
+ * channel in the block with N full-width vector operations and no horizontal sums, and reads B[n, t],
+ * C[n, t] of the route's step t from one contiguous row of N floats, broadcast to all lanes. */
 #define LANES 16
 
+/* 2^f for f in [-0.5, 0.5]: a degree-5 polynomial fitted for relative error (7.5e-8 in exact arithmetic,
+ * 2.4e-7 evaluated in fp32). */
+#define EXP2_C5 1.3276471e-3f
+#define EXP2_C4 9.6755410e-3f
+#define EXP2_C3 5.5507131e-2f
+#define EXP2_C2 2.4022120e-1f
+#define EXP2_C1 6.9314694e-1f
+#define EXP2_C0 1.0000001f
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* exp(dt·A) = 2^(dt·A·log2 e) with A·log2 e precomputed (a2): k = round(t), 2^(t−k) by the polynomial, times
+ * 2^k by vscalefps, which needs no clamp: a decay below fp32's range becomes 0 (denormals are flushed, see
+ * ss2d_item), an overflow inf. 9 vector instructions per 16 exponentials. */
+static inline __m512 exp2_avx512(__m512 t) {
+    const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, k);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP2_C5), f, _mm512_set1_ps(EXP2_C4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C0));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* log1p(u) = u·P(u) for u in [0, 1]: P of degree 8 fitted for relative error (3e-8 exact, 2.1e-7 in fp32). */
+static const float LOG1P_C[9] = {5.2326913e-3f, -2.9505227e-2f, 7.8225933e-2f, -1.3663244e-1f, 1.9106007e-1f,
+                                 -2.4842982e-1f, 3.3319098e-1f, -4.9999493e-1f, 9.9999994e-1f};
+
+/* softplus(x) = max(x, 0) + log1p(exp(−|x|)), with exp by exp2_avx512 and log1p by the polynomial: no
+ * library call, ~22 vector instructions per 16 values. */
+static inline __m512 softplus_avx512(__m512 x) {
+    const __m512 u = exp2_avx512(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-1.44269504088896341f)));
+    __m512 p = _mm512_set1_ps(LOG1P_C[0]);
+    for (int i = 1; i < 9; ++i) p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(LOG1P_C[i]));
+    return _mm512_fmadd_ps(u, p, _mm512_max_ps(x, _mm512_setzero_ps()));
+}
+
+/* One route, N states per lane: h_n = exp(dt·A_n)·h_n + dt·x·B_n, y += h_n·C_n, y added to acc at the
+ * step's position. Two partial sums of y shorten its dependency chain. */
 static inline __attribute__((always_inline)) void ss2d_route(
-    const float *xs, const float *ds, float *acc, const float *Bk, const float *Ck, const float (*at)[LANES],
+    const float *xs, const float *ds, float *acc, const float *Bt, const float *Ct, const float (*a2)[LANES],
+    const int32_t *pos, int64_t L, const int N) {
+    __m512 h[MAX_N];
+    for (int n = 0; n < N; ++n) h[n] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < L; ++t) {
+        const int64_t p = pos[t];
+        const __m512 dv = _mm512_loadu_ps(ds + p * LANES);
+        const __m512 dx = _mm512_mul_ps(dv, _mm512_loadu_ps(xs + p * LANES));
+        const float *bt = Bt + t * N, *ct = Ct + t * N;
+        __m512 y0 = _mm512_setzero_ps(), y1 = _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int n = 0; n < N; ++n) { /* unrolled for N = 16: the 16 states stay in registers */
+            const __m512 e = exp2_avx512(_mm512_mul_ps(dv, _mm512_loadu_ps(a2[n])));
+            h[n] = _mm512_fmadd_ps(e, h[n], _mm512_mul_ps(dx, _mm512_set1_ps(bt[n])));
+            if (n & 1) y1 = _mm512_fmadd_ps(h[n], _mm512_set1_ps(ct[n]), y1);
+            else y0 = _mm512_fmadd_ps(h[n], _mm512_set1_ps(ct[n]), y0);
+        }
+        float *o = acc + p * LANES;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_add_ps(y0, y1)));
+    }
+}
+#else
+/* Portable form of the same step: exp2 by the polynomial, 2^k written into the exponent bits (clamped to
+ * fp32's normal range); the compiler vectorises the lane loops. */
+static inline float exp2_poly(float t) {
+    t = t < -126.0f ? -126.0f : (t > 127.0f ? 127.0f : t);
+    const float k = nearbyintf(t), f = t - k;
+    float p = EXP2_C5;
+    p = p * f + EXP2_C4;
+    p = p * f + EXP2_C3;
+    p = p * f + EXP2_C2;
+    p = p * f + EXP2_C1;
+    p = p * f + EXP2_C0;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)k + 127) << 23;
+    return p * scale.f;
+}
+
+static inline __attribute__((always_inline)) void ss2d_route(
+    const float *xs, const float *ds, float *acc, const float *Bt, const float *Ct, const float (*a2)[LANES],
     const int32_t *pos, int64_t L, const int N) {
     float h[MAX_N][LANES];
     memset(h, 0, sizeof(h));
@@ -155,10 +236,10 @@ static inline __attribute__((always_inline)) void ss2d_route(
             y[j] = 0.0f;
         }
         for (int n = 0; n < N; ++n) {
-            const float bn = Bk[n * L + p], cn = Ck[n * L + p];
+            const float bn = Bt[t * N + n], cn = Ct[t * N + n];
 #pragma omp simd
             for (int j = 0; j < LANES; ++j) {
-                const float hn = exp_fast(dv[j] * at[n][j]) * h[n][j] + dx[j] * bn;
+                const float hn = exp2_poly(dv[j] * a2[n][j]) * h[n][j] + dx[j] * bn;
                 h[n][j] = hn;
                 y[j] += hn * cn;
             }
@@ -166,6 +247,101 @@ static inline __attribute__((always_inline)) void ss2d_route(
         float *o = acc + p * LANES;
         for (int j = 0; j < LANES; ++j) o[j] += y[j];
     }
+}
+#endif
+
+/* Denormals are flushed to zero while a work item runs (a state decaying below 1e-38 is 0 for the scan,
+ * and denormal arithmetic is ~100x slower on x86); the caller's floating-point mode is restored after. */
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#define FTZ_BEGIN const unsigned int saved_csr_ = _mm_getcsr(); _mm_setcsr(saved_csr_ | 0x8040);
+#define FTZ_END _mm_setcsr(saved_csr_);
+#else
+#define FTZ_BEGIN
+#define FTZ_END
+#endif
+
+/* Scratch rows (3 · L · LANES floats per work item) are kept between calls in a small pool: allocating them
+ * per item costs a page fault per 4 KiB (~2 ms per stage-1 block at 256²). */
+#define POOL_SLOTS 64
+static struct {
+    float *buf;
+    size_t floats;
+    int busy;
+} pool[POOL_SLOTS];
+static pthread_mutex_t pool_mutex = PTHREAD_MUTEX_INITIALIZER;
+
+/* A buffer of at least `floats` floats, and the pool slot it came from (-1: not pooled, free it after). */
+static float *scratch_get(size_t floats, int *slot) {
+    float *buf = NULL;
+    *slot = -1;
+    pthread_mutex_lock(&pool_mutex);
+    for (int i = 0; i < POOL_SLOTS && *slot < 0; ++i)
+        if (!pool[i].busy && pool[i].floats >= floats) *slot = i;
+    for (int i = 0; i < POOL_SLOTS && *slot < 0; ++i)
+        if (!pool[i].busy) *slot = i;
+    if (*slot >= 0) {
+        pool[*slot].busy = 1;
+        if (pool[*slot].floats < floats) {
+            free(pool[*slot].buf);
+            pool[*slot].buf = (float *)aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+            pool[*slot].floats = pool[*slot].buf ? floats : 0;
+        }
+        buf = pool[*slot].buf;
+        if (!buf) pool[*slot].busy = 0;
+    }
+    pthread_mutex_unlock(&pool_mutex);
+    if (*slot < 0) buf = (float *)malloc(floats * sizeof(float));
+    return buf;
+}
+
+static void scratch_put(float *buf, int slot) {
+    if (slot < 0) {
+        free(buf);
+        return;
+    }
+    pthread_mutex_lock(&pool_mutex);
+    pool[slot].busy = 0;
+    pthread_mutex_unlock(&pool_mutex);
+}
+
+/* rows j < nd of `src` (row j at src + j·L) + add[j], into dst position-major (dst[q·LANES + j]), through
+ * softplus if `soft`; lanes j >= nd are 0 (softplus(0) with `soft`). */
+static void to_lanes(float *dst, const float *src, const float *add, int nd, int64_t L, int soft) {
+#if defined(__AVX512F__)
+    const __mmask16 mask = (__mmask16)((1u << nd) - 1u);
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)L));
+    const __m512 a = _mm512_maskz_loadu_ps(mask, add);
+    for (int64_t q = 0; q < L; ++q) {
+        const __m512 v = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows, src + q, 4), a);
+        _mm512_store_ps(dst + q * LANES, soft ? softplus_avx512(v) : v);
+    }
+#else
+    memset(dst, 0, sizeof(float) * L * LANES);
+    for (int j = 0; j < nd; ++j)
+        for (int64_t q = 0; q < L; ++q) dst[q * LANES + j] = src[j * L + q] + add[j];
+    if (soft) {
+#pragma omp simd
+        for (int64_t i = 0; i < L * LANES; ++i) dst[i] = softplus(dst[i]);
+    }
+#endif
+}
+
+/* out row j < nd (at out + j·L), position q: acc[q·LANES + j] + skip[j]·xs[q·LANES + j]. */
+static void from_lanes(float *out, const float *acc, const float *xs, const float *skip, int nd, int64_t L) {
+#if defined(__AVX512F__)
+    const __mmask16 mask = (__mmask16)((1u << nd) - 1u);
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)L));
+    const __m512 sk = _mm512_loadu_ps(skip);
+    for (int64_t q = 0; q < L; ++q)
+        _mm512_mask_i32scatter_ps(out + q, mask, rows,
+                                  _mm512_fmadd_ps(sk, _mm512_load_ps(xs + q * LANES), _mm512_load_ps(acc + q * LANES)), 4);
+#else
+    for (int j = 0; j < nd; ++j)
+        for (int64_t q = 0; q < L; ++q) out[j * L + q] = acc[q * LANES + j] + skip[j] * xs[q * LANES + j];
+#endif
 }
 
 static void ss2d_item(const void *p, int64_t item) {
@@ -175,41 +351,61 @@ static void ss2d_item(const void *p, int64_t item) {
     const int nd = (int)(s->dim - d0 < LANES ? s->dim - d0 : LANES);
     const int64_t L = s->L, dim = s->dim;
     const int N = s->N;
-    float *buf = (float *)calloc((size_t)(3 * L * LANES), sizeof(float));
+    int slot;
+    float *buf = scratch_get((size_t)(3 * L * LANES), &slot);
     if (!buf) {
         __atomic_store_n(&((SS2DArgs *)p)->failed, 1, __ATOMIC_RELAXED);
         return;
     }
+    FTZ_BEGIN
     float *xs = buf, *ds = buf + L * LANES, *acc = buf + 2 * L * LANES;
-    float skip[LANES] = {0};
-    for (int j = 0; j < nd; ++j) {
-        const float *row = s->x + (b * dim + d0 + j) * L;
-        for (int64_t q = 0; q < L; ++q) xs[q * LANES + j] = row[q];
+    memset(acc, 0, sizeof(float) * L * LANES);
+    float skip[LANES] = {0}, zero[LANES] = {0};
+    for (int j = 0; j < nd; ++j)
         for (int k = 0; k < 4; ++k) skip[j] += s->D[k * dim + d0 + j];
-    }
+    to_lanes(xs, s->x + (b * dim + d0) * L, zero, nd, L, 0);
     for (int k = 0; k < 4; ++k) {
-        float at[MAX_N][LANES];
-        memset(at, 0, sizeof(at));
+        float a2[MAX_N][LANES], bias[LANES] = {0};
+        memset(a2, 0, sizeof(a2));
         for (int j = 0; j < nd; ++j) {
             const int64_t ch = k * dim + d0 + j;
-            for (int n = 0; n < N; ++n) at[n][j] = s->A[ch * N + n];
-            const float *row = s->delta + ((b * 4 + k) * dim + d0 + j) * L;
-            const float bias = s->bias[ch];
-            for (int64_t q = 0; q < L; ++q) ds[q * LANES + j] = row[q] + bias;
+            for (int n = 0; n < N; ++n) a2[n][j] = s->A[ch * N + n] * 1.44269504088896341f;
+            bias[j] = s->bias[ch];
         }
-#pragma omp simd
-        for (int64_t i = 0; i < L * LANES; ++i) ds[i] = softplus(ds[i]);
-        const float *Bk = s->B + (b * 4 + k) * N * L, *Ck = s->C + (b * 4 + k) * N * L;
+        to_lanes(ds, s->delta + ((b * 4 + k) * dim + d0) * L, bias, nd, L, 1);
+        const float *Bt = s->Bt + (b * 4 + k) * L * N, *Ct = s->Ct + (b * 4 + k) * L * N;
         const int32_t *pos = s->pos + k * L;
-        if (N == 16) ss2d_route(xs, ds, acc, Bk, Ck, at, pos, L, 16);
-        else if (N == 1) ss2d_route(xs, ds, acc, Bk, Ck, at, pos, L, 1);
-        else ss2d_route(xs, ds, acc, Bk, Ck, at, pos, L, N);
+        if (N == 16) ss2d_route(xs, ds, acc, Bt, Ct, a2, pos, L, 16);
+        else if (N == 1) ss2d_route(xs, ds, acc, Bt, Ct, a2, pos, L, 1);
+        else ss2d_route(xs, ds, acc, Bt, Ct, a2, pos, L, N);
     }
-    for (int j = 0; j < nd; ++j) {
-        float *row = s->out + (b * dim + d0 + j) * L;
-        for (int64_t q = 0; q < L; ++q) row[q] = acc[q * LANES + j] + skip[j] * xs[q * LANES + j];
+    from_lanes(s->out + (b * dim + d0) * L, acc, xs, skip, nd, L);
+    FTZ_END
+    scratch_put(buf, slot);
+}
+
+typedef struct {
+    const float *B, *C;
+    float *Bt, *Ct;
+    const int32_t *pos;
+    int64_t L;
+    int N;
+} RouteRows;
+
+/* Item (b, k): B and C of route k copied into its step order, position-major: Bt[t][n] = B[n][pos_k[t]]. */
+static void route_rows_item(const void *p, int64_t item) {
+    const RouteRows *r = (const RouteRows *)p;
+    const int64_t L = r->L, N = r->N;
+    const int32_t *pos = r->pos + (item % 4) * L;
+    const float *B = r->B + item * N * L, *C = r->C + item * N * L;
+    float *Bt = r->Bt + item * L * N, *Ct = r->Ct + item * L * N;
+    for (int64_t t = 0; t < L; ++t) {
+        const int64_t q = pos[t];
+        for (int64_t n = 0; n < N; ++n) {
+            Bt[t * N + n] = B[n * L + q];
+            Ct[t * N + n] = C[n * L + q];
+        }
     }
-    free(buf);
 }
 
 /* x, out: (batch, dim, H, W); delta: (batch, 4, dim, H, W); B, C: (batch, 4, N, H, W); A: (4 dim, N);
@@ -220,9 +416,14 @@ int pdd_ss2d_scan(const float *x, const float *delta, const float *B, const floa
     if (N < 1 || N > MAX_N) return -1;
     const int64_t L = height * width;
     if (L <= 0 || batch <= 0 || dim <= 0) return 0;
-    if (L > INT32_MAX) return -2;
+    if (L > INT32_MAX / LANES) return -2; /* positions, and the row offsets of a lane block, are int32 */
     int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * 4 * L);
-    if (!pos) return -3;
+    float *rows = (float *)malloc(sizeof(float) * 2 * batch * 4 * L * N);
+    if (!pos || !rows) {
+        free(pos);
+        free(rows);
+        return -3;
+    }
     for (int64_t t = 0; t < L; ++t) {
         const int64_t col = (t % height) * width + t / height; /* column-major step t, row-major index */
         pos[t] = (int32_t)t;
@@ -230,8 +431,12 @@ int pdd_ss2d_scan(const float *x, const float *delta, const float *B, const floa
         pos[2 * L + (L - 1 - t)] = (int32_t)t;
         pos[3 * L + (L - 1 - t)] = (int32_t)col;
     }
-    SS2DArgs args = {x, delta, B, C, A, D, bias, out, pos, batch, dim, L, N, 0};
+    float *Bt = rows, *Ct = rows + batch * 4 * L * N;
+    RouteRows rr = {B, C, Bt, Ct, pos, L, N};
+    parallel(batch * 4, threads, route_rows_item, &rr);
+    SS2DArgs args = {x, delta, A, D, bias, Bt, Ct, out, pos, batch, dim, L, N, 0};
     parallel(batch * ((dim + LANES - 1) / LANES), threads, ss2d_item, &args);
+    free(rows);
     free(pos);
     return args.failed ? -3 : 0;
 }
