@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._inductor.config as inductor_config
 
 from benchmarks.common import (
     BenchImages,
@@ -44,8 +45,8 @@ __all__ = ["FULL", "PRECISIONS", "PRESETS", "QUICK", "REFERENCE", "RUNTIMES", "S
 log = logging.getLogger("benchmarks.run")
 
 # The runtimes measured, by export.runtime's names (checked below), plus the server's protocols.
-TORCH = ("torch:reference", "torch:eager", "torch:cpu_kernel", "torch:triton", "torch:graph-parallel:compile",
-         "torch:triton:compile")
+TORCH = ("torch:reference", "torch:eager", "torch:cpu_kernel", "torch:cpu_kernel:compile", "torch:triton",
+         "torch:graph-parallel:compile", "torch:triton:compile")
 ONNXRUNTIME = ("onnxruntime:cpu:portable", "onnxruntime:cpu:plugin", "onnxruntime:cuda:portable",
                "onnxruntime:tensorrt:portable")
 TENSORRT = ("tensorrt:plugin", "tensorrt:portable")
@@ -56,12 +57,13 @@ if _UNKNOWN:
     raise ImportError(f"benchmark runtimes unknown to export.runtime: {sorted(_UNKNOWN)}")
 PRESETS = {
     "all": RUNTIMES,
-    "cpu": ("torch:reference", "torch:eager", "torch:cpu_kernel", "torch:graph-parallel:compile",
-            "onnxruntime:cpu:portable", "onnxruntime:cpu:plugin", *SERVER),
+    "cpu": ("torch:reference", "torch:eager", "torch:cpu_kernel", "torch:cpu_kernel:compile",
+            "torch:graph-parallel:compile", "onnxruntime:cpu:portable", "onnxruntime:cpu:plugin", *SERVER),
     "gpu": ("torch:reference", "torch:eager", "torch:triton", "torch:graph-parallel:compile", "torch:triton:compile",
             "onnxruntime:cuda:portable", "onnxruntime:tensorrt:portable", *TENSORRT),
 }
 PRECISIONS = ("fp32", "fp16")
+CPU_COMPILED = "torch:cpu_kernel:compile"  # its per-stage times are measured compiled
 REFERENCE = "torch:eager"  # accuracy is measured against this runtime in fp32
 SLOW = "torch:reference"
 _FINGERPRINT = "model-fingerprint.txt"
@@ -334,7 +336,8 @@ class Bench:
             self.reference = pred
         entry["accuracy"] = self.accuracy(pred, order)
         stage_batch = min(args.batch)
-        if name.startswith("torch") and not name.endswith(":compile") and not slow:
+        # Compiled stages only for the CPU kernel's runtime: each costs one more compilation.
+        if name.startswith("torch") and not slow and (not name.endswith(":compile") or name == CPU_COMPILED):
             entry["stages"] = self._torch_stages(rt, name, precision, stage_batch, cuda)
         elif name.startswith("tensorrt"):
             entry["stages"] = self._tensorrt_stages(rt, stage_batch)
@@ -403,16 +406,21 @@ class Bench:
         return None
 
     def _torch_stages(self, rt: Runtime, name: str, precision: str, batch: int, cuda: bool) -> dict[str, Any]:
-        """Median ms of each stage run alone through the model's submodules, on device-resident input."""
+        """Median ms of each stage run alone through the model's submodules, on device-resident input; for a
+        compiled CPU runtime each stage compiled alone as the runtime compiles the whole (frozen weights)."""
         model = rt.model
+        compiled = name.endswith(":compile")
         x = torch.from_numpy(batch_of(self.images.normalised, 0, batch)).to(rt.device)
         size = (self.size, self.size)
-        with torch.inference_mode(), self._autocast(name, precision):
+        freezing = inductor_config.patch(freezing=True) if compiled else contextlib.nullcontext()
+        with torch.inference_mode(), self._autocast(name, precision), freezing:
             y, z = tuple(model.teachers.wrn(x)), tuple(model.teachers.vmamba(x))
             feats = model.students(y, z)
             parts = {"wrn_teacher": lambda: model.teachers.wrn(x), "vmamba_teacher": lambda: model.teachers.vmamba(x),
                      "adapters_students": lambda: model.students(y, z),
                      "anomaly_head": lambda: model.head(feats, size)}
+            if compiled:
+                parts = {stage: torch.compile(fn) for stage, fn in parts.items()}
             ms = {}
             for stage, fn in parts.items():
                 if cuda:
@@ -420,8 +428,10 @@ class Bench:
                 else:
                     times = time_calls(fn, min(self.args.warmup, 1), self.args.repeats)
                 ms[stage] = latency_stats(times)["median_ms"]
-        return {"batch": batch, "method": "PyTorch submodules, each timed alone (median)" +
-                (", CUDA events" if cuda else ", wall clock"), "ms": ms, "sum_ms": sum(ms.values())}
+        method = ("PyTorch submodules, each compiled alone (inductor, frozen weights) and timed alone (median)"
+                  if compiled else "PyTorch submodules, each timed alone (median)")
+        return {"batch": batch, "method": method + (", CUDA events" if cuda else ", wall clock"), "ms": ms,
+                "sum_ms": sum(ms.values())}
 
     def _tensorrt_stages(self, rt: Runtime, batch: int) -> dict[str, Any]:
         """Per-layer times from TensorRT's profiler, grouped by the stage of the ONNX nodes behind each layer."""

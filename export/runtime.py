@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import abc
+import contextlib
 import copy
 import logging
 import os
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._inductor.config as inductor_config
 
 from export.custom_ops import DOMAIN, register_ort_ops, to_ort_domain
 from export.metadata import (
@@ -49,10 +51,11 @@ from export.metadata import (
     read_onnx_metadata,
     sha256_file,
 )
-from export.onnx_export import FORMS, INPUT_NAME, OUTPUT_NAMES, load_onnx, weight_sharing_copy
+from export.onnx_export import FORMS, INPUT_NAME, OUTPUT_NAMES, build_for_export, load_onnx, weight_sharing_copy
 from kernels.target import driver_ptx_isa
 from pdd.calibration import Calibration, apply_calibration
 from pdd.impl_names import SCAN_IMPLS
+from pdd.model import PDDModel
 from pdd.ssm import ScanImplUnavailable, resolve_scan_impl
 
 __all__ = [
@@ -75,10 +78,10 @@ ORT_PROVIDERS = {
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 # Every runtime's full name. torch.compile is offered for the scans that compile to one graph (the
-# eager scan reads its chunk size on the host, a graph break).
+# eager scan reads its chunk size on the host, a graph break; the CPU kernel is one opaque custom op).
 RUNTIMES = (
     *(f"torch:{impl}" for impl in SCAN_IMPLS),
-    "torch:graph-parallel:compile", "torch:triton:compile",
+    "torch:graph-parallel:compile", "torch:triton:compile", "torch:cpu_kernel:compile",
     *(f"onnxruntime:{provider}:{form}" for provider in ORT_PROVIDERS for form in FORMS),
     *(f"tensorrt:{form}" for form in FORMS),
 )
@@ -154,7 +157,12 @@ class TorchRuntime(Runtime):
     """PyTorch eager (optionally ``torch.compile``) with the chosen scan implementation.
 
     The model is used through a copy sharing its weights (on its own device), so choosing a scan
-    implementation here does not change the caller's model.
+    implementation here does not change the caller's model. ``compile``: PDD is rebuilt in its graph layer
+    forms (Conv and ConvTranspose, as for export: :func:`export.onnx_export.build_for_export`) and compiled
+    by inductor; on the CPU with inductor's weight freezing (weights become constants, convolution weights
+    prepacked for oneDNN and batch norms folded into them), so the compiled model does not follow later
+    changes to the weights. The first call compiles (about a minute on 2 cores; inductor's cache in
+    ``$TORCHINDUCTOR_CACHE_DIR`` shortens later processes' first calls), as does every new batch size.
     """
 
     def __init__(self, model: torch.nn.Module, scan_impl: str = "eager", device: str | torch.device = "cpu",
@@ -174,7 +182,10 @@ class TorchRuntime(Runtime):
         self.model = (weight_sharing_copy(model) if current == dev else copy.deepcopy(model).to(dev)).eval()
         if hasattr(self.model, "set_scan_impl"):  # PDD; the RD4AD baseline has no scan
             self.model.set_scan_impl(scan_impl)
+        if compile and isinstance(self.model, PDDModel):
+            self.model = build_for_export(self.model, scan_impl)
         self._forward = torch.compile(self.model) if compile else self.model
+        self._freezing = compile and dev.type == "cpu"
         self.calibration = getattr(model, "calibration", None)
         self.name = name
         self.device = str(dev)
@@ -183,7 +194,9 @@ class TorchRuntime(Runtime):
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         _check_images(images, self.name)
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self._dev)
-        with torch.inference_mode():
+        # Read when a call compiles (the first, or a new batch size); no effect on the calls after.
+        freezing = inductor_config.patch(freezing=True) if self._freezing else contextlib.nullcontext()
+        with torch.inference_mode(), freezing:
             out = self._forward(x)
         return {"pred_score": out.pred_score.float().cpu().numpy(),
                 "anomaly_map": out.anomaly_map.float().cpu().numpy()}

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels import cpu_scan
 from kernels.contract import check_ss2d
 from kernels.routes import SS2D_ROUTES, route_order
 from pdd.chunked_scan import GRAPH_CHUNK_SIZE, graph_softplus, sequential_positions
 from pdd.impl_names import canonical_scan_impl
-from pdd.ssm import cpu_kernel, selective_scan, triton_kernels
+from pdd.ssm import selective_scan, triton_kernels
 
 __all__ = [
     "SS2D_ROUTES",
@@ -140,7 +141,8 @@ def ss2d_scan(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tens
     if impl == "triton":
         return triton_kernels().ss2d_scan_triton(x, delta, B, C, A, D, delta_bias)
     if impl == "cpu_kernel":
-        return cpu_kernel().ss2d_scan_cpu(x, delta, B, C, A, D, delta_bias)
+        # Built and loaded when the model was built (resolve_scan_impl); inside the op, opaque to torch.compile.
+        return cpu_scan.ss2d_scan_cpu(x, delta, B, C, A, D, delta_bias)
     if impl == "plugin":
         return ss2d_scan_op(x.contiguous(), delta, B, C, A, D, delta_bias)
     return _ss2d_scan_routed(x, delta, B, C, A, D, delta_bias, impl)

@@ -20,6 +20,7 @@ from kernels.contract import ss2d_shapes
 from pdd.anomaly import anomaly_head_ref
 from pdd.backbones.vmamba import SS2D
 from pdd.calibration import Calibration, apply_calibration, fit_operating_point
+from pdd.model import UpConv2x2
 from pdd.ss2d import ss2d_scan
 
 # One intra-op thread for the forward passes of this module (fixture in conftest.py).
@@ -136,6 +137,22 @@ def test_torch_runtime_predicts_and_keeps_the_model_untouched(small_pdd: torch.n
     out = make_runtime("torch:eager", model=small_pdd).predict(np.zeros((1, 3, 64, 64), np.float32))
     assert out["pred_score"].shape == (1,) and out["anomaly_map"].shape == (1, 64, 64)
     assert out["anomaly_map"].dtype == np.float32
+
+
+def test_compiled_cpu_kernel_runtime_matches_eager(small_pdd: torch.nn.Module) -> None:
+    """torch:cpu_kernel:compile (inductor, frozen weights, graph layer forms) gives the eager maps and scores;
+    the caller's model keeps its scan and layer forms. Compiles once at 64² (~1 min on 2 cores)."""
+    images = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    want = make_runtime("torch:cpu_kernel", model=small_pdd).predict(images)
+    rt = make_runtime("torch:cpu_kernel:compile", model=small_pdd)
+    assert rt.name == "torch:cpu_kernel:compile" and rt.device == "cpu"
+    got = rt.predict(images)
+    span = float(want["anomaly_map"].max() - want["anomaly_map"].min())
+    assert np.abs(got["anomaly_map"] - want["anomaly_map"]).max() <= 1e-5 * span
+    np.testing.assert_allclose(got["pred_score"], want["pred_score"], rtol=1e-5)
+    assert {m.scan_impl for m in small_pdd.modules() if isinstance(m, SS2D)} == {"eager"}
+    assert any(isinstance(m, UpConv2x2) and m.eager_gemm for m in small_pdd.modules())
+    assert not any(isinstance(m, UpConv2x2) and m.eager_gemm for m in rt.model.modules())
 
 
 def test_unavailable_runtimes_say_why(small_pdd: torch.nn.Module, tmp_path: Path) -> None:
