@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.contract import check_ss2d
+from .contract import check_ss2d
 
 __all__ = ["MAX_STATE", "CpuKernelUnavailable", "check_code", "default_threads", "library_path", "load", "pointer",
            "ss2d_kernel_shapes", "ss2d_scan_numpy"]
