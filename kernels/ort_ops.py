@@ -32,9 +32,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx
 
+from . import cpu_lib
 from .contract import DOMAIN, HEAD_MAP_STRIDE, HEAD_OP, HEAD_PAIRS, SS2D_OP
 from .cpu_head import anomaly_head_numpy
-from .cpu_lib import ss2d_scan_numpy
 
 __all__ = ["BUNDLE", "CPU_KERNEL", "ORT_DOMAIN", "ORT_SCAN_IMPL_ATTR", "ScanOp", "configure_session",
            "register_ort_ops", "to_ort_domain_inplace"]
@@ -51,16 +51,19 @@ BUNDLE = ("__init__.py", "contract.py", "cpu_head.py", "cpu_lib.py", "ort_ops.py
 # An SS2D scan on numpy arrays: (x, delta, B, C, A, D, delta_bias) -> y (B, D, H, W) fp32.
 ScanOp = Callable[..., np.ndarray]
 
-_scans: dict[str, ScanOp] = {CPU_KERNEL: ss2d_scan_numpy}
+# The scan implementations added by register_ort_ops' callers; the compiled kernel is always there.
+_scans: dict[str, ScanOp] = {}
 _library: str | None = None
 
 
 def _scan(impl: str) -> ScanOp:
+    if impl == CPU_KERNEL:
+        return cpu_lib.ss2d_scan_numpy
     try:
         return _scans[impl]
     except KeyError:
         raise ValueError(f"{SS2D_OP} node: scan_impl {impl!r} has no ONNX Runtime op in this process (has "
-                         f"{sorted(_scans)}); rewrite the graph with one of those") from None
+                         f"{sorted([CPU_KERNEL, *_scans])}); rewrite the graph with one of those") from None
 
 
 def register_ort_ops(scans: Mapping[str, ScanOp] | None = None) -> str:
