@@ -73,10 +73,9 @@ def plugin_graph(path: Path, options: ort.SessionOptions, version_dir: Path) -> 
     """The plugin-form ONNX at ``path`` ready for ONNX Runtime: the CPU scan kernel built (or found in its
     cache), both Python ops registered in ``options``, the graph's custom nodes moved to their domain."""
     ops = load_kernels(version_dir)
-    cpu_lib = importlib.import_module(f"{_KERNELS_MODULE}.cpu_lib")
     try:
-        cpu_lib.load()
-    except (cpu_lib.CpuKernelUnavailable, OSError) as exc:
+        ops.cpu_lib.load()
+    except (ops.cpu_lib.CpuKernelUnavailable, OSError) as exc:
         raise pb_utils.TritonModelException(
             f"{path} is the plugin ONNX form, whose SS2DScan nodes run the CPU scan kernel compiled on this "
             f"server when the model loads, and it cannot be built here: {exc}. Either install a C compiler on "
