@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     src.add_argument("--repo", type=Path, help="an existing python-flavour repository (no export)")
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--max-batch-size", type=int, default=4)
+    ap.add_argument("--onnx-form", choices=["plugin", "portable"], default="plugin",
+                    help="the ONNX form the exported repository serves (plugin: the compiled CPU scan kernel)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--transports", nargs="+", default=["http", "grpc", "grpc+shm"], choices=sorted(TRANSPORTS))
     ap.add_argument("--requests", type=int, default=8, help="timed requests per client")
@@ -208,9 +210,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                image_size=args.image_size)
             model_desc = (f"checkpoint {args.checkpoint}" if args.checkpoint else
                           f"config {args.config}, freshly initialised (random teachers: speed only)")
-            log.info("exporting %s at %d² (portable ONNX)", model_desc, args.image_size)
+            model_desc += f", {args.onnx_form} ONNX form"
+            log.info("exporting %s at %d²", model_desc, args.image_size)
             repo = build_triton_repo(work / "repo", flavour="python", model=model,
-                                     max_batch_size=args.max_batch_size)
+                                     max_batch_size=args.max_batch_size, onnx_form=args.onnx_form)
             del model
         images, names = _brain_synth_images(args.image_size, args.images, args.seed)
         http, grpc, metrics = free_ports(3)

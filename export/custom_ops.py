@@ -8,7 +8,10 @@ Each exists three times, with one contract:
 - as an ONNX operator of domain ``pdd`` (``SS2DScan``, ``AnomalyHead``) with a registered schema and the
   attributes TensorRT's ONNX parser reads (``plugin_namespace``, ``aot``);
 - as an ONNX Runtime Python op (onnxruntime-extensions), which must live in domain ``ai.onnx.contrib``:
-  :func:`to_ort_domain` rewrites a copy of the graph for ONNX Runtime, so one ONNX file serves both.
+  :func:`to_ort_domain` rewrites a copy of the graph for ONNX Runtime, so one ONNX file serves both. The
+  ops themselves are torch-free (:mod:`kernels.ort_ops`: the compiled CPU scan kernel and the numpy head),
+  so a server without torch runs the same graph with the same code; :func:`register_ort_ops` adds the
+  PyTorch scan implementations for nodes that name them.
 
 Contracts (shapes and dtypes)::
 
@@ -23,6 +26,7 @@ build (the kernel bakes σ in) and for people reading the graph.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -32,7 +36,11 @@ import torch
 from onnx.defs import OpSchema
 from torch import Tensor
 
+from kernels import ort_ops
+from kernels.contract import DOMAIN, HEAD_MAP_STRIDE, HEAD_OP, HEAD_PAIRS, SS2D_OP
+from kernels.ort_ops import CPU_KERNEL, ORT_DOMAIN, ORT_SCAN_IMPL_ATTR
 from pdd.anomaly import anomaly_head_ref
+from pdd.impl_names import SCAN_IMPLS
 from pdd.ss2d import ss2d_scan
 from pdd.ssm import resolve_scan_impl
 
@@ -52,14 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DOMAIN = "pdd"                  # torch library namespace, ONNX domain and TensorRT plugin namespace
-ORT_DOMAIN = "ai.onnx.contrib"  # the only domain onnxruntime-extensions serves Python ops from
-SS2D_OP = "SS2DScan"
-HEAD_OP = "AnomalyHead"
-HEAD_PAIRS = 6                  # 3 levels × (prior student, plain student)
-# The first (teacher, student) pair is WRN layer 1 and its fusion target, at 1/4 of the image.
-HEAD_MAP_STRIDE = 4
 
 
 @torch.library.custom_op(f"{DOMAIN}::anomaly_head", mutates_args=())
@@ -156,70 +156,34 @@ def translation_table() -> dict:
 
 # --- ONNX Runtime: Python ops ----------------------------------------------------------------------
 
-_ort_registered = False
-# The attribute to_ort_domain writes on every SS2DScan node: the scan implementation its Python op runs.
-ORT_SCAN_IMPL_ATTR = "scan_impl"
+
+def _torch_scan(impl: str, *arrays: np.ndarray) -> np.ndarray:
+    """:func:`pdd.ss2d.ss2d_scan` with ``impl`` on numpy arrays (the ONNX Runtime op's other implementations)."""
+    args = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+    with torch.no_grad():
+        return ss2d_scan(*args, impl=impl).numpy()
 
 
 def register_ort_ops() -> str:
     """Register both ops as onnxruntime-extensions Python ops (once per process); returns the library path.
 
-    Add the path to a session with ``SessionOptions.register_custom_ops_library``. The SS2DScan body runs
-    :func:`pdd.ss2d.ss2d_scan` with the implementation its node names (written by :func:`to_ort_domain`);
-    the head runs the PyTorch reference on CPU.
+    Add the path to a session with :func:`kernels.ort_ops.configure_session`. The SS2DScan body runs the
+    implementation its node names (written by :func:`to_ort_domain`): the compiled CPU kernel through
+    :func:`kernels.cpu_lib.ss2d_scan_numpy`, any other through :func:`pdd.ss2d.ss2d_scan`; the head runs
+    :func:`kernels.cpu_head.anomaly_head_numpy`, the numpy twin of the PyTorch reference.
     """
-    global _ort_registered
-    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
-
-    if not _ort_registered:
-        f32 = PyCustomOpDef.dt_float
-
-        @onnx_op(op_type=SS2D_OP, inputs=[f32] * 7, outputs=[f32],
-                 attrs={ORT_SCAN_IMPL_ATTR: PyCustomOpDef.dt_string})
-        def _ss2d(x, delta, B, C, A, D, delta_bias, scan_impl):  # numpy arrays in, out
-            args = [torch.from_numpy(np.ascontiguousarray(a)) for a in (x, delta, B, C, A, D, delta_bias)]
-            with torch.no_grad():
-                return ss2d_scan(*args, impl=scan_impl).numpy()
-
-        @onnx_op(op_type=HEAD_OP, inputs=[f32] * (2 * HEAD_PAIRS), outputs=[f32, f32],
-                 attrs={"sigma": PyCustomOpDef.dt_float})
-        def _head(*features, sigma):
-            feats = [torch.from_numpy(np.ascontiguousarray(f)) for f in features]
-            with torch.no_grad():
-                amap, score = anomaly_head_op(feats, float(sigma))
-            return amap.numpy(), score.numpy()
-
-        _ort_registered = True
-    return get_library_path()
+    return ort_ops.register_ort_ops({impl: functools.partial(_torch_scan, impl) for impl in SCAN_IMPLS
+                                     if impl != CPU_KERNEL})
 
 
 def to_ort_domain(model: onnx.ModelProto, scan_impl: str = "auto") -> onnx.ModelProto:
     """A copy of ``model`` whose ``pdd`` nodes sit in ``ai.onnx.contrib``, keeping only the attributes the
-    Python ops read (onnxruntime-extensions accepts scalar int/float/string attributes only).
+    Python ops read (:func:`kernels.ort_ops.to_ort_domain_inplace`).
 
     Each SS2DScan node gets the attribute ``scan_impl``: the implementation its op runs, resolved here on the
     CPU (``auto``: the compiled CPU kernel where it can be built, else ``eager`` with a warning).
     """
     impl = resolve_scan_impl(scan_impl, "cpu")
-    kept = {SS2D_OP: set(), HEAD_OP: {"sigma"}}
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for node in out.graph.node:
-        if node.domain != DOMAIN:
-            continue
-        if node.op_type not in kept:
-            raise ValueError(f"ONNX node {node.name!r}: unknown op {DOMAIN}::{node.op_type}; expected {sorted(kept)}")
-        if node.op_type == HEAD_OP and len(node.input) != 2 * HEAD_PAIRS:
-            raise ValueError(f"ONNX node {node.name!r}: {HEAD_OP} has {len(node.input)} inputs; the ONNX Runtime "
-                             f"Python op takes {2 * HEAD_PAIRS} (PDD's {HEAD_PAIRS} pairs)")
-        node.domain = ORT_DOMAIN
-        attrs = [a for a in node.attribute if a.name in kept[node.op_type]]
-        if node.op_type == SS2D_OP:
-            attrs.append(onnx.helper.make_attribute(ORT_SCAN_IMPL_ATTR, impl))
-        del node.attribute[:]
-        node.attribute.extend(attrs)
-    opsets = [o for o in out.opset_import if o.domain not in (DOMAIN, ORT_DOMAIN)]
-    del out.opset_import[:]
-    out.opset_import.extend([*opsets, onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
-    return out
-
+    return ort_ops.to_ort_domain_inplace(out, impl)

@@ -52,6 +52,7 @@ from export.metadata import (
     sha256_file,
 )
 from export.onnx_export import FORMS, INPUT_NAME, OUTPUT_NAMES, build_for_export, load_onnx, weight_sharing_copy
+from kernels.ort_ops import configure_session
 from kernels.target import driver_ptx_isa
 from pdd.calibration import Calibration, apply_calibration
 from pdd.impl_names import SCAN_IMPLS
@@ -209,8 +210,9 @@ class OnnxRuntime(Runtime):
     """ONNX Runtime on an exported ``model.onnx`` (either form).
 
     Plugin-form graphs are served by the Python ops of :mod:`export.custom_ops` (the SS2D scan with
-    ``scan_impl``: by default the compiled CPU kernel where it can be built; the head's PyTorch reference),
-    on a copy of the graph moved to onnxruntime-extensions' domain; ``session`` is the ORT session.
+    ``scan_impl``: by default the compiled CPU kernel where it can be built; the head's numpy twin of the
+    PyTorch reference), on a copy of the graph moved to onnxruntime-extensions' domain, as the served
+    python flavour runs them; ``session`` is the ORT session.
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -232,9 +234,7 @@ class OnnxRuntime(Runtime):
         # Only a graph with custom nodes needs parsing here (its copy is moved to the Python ops' domain).
         proto = None if self.metadata and not self.metadata.custom_ops else load_onnx(path)
         if proto is not None and any(n.domain == DOMAIN for n in proto.graph.node):
-            options.register_custom_ops_library(register_ort_ops())
-            # The Python ops run on the calling thread; spinning pool threads would only steal its CPU.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            configure_session(options, register_ort_ops())
             source: Any = to_ort_domain(proto, scan_impl).SerializeToString()
         else:
             source = str(path)

@@ -11,8 +11,10 @@ Two ways:
 
 The bundled server's Python models run in a stub process that embeds the interpreter found first on
 ``PATH``. That environment needs ``numpy<2`` (the 2.51 backend returns empty outputs with numpy 2,
-silently), ONNX Runtime, Pillow and pydicom, so :func:`python_env` creates a small virtual environment once, from
-PyPI, with the interpreter running this code, and caches it under ``~/.cache/pdd/triton-env``
+silently), ONNX Runtime, Pillow and pydicom, and for the plugin ONNX form onnx and onnxruntime-extensions
+(no torch: the form's custom nodes run torch-free ops), so :func:`python_env` creates a small virtual
+environment once, from PyPI, with the interpreter running this code, and caches it under
+``~/.cache/pdd/triton-env``
 (``$XDG_CACHE_HOME`` respected; ``PDD_TRITON_ENV`` names a ready-made one instead). The stub must also
 load the same ``libpython`` as that interpreter (``LD_LIBRARY_PATH`` gets its ``LIBDIR``) and sit in the
 Python backend's folder, which :func:`backend_directory` assembles in the cache from the wheel's files.
@@ -44,7 +46,7 @@ from pathlib import Path
 from typing import IO
 
 from export.metadata import read_engine_metadata
-from export.triton_config import ENGINE, check_repository, repository_flavour
+from export.triton_config import ENGINE, check_repository, parse_config, repository_flavour
 
 __all__ = [
     "BACKEND_REQUIREMENTS",
@@ -62,8 +64,9 @@ __all__ = [
     "stop_group",
 ]
 
-# What the Python-backend models import; numpy<2 because the bundled 2.51 backend needs numpy 1.x.
-BACKEND_REQUIREMENTS = ("numpy<2", "onnxruntime", "pillow", "pydicom")
+# What the Python-backend models import; numpy<2 because the bundled 2.51 backend needs numpy 1.x. onnx and
+# onnxruntime-extensions: the plugin-form engine moves its graph's custom nodes into the Python ops' domain.
+BACKEND_REQUIREMENTS = ("numpy<2", "onnxruntime", "onnx", "onnxruntime-extensions", "pillow", "pydicom")
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver"
 # The NGC release of Triton 2.51, the server bundled with nvidia-pytriton 0.7.0 that the tests run.
 NGC_TAG = "24.10"
@@ -158,8 +161,9 @@ def python_env(requirements: Sequence[str] = BACKEND_REQUIREMENTS, timeout_s: fl
 
     ``$PDD_TRITON_ENV`` must be a venv of the same Python version as the interpreter running this code.
     The venv is made with the interpreter running this code (its libpython is the one the stub loads) and
-    ``requirements`` from PyPI, then checked by importing numpy (< 2), onnxruntime, PIL and pydicom. It is keyed by
-    Python version and requirements, and rebuilt if a previous attempt did not finish.
+    ``requirements`` from PyPI, then checked by importing numpy (< 2), onnxruntime, onnx, onnxruntime_extensions,
+    PIL and pydicom. It is keyed by Python version and requirements, and rebuilt if a previous attempt did not
+    finish.
     """
     given = os.environ.get("PDD_TRITON_ENV")
     if given:
@@ -183,7 +187,7 @@ def python_env(requirements: Sequence[str] = BACKEND_REQUIREMENTS, timeout_s: fl
                  [str(env / "bin" / "python3"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                   *requirements],
                  [str(env / "bin" / "python3"), "-c",
-                  "import numpy, onnxruntime, PIL, pydicom; "
+                  "import numpy, onnxruntime, onnx, onnxruntime_extensions, PIL, pydicom; "
                   "assert int(numpy.__version__.split('.')[0]) < 2, numpy.__version__"]]
         for cmd in steps:
             try:
@@ -415,16 +419,27 @@ def docker_command(repo: str | os.PathLike, http_port: int = 8000, grpc_port: in
 
     TensorRT: ``--gpus all``, and the tag must be the release whose TensorRT built the engine (left as
     ``<yy.mm>`` unless given). The Python-backend models need Pillow and pydicom (and, for the python flavour,
-    ONNX Runtime) with numpy<2, installed at start here; ``deploy/Dockerfile`` bakes them into an image.
+    the rest of :data:`BACKEND_REQUIREMENTS`) with numpy<2, installed at start here, and the plugin form's
+    engine a C compiler (gcc, installed when the image has none); ``deploy/Dockerfile`` bakes them into an image.
     """
     repo = Path(repo).resolve()
     flavour = repository_flavour(repo)
-    packages = '"numpy<2" pillow pydicom' + (" onnxruntime" if flavour == "python" else "")
+    wanted = BACKEND_REQUIREMENTS if flavour == "python" else ("numpy<2", "pillow", "pydicom")
+    packages = " ".join(f'"{r}"' if "<" in r else r for r in wanted)
     gpus = "--gpus all " if flavour == "tensorrt" else ""
     image = f"{NGC_IMAGE}:{tag or ('<yy.mm>' if flavour == 'tensorrt' else NGC_TAG)}-py3"
     inner = f"pip install -q {packages} && exec tritonserver --model-repository=/models"
+    if flavour == "python" and _onnx_form(repo) == "plugin":
+        inner = ("{ command -v cc >/dev/null || { apt-get update -qq && apt-get install -y -qq "
+                 "--no-install-recommends gcc libc6-dev; }; } && " + inner)
     return (f"docker run --rm {gpus}--shm-size=1g --ipc=host -p {http_port}:8000 -p {grpc_port}:8001 "
             f"-p {metrics_port}:8002 -v {shlex.quote(str(repo))}:/models {image} bash -c {shlex.quote(inner)}")
+
+
+def _onnx_form(repo: Path) -> str | None:
+    """The engine config's ``onnx_form`` parameter (None where it has none)."""
+    cfg = parse_config(repo / ENGINE / "config.pbtxt")
+    return cfg.parameters["onnx_form"].string_value if "onnx_form" in cfg.parameters else None
 
 
 def _tensorrt_note(repo: Path) -> str:

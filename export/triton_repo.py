@@ -9,9 +9,13 @@ is checked before the repository is moved into place)::
     <out>/preprocess/1/readers.py    pdd/data/readers.py, which decodes the files as `pdd predict` does
     <out>/pdd_engine/1/...           the network, one of three flavours:
                                        "tensorrt"    model.plan + engine.json   (TensorRT backend, GPU)
-                                       "onnxruntime" model.onnx + model.json    (ONNX Runtime backend)
+                                       "onnxruntime" model.onnx + model.json    (ONNX Runtime backend,
+                                                                                  portable form)
                                        "python"      model.py + model.onnx      (ONNX Runtime inside the
                                                                                   Python backend)
+    <out>/pdd_engine/1/kernels/      python flavour, plugin form: the torch-free ONNX Runtime ops and the C
+                                     source of the CPU scan kernel (kernels.ort_ops.BUNDLE), which the
+                                     server compiles when the model loads
     <out>/postprocess/1/model.py     Python backend: calibration -> normalised_score (B, 1), pred_label (B, 1),
                                      pred_mask (B, S, S); pdd_calibration.py beside it is pdd/calibration.py
 
@@ -20,6 +24,14 @@ DICOM files optionally ``dicom_window``, FP32 (B, 2) = centre, width) and get ``
 (B, 1)), ``anomaly_map`` (FP32 (B, S, S)), ``normalised_score`` (FP32 (B, 1)), ``pred_label`` (BOOL
 (B, 1)) and ``pred_mask`` (BOOL (B, S, S)). Images larger than :data:`MAX_SIDE` pixels on a side are
 refused.
+
+The python flavour serves the ``plugin`` ONNX form by default (``onnx_form``): the graph TensorRT gets,
+whose ``pdd::SS2DScan`` nodes run the compiled CPU scan kernel and whose ``pdd::AnomalyHead`` node runs the
+numpy head, ~1.4x faster on CPU than the ``portable`` form (standard ONNX ops only). The server then needs
+a C compiler (``cc``/``gcc``, or ``$CC``): the engine model compiles the kernel for the server's CPU when it
+loads, and fails to load, naming the missing compiler, without one; ``onnx_form="portable"`` needs none.
+The ``onnxruntime`` flavour serves the portable form only. The form is recorded in the engine config's
+``onnx_form`` parameter.
 
 The decisions come from the export metadata's calibration (:mod:`pdd.calibration`), written into the
 postprocess config; ``threshold`` / ``pixel_threshold`` override its raw thresholds, and so can each
@@ -43,13 +55,15 @@ from pathlib import Path
 
 import pdd.calibration
 from export.metadata import store_metadata_calibration
-from export.onnx_export import export_onnx
+from export.onnx_export import FORMS, export_onnx
 from export.triton_config import (
+    DEFAULT_ONNX_FORM,
     DEFAULT_QUEUE_DELAY_US,
     ENGINE,
     ENSEMBLE,
     FLAVOURS,
     INSTANCE_KINDS,
+    KERNELS_FOLDER,
     MAX_SIDE,
     MODEL_NAMES,
     POSTPROCESS,
@@ -69,6 +83,7 @@ from export.triton_config import (
     repository_flavour,
     write_config,
 )
+from kernels import ort_ops
 from pdd.calibration import Calibration
 from pdd.config import atomic_write_text
 from pdd.data import readers
@@ -77,6 +92,9 @@ _TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 # The calibration maths (numpy only), copied beside the postprocess model: one implementation for both sides.
 _CALIBRATION_SOURCE = Path(pdd.calibration.__file__)
 _CALIBRATION_COPY = "pdd_calibration.py"
+# The torch-free kernels package (ONNX Runtime ops, CPU scan kernel source), copied beside a plugin-form
+# python engine.
+_KERNELS_SOURCE = Path(ort_ops.__file__).resolve().parent
 
 __all__ = [
     "ENGINE",
@@ -136,9 +154,15 @@ def _place(src: Path, dst: Path, move: bool) -> None:
 
 
 def _check_choices(flavour: str, model: object | None, engine_dir: object | None, max_batch_size: int,
-                   instance_count: int, instance_kind: str | None) -> None:
+                   instance_count: int, instance_kind: str | None, onnx_form: str | None) -> None:
     if flavour not in FLAVOURS:
         raise RepositoryError(f"unknown flavour {flavour!r}; expected one of {FLAVOURS}")
+    if onnx_form is not None and (onnx_form not in FORMS or flavour == "tensorrt"):
+        raise RepositoryError(f"onnx_form must be one of {FORMS} for the python and onnxruntime flavours (the "
+                              f"tensorrt flavour serves an engine), got {onnx_form!r} for {flavour!r}")
+    if flavour == "onnxruntime" and onnx_form == "plugin":
+        raise RepositoryError("Triton's ONNX Runtime backend cannot run the plugin form's custom ops: serve it with "
+                              "the python flavour, or the portable form with this one")
     if (model is None) == (engine_dir is None):
         raise RepositoryError("give exactly one of model (a PDD model to export) and engine_dir (an export folder)")
     if flavour == "tensorrt" and engine_dir is None:
@@ -179,39 +203,59 @@ def _write_models(repo: Path, art: EngineArtifact, flavour: str, max_batch_size:
     version.mkdir()
     if flavour == "python":
         shutil.copy2(_TEMPLATES / "ort_engine.py", version / "model.py")
+        if art.onnx_form == "plugin":
+            for name in ort_ops.BUNDLE:
+                (version / KERNELS_FOLDER / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(_KERNELS_SOURCE / name, version / KERNELS_FOLDER / name)
+
+
+def _check_form(art: EngineArtifact, flavour: str, onnx_form: str | None, where: Path) -> None:
+    """The ONNX form given (``art``) is the one asked for and one the flavour can serve."""
+    if onnx_form is not None and art.onnx_form != onnx_form:
+        raise RepositoryError(f"{where} is the {art.onnx_form} ONNX form, not the {onnx_form} form asked for: "
+                              f"export that form (`pdd export onnx --form {onnx_form}`) or leave onnx_form out")
+    if flavour == "onnxruntime" and art.onnx_form != "portable":
+        raise RepositoryError(f"{where} is the {art.onnx_form} form ({art.description}), whose custom ops "
+                              "Triton's ONNX Runtime backend cannot run: export the portable form (`--form "
+                              "portable`), or serve the plugin form with the python flavour")
 
 
 def build_triton_repo(out: str | os.PathLike, flavour: str = "python", model: object | None = None,
                       engine_dir: str | os.PathLike | None = None, max_batch_size: int = 8,
                       image_size: int | None = None, *, threshold: float | None = None,
                       pixel_threshold: float | None = None, instance_count: int = 1,
-                      instance_kind: str | None = None, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US) -> Path:
+                      instance_kind: str | None = None, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+                      onnx_form: str | None = None) -> Path:
     """Write the PDD model repository to ``out`` and return its path.
 
-    The network comes from ``model`` (a :class:`pdd.model.PDDModel`, exported here to a portable ONNX at
-    ``image_size``, default its config's) or from ``engine_dir``: a TensorRT engine folder
+    The network comes from ``model`` (a :class:`pdd.model.PDDModel`, exported here to ONNX at
+    ``image_size``, default its config's, in the form ``onnx_form``: default ``"plugin"`` for the python
+    flavour, ``"portable"`` for onnxruntime) or from ``engine_dir``: a TensorRT engine folder
     (``engine.plan`` + ``engine.json``) for ``flavour="tensorrt"``, else a folder holding ``model.onnx`` +
-    ``model.json`` (or the ``.onnx`` path itself). The metadata's calibration drives the postprocess model;
+    ``model.json`` (or the ``.onnx`` path itself), served in the form it was exported in (``onnx_form``, if
+    given, must name it). The metadata's calibration drives the postprocess model;
     ``threshold`` / ``pixel_threshold`` (raw) replace its image / pixel threshold.
     ``instance_kind``: "cpu", "gpu" or "auto" for the engine (default: gpu for TensorRT, auto for ONNX
     Runtime, cpu for the Python flavour), with ``instance_count`` instances.
 
     The four model folders in ``out`` are replaced; other files there (a README) are kept.
     """
-    _check_choices(flavour, model, engine_dir, max_batch_size, instance_count, instance_kind)
+    _check_choices(flavour, model, engine_dir, max_batch_size, instance_count, instance_kind, onnx_form)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
     try:
         if model is not None:
-            report = export_onnx(model, staging / "export", form="portable", batch=(1, max_batch_size),
-                                 image_size=image_size)
+            report = export_onnx(model, staging / "export", form=onnx_form or DEFAULT_ONNX_FORM[flavour],
+                                 batch=(1, max_batch_size), image_size=image_size)
             art = artifact_from_onnx(report.path)
         else:
             src = Path(engine_dir)
             art = artifact_from_engine(src) if flavour == "tensorrt" else artifact_from_onnx(src)
             if image_size is not None and image_size != art.image_size:
                 raise RepositoryError(f"{src} was exported at {art.image_size}², not the {image_size}² asked for")
+        if flavour != "tensorrt":
+            _check_form(art, flavour, onnx_form, art.files["model.onnx"])
         if art.max_batch is not None and art.max_batch < max_batch_size:
             raise RepositoryError(f"the engine accepts batches up to {art.max_batch}; max_batch_size "
                                   f"{max_batch_size} needs a re-export with a larger batch range")

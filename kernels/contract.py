@@ -2,8 +2,9 @@
 
 One place for each shape rule: the 1-D selective scan's arguments (:func:`check_scan_inputs`), the SS2D
 scan's seven inputs (:func:`ss2d_shapes`, :func:`check_ss2d`; also the contract of the ``SS2DScan`` ONNX
-node and TensorRT plugin) and the anomaly head's feature pairs (:func:`check_feature_pairs`). Works on
-torch tensors and numpy arrays alike (only ``.shape`` is read); imports neither torch nor numpy.
+node and TensorRT plugin) and the anomaly head's feature pairs (:func:`check_feature_pairs`, and the
+``AnomalyHead`` node's pair count and map stride). Works on torch tensors and numpy arrays alike (only
+``.shape`` is read); imports neither torch nor numpy.
 """
 
 from __future__ import annotations
@@ -11,12 +12,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["COS_EPS", "SS2D_ROUTES", "check_feature_pairs", "check_scan_inputs", "check_ss2d", "ss2d_shapes"]
+__all__ = ["COS_EPS", "DOMAIN", "HEAD_MAP_STRIDE", "HEAD_OP", "HEAD_PAIRS", "SS2D_OP", "SS2D_ROUTES",
+           "check_feature_pairs", "check_scan_inputs", "check_ss2d", "ss2d_shapes"]
 
 # The SS2D scan walks the H×W grid along four routes (their geometry: kernels.routes).
 SS2D_ROUTES = 4
 # Cosine denominator floor of the anomaly head, as torch.nn.functional.cosine_similarity.
 COS_EPS = 1e-8
+# The plugin ONNX form's custom nodes (export.custom_ops): torch library namespace, ONNX domain and TensorRT
+# plugin namespace, and the op names.
+DOMAIN = "pdd"
+SS2D_OP = "SS2DScan"
+HEAD_OP = "AnomalyHead"
+HEAD_PAIRS = 6                  # 3 levels × (prior student, plain student)
+# The first (teacher, student) pair is WRN layer 1 and its fusion target, at 1/4 of the image.
+HEAD_MAP_STRIDE = 4
 
 
 def check_scan_inputs(u: Any, delta: Any, A: Any, B: Any, C: Any, D: Any | None, z: Any | None,

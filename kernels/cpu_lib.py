@@ -7,7 +7,9 @@ Building needs a C compiler (``cc``, or ``$CC``); without one :class:`CpuKernelU
 
 This module needs numpy and the standard library only, so a server's Python environment without torch
 (the Triton Python backend's) runs the kernel through :func:`ss2d_scan_numpy`; :mod:`kernels.cpu_scan`
-adds the torch entry points.
+adds the torch entry points. A served model repository carries a copy of it beside the C source
+(:data:`kernels.ort_ops.BUNDLE`), hence the relative import. The kernel's threads: ``$PDD_CPU_THREADS``, else
+the CPUs the process may run on (:func:`default_threads`).
 
 Example::
 
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.contract import check_ss2d
+from .contract import check_ss2d
 
 __all__ = ["MAX_STATE", "CpuKernelUnavailable", "check_code", "default_threads", "library_path", "load", "pointer",
            "ss2d_kernel_shapes", "ss2d_scan_numpy"]
@@ -62,7 +64,7 @@ def _compiler() -> str:
 def _cpu_flags() -> str:
     """What -march=native depends on: the CPU's feature flags (a cached build must not move to another CPU)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith(("flags", "Features")):
                 return line
     except OSError:
@@ -77,7 +79,8 @@ def library_path() -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise CpuKernelUnavailable(f"the C compiler {cc} does not run: {exc}") from exc
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags(),
+    # The source's encoding named: a server's Python-backend stub runs in the C locale (ASCII).
+    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), cc, version, " ".join(FLAGS), _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     return _cache_dir() / key / "libpddscan.so"
 

@@ -9,6 +9,8 @@ For each (teacher, student) pair of feature maps (B, C_l, H_l, W_l)::
 
 One API (:func:`anomaly_head`) with implementations behind ``impl=``: ``"reference"`` (PyTorch, exports
 to standard ONNX ops) and ``"triton"`` (the kernels of ``kernels/anomaly_head.py``, loaded on first use).
+The reference's numpy twin, for ONNX Runtime and servers without torch, is
+:func:`kernels.cpu_head.anomaly_head_numpy`; the Gaussian's taps and border are defined there.
 
 Example::
 
@@ -24,14 +26,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.contract import COS_EPS, check_feature_pairs
+from kernels.cpu_head import gaussian_kernel1d, reflect_indices
 from pdd.impl_names import HEAD_IMPLS
 
 __all__ = [
@@ -48,25 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FeaturePairs = Sequence[tuple[Tensor, Tensor]]
-
-
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
-    """Normalised taps of scipy.ndimage's Gaussian: radius int(truncate·σ + 0.5) (33 taps for σ=4)."""
-    if sigma <= 0:
-        raise ValueError(f"gaussian sigma must be positive, got {sigma}")
-    radius = int(truncate * float(sigma) + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    w = np.exp(-0.5 * (x / sigma) ** 2)
-    return w / w.sum()
-
-
-@lru_cache(maxsize=64)
-def reflect_indices(size: int, radius: int) -> tuple[int, ...]:
-    """Source index of every padded position under scipy's 'reflect' mode (d c b a | a b c d | d c b a).
-
-    That is numpy's 'symmetric' padding, repeated as often as the radius needs, not torch's 'reflect'.
-    """
-    return tuple(int(i) for i in np.pad(np.arange(size), radius, mode="symmetric"))
 
 
 def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Tensor:

@@ -228,7 +228,7 @@ def cmd_export_triton_repo(args: argparse.Namespace) -> int:
 
     model = None if args.engine else _model(args, "cpu")
     path = build_triton_repo(args.out, flavour=args.flavour, model=model, engine_dir=args.engine,
-                             max_batch_size=args.max_batch_size)
+                             max_batch_size=args.max_batch_size, onnx_form=args.onnx_form)
     print(f"Triton model repository written to {path}")
     return 0
 
@@ -376,6 +376,10 @@ def _add_export(sub: Any) -> None:
     _model_args(p)
     p.add_argument("--engine", type=Path, help="a TensorRT engine folder from export/build_trt.py")
     p.add_argument("--flavour", choices=["tensorrt", "onnxruntime", "python"], default="python")
+    p.add_argument("--onnx-form", choices=["plugin", "portable"],
+                   help="the ONNX form served (default: plugin for the python flavour, whose custom nodes run the "
+                        "CPU scan kernel compiled on the server, which needs a C compiler; portable for "
+                        "onnxruntime); with --engine, the form of the ONNX given")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int)

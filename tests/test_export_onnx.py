@@ -303,16 +303,17 @@ def test_to_ort_domain_moves_nodes_and_keeps_readable_attributes(plugin_report: 
 def test_plugin_form_in_onnxruntime_runs_the_compiled_cpu_scan(small_pdd: torch.nn.Module, labelled: tuple,
                                                                reference: dict[str, np.ndarray],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """The graph TensorRT gets is also served on CPU by the compiled kernel (maps within 1e-5 of the range)."""
-    cpu_scan = pytest.importorskip("kernels.cpu_scan")
+    """The graph TensorRT gets is also served on CPU by the compiled kernel (maps within 1e-5 of the range),
+    through the torch-free op the served python flavour runs."""
+    cpu_lib = pytest.importorskip("kernels.cpu_lib")
     try:
-        cpu_scan.load()
-    except cpu_scan.CpuKernelUnavailable as exc:
+        cpu_lib.load()
+    except cpu_lib.CpuKernelUnavailable as exc:
         pytest.skip(f"no CPU kernel here: {exc}")
     calls = []
     candidate = OnnxRuntime(exported("plugin", small_pdd).path, threads=1, scan_impl="cpu_kernel")
-    kernel = cpu_scan.ss2d_scan_cpu
-    monkeypatch.setattr(cpu_scan, "ss2d_scan_cpu", lambda *a: calls.append(1) or kernel(*a))
+    kernel = cpu_lib.ss2d_scan_numpy
+    monkeypatch.setattr(cpu_lib, "ss2d_scan_numpy", lambda *a: calls.append(1) or kernel(*a))
     images, labels = labelled
     parity = compare_predictions(reference, predict_all(candidate, images, batch=2), labels, "torch:eager",
                                  "onnxruntime:cpu:plugin+cpu_kernel")

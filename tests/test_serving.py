@@ -1,6 +1,8 @@
 """A real Triton Inference Server (the one bundled with nvidia-pytriton) serving the python flavour.
 
-One module-scoped server on free loopback ports, on a repository exported from the small 64² PDD.
+One module-scoped server on free loopback ports, on a repository exported from the small 64² PDD in the
+flavour's default ONNX form, the plugin form: its custom nodes run the compiled CPU scan kernel and the numpy
+head inside the server's torch-free Python environment (the portable form's engine: test_triton_backends.py).
 Outputs are compared with the PyTorch model; bad requests must get clear errors while the server keeps
 serving; a bounded concurrent load must finish without errors and match single requests. The server's
 log is printed when a test fails.
@@ -24,10 +26,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from triton_fakes import make_onnx_dir
 
 from benchmarks.common import free_ports
 from export.client import InferenceError, PDDClient, predict_server_files, run_load
-from export.triton_repo import MAX_SIDE, build_triton_repo
+from export.triton_repo import MAX_SIDE, build_triton_repo, parse_config
 from pdd.calibration import Calibration, apply_calibration, fit_operating_point
 from pdd.data.readers import to_model_input
 
@@ -78,10 +81,12 @@ def repo(tmp_path_factory, small_pdd, reference):
     pytest.importorskip("pytriton", reason="needs the bundled server: pip install --no-deps nvidia-pytriton==0.7.0")
     small_pdd.calibration = reference[2]  # the export carries the model's calibration
     try:
-        return build_triton_repo(tmp_path_factory.mktemp("serving") / "repo", flavour="python", model=small_pdd,
+        repo = build_triton_repo(tmp_path_factory.mktemp("serving") / "repo", flavour="python", model=small_pdd,
                                  max_batch_size=4)
     finally:
         small_pdd.calibration = None
+    assert parse_config(repo / "pdd_engine" / "config.pbtxt").parameters["onnx_form"].string_value == "plugin"
+    return repo
 
 
 @pytest.fixture(scope="module")
@@ -457,11 +462,11 @@ def test_sigterm_to_a_serving_benchmark_leaves_no_server_process(repo, tmp_path)
         assert not left, f"still running after SIGTERM: {left}"
 
 
-def test_serve_refuses_flavours_the_bundled_server_lacks(repo, tmp_path, capsys):
+def test_serve_refuses_flavours_the_bundled_server_lacks(tmp_path, capsys):
     from export.serve import ServerError, TritonServer, serve
 
-    onnx_file = repo / "pdd_engine" / "1" / "model.onnx"
-    ort = build_triton_repo(tmp_path / "ort", flavour="onnxruntime", engine_dir=onnx_file, max_batch_size=4)
+    ort = build_triton_repo(tmp_path / "ort", flavour="onnxruntime", engine_dir=make_onnx_dir(tmp_path / "onnx"),
+                            max_batch_size=4)
     assert serve(ort, *free_ports(3)) == 2
     captured = capsys.readouterr()
     assert "docker run" in captured.out and "only the Python backend" in captured.err

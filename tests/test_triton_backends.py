@@ -1,11 +1,16 @@
 """The Python-backend models of the Triton repository (preprocess, postprocess, the ONNX Runtime engine), run
-offline against a minimal stand-in of ``triton_python_backend_utils``; split from test_triton_repo.py."""
+offline against a minimal stand-in of ``triton_python_backend_utils``; split from test_triton_repo.py. The
+plugin form's engine runs in a separate process without torch or the project's packages, as on the server
+(and because ONNX Runtime takes one registration of its Python ops per process)."""
 
 from __future__ import annotations
 
 import importlib.util
 import io
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import ClassVar
@@ -15,7 +20,7 @@ import pytest
 import torch
 from google.protobuf import json_format
 from PIL import Image
-from triton_fakes import TEMPLATES, backend_utils, calibration, make_onnx_dir
+from triton_fakes import TEMPLATES, backend_utils, calibration, make_onnx_dir, plugin_constants
 from triton_fakes import BackendError as _TritonError
 from triton_fakes import BackendTensor as _Tensor
 
@@ -24,8 +29,12 @@ from export.triton_repo import (
     build_triton_repo,
     parse_config,
 )
+from kernels.cpu_lib import CpuKernelUnavailable
+from kernels.cpu_lib import load as load_cpu_kernel
+from pdd.anomaly import anomaly_head_ref
 from pdd.calibration import apply_calibration
 from pdd.data.readers import read_image, read_image_bytes, to_model_input
+from pdd.ss2d import ss2d_scan
 
 # --- the Python-backend models, offline -------------------------------------------------------------------
 
@@ -223,4 +232,96 @@ def test_ort_engine_without_weights_says_how_to_regenerate(tmp_path, onnx_dir, b
     repo = build_triton_repo(tmp_path / "repo", engine_dir=onnx_dir)
     (repo / "pdd_engine" / "1" / "model.onnx").unlink()
     with pytest.raises(RuntimeError, match="pdd export triton-repo"):
+        backend_model("ort_engine", repo, "pdd_engine")
+
+
+# --- the plugin form's engine, as the server runs it: without torch or this project ------------------------
+
+_ENGINE_ALONE = """
+import json, sys
+from pathlib import Path
+for name in ("torch", "pdd", "kernels", "export"):  # none of them exists on the server
+    sys.modules[name] = None
+sys.path.insert(0, sys.argv[1])  # the backend stand-in only
+import importlib.util
+import numpy as np
+from triton_backend_stub import BackendTensor, backend_utils
+sys.modules["triton_python_backend_utils"] = backend_utils()
+work = Path(sys.argv[2])
+spec = importlib.util.spec_from_file_location("engine_model", work / "repo" / "pdd_engine" / "1" / "model.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+model = module.TritonPythonModel()
+try:
+    model.initialize({"model_config": (work / "config.json").read_text(), "model_version": "1",
+                      "model_repository": str(work / "repo" / "pdd_engine"), "model_instance_kind": "CPU",
+                      "model_instance_device_id": "0"})
+except RuntimeError as exc:  # the stand-in's TritonModelException
+    print(exc, file=sys.stderr)
+    sys.exit(3)
+x = np.load(work / "images.npy")
+responses = model.execute([{"images": BackendTensor("images", x[:2])}, {"images": BackendTensor("images", x[2:])}])
+assert all(r.error is None for r in responses), [r.error.message for r in responses if r.error]
+np.savez(work / "out.npz", **{k: np.concatenate([r.outputs[k] for r in responses]) for k in responses[0].outputs})
+assert "torch" not in {m.split(".")[0] for m, v in sys.modules.items() if v is not None}
+"""
+
+
+def _run_engine_alone(work: Path, repo: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``repo``'s engine model.py in a fresh process that cannot import torch or the project's packages,
+    in the C locale without UTF-8 mode, as the server's Python-backend stub runs it (files read as text there
+    must name their encoding)."""
+    cfg = json_format.MessageToJson(parse_config(repo / "pdd_engine" / "config.pbtxt"),
+                                    preserving_proto_field_name=True)
+    (work / "config.json").write_text(cfg)
+    env = {**(os.environ if env is None else env), "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    return subprocess.run([sys.executable, "-c", _ENGINE_ALONE, str(Path(__file__).parent), str(work)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def _plugin_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What triton_fakes.tiny_plugin_onnx computes, with the PyTorch reference scan and head."""
+    c = plugin_constants()
+    f = torch.nn.functional.avg_pool2d(torch.from_numpy(x), 4)
+    delta, bc = f.unsqueeze(1).repeat(1, 4, 1, 1, 1), f[:, :2].unsqueeze(1).repeat(1, 4, 1, 1, 1)
+    y = ss2d_scan(f, delta, bc, bc, *(torch.from_numpy(c[k]) for k in ("A", "D", "delta_bias")), impl="reference")
+    amap, score = anomaly_head_ref([(y, f)] * 6, x.shape[-2:], c["sigma"])
+    return amap.numpy(), score.numpy()
+
+
+def test_plugin_engine_runs_the_bundled_kernels_without_torch(tmp_path):
+    """The served plugin form: custom nodes run by the bundled torch-free ops (the compiled scan kernel, the numpy
+    head) in a process without torch; maps within 1e-5 of the range of the PyTorch reference's."""
+    pytest.importorskip("onnxruntime_extensions")
+    try:
+        load_cpu_kernel()
+    except CpuKernelUnavailable as exc:
+        pytest.skip(f"the CPU scan kernel cannot be built here: {exc}")
+    repo = build_triton_repo(tmp_path / "repo", engine_dir=make_onnx_dir(tmp_path / "onnx", form="plugin"))
+    x = np.random.default_rng(4).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    np.save(tmp_path / "images.npy", x)
+    proc = _run_engine_alone(tmp_path, repo)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = np.load(tmp_path / "out.npz")
+    ref_map, ref_score = _plugin_reference(x)
+    tol = 1e-5 * float(ref_map.max() - ref_map.min())
+    np.testing.assert_allclose(out["anomaly_map"], ref_map, rtol=0, atol=tol)
+    np.testing.assert_allclose(out["pred_score"][:, 0], ref_score, rtol=0, atol=tol)
+
+
+def test_plugin_engine_without_a_compiler_says_what_to_do(tmp_path):
+    repo = build_triton_repo(tmp_path / "repo", engine_dir=make_onnx_dir(tmp_path / "onnx", form="plugin"))
+    np.save(tmp_path / "images.npy", np.zeros((1, 3, 64, 64), np.float32))
+    env = {k: v for k, v in os.environ.items() if k != "CC"}
+    env["PATH"] = str(tmp_path / "no-compilers-here")
+    proc = _run_engine_alone(tmp_path, repo, env)
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    for phrase in ("no C compiler was found", "apt-get install gcc", "--onnx-form portable", "model.onnx"):
+        assert phrase in proc.stderr, (phrase, proc.stderr[-2000:])
+
+
+def test_plugin_engine_without_its_kernels_says_how_to_regenerate(tmp_path, backend_model):
+    repo = build_triton_repo(tmp_path / "repo", engine_dir=make_onnx_dir(tmp_path / "onnx", form="plugin"))
+    shutil.rmtree(repo / "pdd_engine" / "1" / "kernels")
+    with pytest.raises(RuntimeError, match=r"kernels is missing.*pdd export triton-repo"):
         backend_model("ort_engine", repo, "pdd_engine")

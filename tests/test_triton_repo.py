@@ -10,6 +10,7 @@ protobuf, and the preprocess/postprocess/engine model files run against a minima
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.metadata import read_onnx_metadata
 from export.serve import docker_command
+from export.triton_config import DEFAULT_ONNX_FORM
 from export.triton_repo import (
     MAX_SIDE,
     MODEL_NAMES,
@@ -29,6 +31,7 @@ from export.triton_repo import (
     repository_flavour,
     store_calibration,
 )
+from kernels.ort_ops import BUNDLE
 from pdd.calibration import Calibration
 from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
 
@@ -90,6 +93,8 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
         assert eng.backend == "python" and kind == "KIND_CPU" and not score.HasField("reshape")
         assert (version / "model.py").read_text() == (TEMPLATES / "ort_engine.py").read_text()
         assert eng.parameters["input_name"].string_value == "images"
+        # A portable ONNX is served as it is: no kernels to bundle.
+        assert eng.parameters["onnx_form"].string_value == "portable" and not (version / "kernels").exists()
         # CPU: one image per ONNX Runtime call, no arena (bounded memory).
         assert eng.parameters["run_batch"].string_value == "1"
         assert eng.parameters["cpu_mem_arena"].string_value == "0"
@@ -116,6 +121,44 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
         ("normalised_score", "TYPE_FP32"), ("pred_label", "TYPE_BOOL"), ("pred_mask", "TYPE_BOOL")]
     assert (repo / "postprocess" / "1" / "pdd_calibration.py").read_text() == (
         ROOT / "pdd" / "calibration.py").read_text()
+
+
+def test_python_flavour_serves_the_plugin_form_with_the_bundled_kernels(tmp_path):
+    repo = build_triton_repo(tmp_path / "repo", engine_dir=make_onnx_dir(tmp_path / "onnx", form="plugin"))
+    check_repository(repo)
+    eng = _configs(repo)["pdd_engine"]
+    assert eng.backend == "python" and eng.parameters["onnx_form"].string_value == "plugin"
+    header = (repo / "pdd_engine" / "config.pbtxt").read_text().splitlines()[0]
+    assert "plugin ONNX with custom ops pdd::AnomalyHead, pdd::SS2DScan" in header
+    bundle = repo / "pdd_engine" / "1" / "kernels"
+    # The torch-free modules and the kernel's C source, as they are in the project; nothing else.
+    assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()) == sorted(BUNDLE)
+    for name in BUNDLE:
+        assert (bundle / name).read_bytes() == (ROOT / "kernels" / name).read_bytes(), name
+    (bundle / "cpu" / "scan.c").unlink()
+    with pytest.raises(RepositoryError, match=r"lacks \['cpu/scan.c'\]"):
+        check_repository(repo)
+
+
+@pytest.mark.parametrize("flavour, form", [("python", "plugin"), ("onnxruntime", "portable"),
+                                           ("python", "portable")])
+def test_the_form_exported_from_a_model(tmp_path, monkeypatch, flavour, form):
+    """From a model: the python flavour exports the plugin form unless told, onnxruntime the portable one."""
+    import export.triton_repo as triton_repo
+
+    asked = []
+
+    def fake_export(model, path, form, batch, image_size):
+        asked.append(form)
+        return types.SimpleNamespace(path=make_onnx_dir(path, form=form) / "model.onnx")
+
+    monkeypatch.setattr(triton_repo, "export_onnx", fake_export)
+    explicit = {"onnx_form": form} if form != DEFAULT_ONNX_FORM[flavour] else {}
+    repo = build_triton_repo(tmp_path / "repo", flavour=flavour, model=object(), **explicit)
+    assert asked == [form]
+    if flavour == "python":
+        assert _configs(repo)["pdd_engine"].parameters["onnx_form"].string_value == form
+        assert (repo / "pdd_engine" / "1" / "kernels").is_dir() == (form == "plugin")
 
 
 def test_calibration_from_metadata_overrides_and_none(tmp_path):
@@ -196,7 +239,10 @@ def test_options_and_rebuild_keep_other_files(tmp_path, onnx_dir):
     ("batch over onnx range", "batches up to 2"),
     ("profile without batch 1", "profile starts at batch 2"),
     ("preprocess in graph", "without --preprocess"),
-    ("plugin form", "custom ops"),
+    ("plugin form in the onnxruntime backend", "ONNX Runtime backend cannot run"),
+    ("plugin form asked of the onnxruntime backend", "ONNX Runtime backend cannot run"),
+    ("form other than asked", "not the portable form asked for"),
+    ("form for tensorrt", "onnx_form must be one of"),
     ("size mismatch", "exported at 64"),
     ("no engine", "no TensorRT engine"),
     ("zero batch", "max_batch_size must be"),
@@ -217,8 +263,14 @@ def test_refusals_name_the_problem(tmp_path, onnx_dir, case, message):
             out, engine_dir=make_onnx_dir(tmp_path / "o", batch=(1, 2)), max_batch_size=4),
         "preprocess in graph": lambda: build_triton_repo(
             out, engine_dir=make_onnx_dir(tmp_path / "p", preprocess=True)),
-        "plugin form": lambda: build_triton_repo(
-            out, engine_dir=make_onnx_dir(tmp_path / "q", custom_ops=("pdd::SS2DScan",))),
+        "plugin form in the onnxruntime backend": lambda: build_triton_repo(
+            out, flavour="onnxruntime", engine_dir=make_onnx_dir(tmp_path / "q", form="plugin")),
+        "plugin form asked of the onnxruntime backend": lambda: build_triton_repo(
+            out, flavour="onnxruntime", model=object(), onnx_form="plugin"),
+        "form other than asked": lambda: build_triton_repo(
+            out, engine_dir=make_onnx_dir(tmp_path / "r", form="plugin"), onnx_form="portable"),
+        "form for tensorrt": lambda: build_triton_repo(out, flavour="tensorrt", engine_dir=tmp_path,
+                                                       onnx_form="plugin"),
         "size mismatch": lambda: build_triton_repo(out, engine_dir=onnx_dir, image_size=128),
         "no engine": lambda: build_triton_repo(out, flavour="tensorrt", engine_dir=tmp_path),
         "zero batch": lambda: build_triton_repo(out, engine_dir=onnx_dir, max_batch_size=0),
@@ -257,11 +309,15 @@ def test_committed_example_matches_the_generator(tmp_path):
     configs = check_repository(committed, require_weights=False)
     assert repository_flavour(committed) == "python"
     size = int(configs["preprocess"].parameters["image_size"].string_value)
-    fresh = build_triton_repo(tmp_path / "fresh", engine_dir=make_onnx_dir(tmp_path / "onnx", size=size))
+    # The python flavour's default form, as `pdd export triton-repo` writes it from a checkpoint.
+    form = DEFAULT_ONNX_FORM["python"]
+    fresh = build_triton_repo(tmp_path / "fresh", engine_dir=make_onnx_dir(tmp_path / "onnx", size=size, form=form))
     for name in MODEL_NAMES:
         assert parse_config(fresh / name / "config.pbtxt") == configs[name], name
-        for py in (fresh / name / "1").glob("*.py"):
-            assert (committed / name / "1" / py.name).read_text() == py.read_text(), py
+        for copied in (fresh / name / "1").rglob("*"):
+            if copied.is_file() and copied.suffix in (".py", ".c"):
+                linked = committed / name / "1" / copied.relative_to(fresh / name / "1")
+                assert linked.read_text() == copied.read_text(), copied
     assert not list(committed.rglob("*.onnx")) and not list(committed.rglob("*.plan"))
 
 
@@ -273,6 +329,11 @@ def test_docker_command_per_flavour(tmp_path, onnx_dir, engine_dir):
                          http_port=9000)
     assert "pip install -q" in ort and "onnxruntime" not in ort.split("pip install")[1].split("&&")[0]
     assert "-p 9000:8000" in ort
+    assert "onnxruntime-extensions" in python and "apt-get" not in python  # the portable form compiles nothing
+    plugin = docker_command(build_triton_repo(tmp_path / "plugin", engine_dir=make_onnx_dir(tmp_path / "p",
+                                                                                            form="plugin")))
+    assert "command -v cc >/dev/null || { apt-get update" in plugin and "gcc libc6-dev" in plugin
+    assert "onnxruntime-extensions" in plugin and "onnx " in plugin
     trt = docker_command(build_triton_repo(tmp_path / "trt", flavour="tensorrt", engine_dir=engine_dir))
     assert "--gpus all" in trt and "tritonserver:<yy.mm>-py3" in trt
     assert "tritonserver:25.01-py3" in docker_command(tmp_path / "trt", tag="25.01")

@@ -1,18 +1,24 @@
-"""Stand-in artifacts for the Triton repository tests: a tiny ONNX network and a fake TensorRT engine folder,
-each with real metadata files (no export, no GPU)."""
+"""Stand-in artifacts for the Triton repository tests: tiny ONNX networks (portable, and plugin form with the
+two custom nodes) and a fake TensorRT engine folder, each with real metadata files (no export, no GPU); and
+the ``triton_python_backend_utils`` stand-in (tests/triton_backend_stub.py)."""
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+from triton_backend_stub import BackendError, BackendResponse, BackendTensor, backend_utils
 
 from export.metadata import EngineMetadata, OnnxMetadata, TensorSpec, write_metadata
+from kernels.contract import DOMAIN, HEAD_MAP_STRIDE, HEAD_OP, HEAD_PAIRS, SS2D_OP, SS2D_ROUTES
 from pdd.calibration import Calibration, fit_operating_point
 from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["NORMALISATION", "ROOT", "TEMPLATES", "BackendError", "BackendResponse", "BackendTensor",
+           "backend_utils", "calibration", "make_engine_dir", "make_onnx_dir", "plugin_constants", "specs",
+           "tiny_onnx", "tiny_plugin_onnx"]
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "export" / "triton_models"
@@ -33,6 +39,49 @@ def tiny_onnx(path: Path, size: int) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
 
 
+# The tiny plugin graph's SS2D state size and Gaussian σ.
+_PLUGIN_STATE, _PLUGIN_SIGMA = 2, 1.0
+
+
+def plugin_constants() -> dict[str, np.ndarray | float]:
+    """The tiny plugin graph's scan weights (A, D, delta_bias for 3 channels) and head σ."""
+    dim = 3 * SS2D_ROUTES
+    return {"A": -np.linspace(0.5, 1.5, dim * _PLUGIN_STATE, dtype=np.float32).reshape(dim, _PLUGIN_STATE),
+            "D": np.linspace(-0.5, 0.5, dim, dtype=np.float32),
+            "delta_bias": np.linspace(-0.2, 0.2, dim, dtype=np.float32), "sigma": _PLUGIN_SIGMA}
+
+
+def tiny_plugin_onnx(path: Path, size: int) -> None:
+    """The plugin form in miniature: images (B, 3, S, S) -> f = 4x4 average pool (B, 3, S/4, S/4); one
+    ``pdd::SS2DScan`` node, y = scan(x=f, delta=f on every route, B=C=f's first channels on every route);
+    one ``pdd::AnomalyHead`` node on the pairs (y, f) x6 -> anomaly_map (B, S, S), pred_score (B,)."""
+    c = plugin_constants()
+    routes = helper.make_tensor("routes", TensorProto.INT64, [5], [1, SS2D_ROUTES, 1, 1, 1])
+    axis1 = helper.make_tensor("axis1", TensorProto.INT64, [1], [1])
+    starts, ends = (helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("s0", 0), ("sN", _PLUGIN_STATE)))
+    weights = [onnx.numpy_helper.from_array(c[name], name) for name in ("A", "D", "delta_bias")]
+    nodes = [
+        helper.make_node("AveragePool", ["images"], ["f"], kernel_shape=[HEAD_MAP_STRIDE] * 2,
+                         strides=[HEAD_MAP_STRIDE] * 2),
+        helper.make_node("Unsqueeze", ["f", "axis1"], ["f5"]),
+        helper.make_node("Tile", ["f5", "routes"], ["delta"]),
+        helper.make_node("Slice", ["f", "s0", "sN", "axis1"], ["fb"]),
+        helper.make_node("Unsqueeze", ["fb", "axis1"], ["fb5"]),
+        helper.make_node("Tile", ["fb5", "routes"], ["bc"]),
+        helper.make_node(SS2D_OP, ["f", "delta", "bc", "bc", "A", "D", "delta_bias"], ["y"], domain=DOMAIN,
+                         plugin_namespace=DOMAIN, aot=1),
+        helper.make_node(HEAD_OP, ["y", "f"] * HEAD_PAIRS, ["anomaly_map", "pred_score"], domain=DOMAIN,
+                         sigma=c["sigma"], image_size=[size, size], plugin_namespace=DOMAIN, aot=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny-plugin", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("pred_score", TensorProto.FLOAT, ["batch"]),
+         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", size, size])],
+        initializer=[routes, axis1, starts, ends, *weights])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]),
+              path)
+
+
 def specs(size: int, dtype: str = "float32") -> tuple[list[TensorSpec], list[TensorSpec]]:
     return ([TensorSpec("images", dtype, ("batch", 3, size, size))],
             [TensorSpec("pred_score", "float32", ("batch",)),
@@ -40,15 +89,17 @@ def specs(size: int, dtype: str = "float32") -> tuple[list[TensorSpec], list[Ten
 
 
 def make_onnx_dir(folder: Path, size: int = 64, batch: tuple[int, int] = (1, 8),
-                  calibration: Calibration | None = None, preprocess: bool = False,
-                  custom_ops: tuple[str, ...] = (), config: dict | None = None) -> Path:
+                  calibration: Calibration | None = None, preprocess: bool = False, form: str = "portable",
+                  config: dict | None = None) -> Path:
+    """``model.onnx`` (:func:`tiny_onnx`, or :func:`tiny_plugin_onnx` for ``form="plugin"``) and its metadata."""
     folder.mkdir(parents=True, exist_ok=True)
-    tiny_onnx(folder / "model.onnx", size)
+    (tiny_plugin_onnx if form == "plugin" else tiny_onnx)(folder / "model.onnx", size)
+    custom_ops = [f"{DOMAIN}::{HEAD_OP}", f"{DOMAIN}::{SS2D_OP}"] if form == "plugin" else []
     inputs, outputs = specs(size)
     write_metadata(folder / "model.json", OnnxMetadata(
-        form="portable", opset=18, file="model.onnx", sha256="0" * 64, size_bytes=1, nodes=2, inputs=inputs,
+        form=form, opset=18, file="model.onnx", sha256="0" * 64, size_bytes=1, nodes=2, inputs=inputs,
         outputs=outputs, image_size=(size, size), batch=batch, preprocess=preprocess, input_layout="NCHW",
-        normalisation=NORMALISATION, config=config or {}, custom_ops=list(custom_ops), calibration=calibration))
+        normalisation=NORMALISATION, config=config or {}, custom_ops=custom_ops, calibration=calibration))
     return folder
 
 
@@ -74,38 +125,3 @@ def calibration() -> Calibration:
     image = fit_operating_point(rng.normal(0.3, 0.05, 30) + 0.2 * labels, labels, source="stand-in")
     pixel = fit_operating_point(rng.normal(0.2, 0.05, 1000), target=0.01, source="stand-in pixels")
     return Calibration(image, pixel)
-
-
-# --- triton_python_backend_utils: what the Python-backend models import from the server --------------------
-
-
-class BackendTensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self.name, self.array = name, np.asarray(array)
-
-    def as_numpy(self) -> np.ndarray:
-        return self.array
-
-
-class BackendError:
-    INVALID_ARG = 3
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        self.message, self.code = message, code
-
-
-class BackendResponse:
-    def __init__(self, output_tensors: list[BackendTensor] | None = None, error: BackendError | None = None) -> None:
-        self.outputs = {t.name: t.array for t in output_tensors or []}
-        self.error = error
-
-
-def backend_utils() -> types.ModuleType:
-    """A stand-in ``triton_python_backend_utils`` (only the server provides the real one): tensors, responses
-    and errors as plain records, requests as dicts of arrays. Install it in ``sys.modules`` before loading a
-    model.py."""
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor, pb.TritonError, pb.InferenceResponse = BackendTensor, BackendError, BackendResponse
-    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
-    pb.TritonModelException = RuntimeError
-    return pb

@@ -1,0 +1,1 @@
+../../../../kernels/ort_ops.py
