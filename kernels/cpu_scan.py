@@ -59,18 +59,38 @@ def ss2d_scan_cpu(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: 
 
 @torch.library.custom_op("pdd_cpu::ss2d_scan", mutates_args=(), device_types="cpu")
 def _ss2d_scan_op(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor, delta_bias: Tensor) -> Tensor:
-    f32 = [t.detach().to(torch.float32).contiguous() for t in (x, delta, B, C, A, D, delta_bias)]
+    """The kernel call. x may be channels-last (as the VMamba block's depthwise convolution leaves it): the
+    kernel reads it, and writes the result, in that layout without a copy. The result has x's layout."""
+    channels_last = _channels_last(x)
+    x32 = x.detach().to(torch.float32)
+    x32 = x32 if channels_last else x32.contiguous()
+    f32 = [t.detach().to(torch.float32).contiguous() for t in (delta, B, C, A, D, delta_bias)]
+    out = _empty_result(x, torch.float32)
+    writes_here = _channels_last(out) if channels_last else out.is_contiguous()
+    target = out if writes_here else torch.empty_like(x32)
     batch, dim, height, width = x.shape
-    out = torch.empty((batch, dim, height, width), dtype=torch.float32)
-    check_code(load().pdd_ss2d_scan(*(pointer(t) for t in f32), batch, dim, height, width, int(A.shape[1]),
-                                    pointer(out), torch.get_num_threads()), "ss2d_scan")
-    return out.to(x.dtype)
+    check_code(load().pdd_ss2d_scan(pointer(x32), *(pointer(t) for t in f32), batch, dim, height, width,
+                                    int(A.shape[1]), pointer(target), torch.get_num_threads(), int(channels_last)),
+               "ss2d_scan")
+    if target is not out:
+        out.copy_(target)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Stored (B, H, W, D) — channels-last and not also plainly contiguous (a 1x1 image is both)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _empty_result(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The result's memory: x's layout (what torch.empty_like keeps), so the fake and real ops agree."""
+    return torch.empty_like(x, dtype=dtype)
 
 
 @_ss2d_scan_op.register_fake
 def _ss2d_scan_fake(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor,
                     delta_bias: Tensor) -> Tensor:
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _empty_result(x, x.dtype)
 
 
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,

@@ -47,6 +47,26 @@ def test_ss2d_matches_the_float64_reference(b: int, d: int, h: int, w: int, n: i
     np.testing.assert_array_equal(cpu_scan.ss2d_scan_numpy(*(t.numpy() for t in args)), got.numpy())
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "permuted", "strided"])
+def test_ss2d_reads_and_writes_x_in_its_layout(layout: str) -> None:
+    """A channels-last x (the VMamba block's convolution output) is read and answered channels-last without a
+    copy; other layouts go through a contiguous copy; every result equals the contiguous call's."""
+    args = _ss2d_inputs(2, 19, 5, 6, 16)
+    want = cpu_scan.ss2d_scan_cpu(*args)
+    x = args[0]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "permuted":  # dense, stored (W, B, H, D): neither layout the kernel walks
+        x = x.permute(3, 0, 2, 1).contiguous().permute(1, 3, 2, 0)
+    else:
+        x = torch.stack([x, -x], dim=-1)[..., 0]  # every other float of a wider tensor
+        assert torch.equal(x, args[0])
+    got = cpu_scan.ss2d_scan_cpu(x, *args[1:])
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    if layout == "channels_last":
+        assert got.stride() == x.stride()
+
+
 @pytest.mark.parametrize(("groups", "n", "with_z"), [(1, 16, True), (2, 4, False), (1, 1, False)])
 def test_selective_scan_matches_the_float64_reference(groups: int, n: int, with_z: bool) -> None:
     g = torch.Generator().manual_seed(1)

@@ -5,15 +5,17 @@
  *     h[n] = exp(dt * A[d, n]) * h[n] + dt * u[d, t] * B[n, t]
  *     y[d, t] = sum_n h[n] * C[n, t] + D[d] * u[d, t]     (times silu(z[d, t]) when z is given)
  *
- * A block of channels walks the positions together, so each step loads B[:, t] and C[:, t] once for the
- * block and keeps every channel's state in a small array the compiler holds in vector registers; the
- * exponentials of a channel are computed over n at once, inline (exp_fast), and the softplus over the
+ * 1-D scan: a block of channels walks the positions together, so each step loads B[:, t] and C[:, t] once
+ * for the block and keeps every channel's state in a small array the compiler holds in vector registers;
+ * the exponentials of a channel are computed over n at once, inline (exp_fast), and the softplus over the
  * block's channels at once (glibc's vector libm).
- * The SS2D scan walks route k of the row-major grid by a position table (0 rows, 1 columns, 2 and 3 the
- * same reversed: the geometry of pdd.ssm.route_order) with one channel per vector lane (see ss2d_item),
- * sums the four routes and adds the four D skips as one x * sum_k D_k term. Work items (batch, channel
- * block) are shared by `threads` POSIX threads; every item owns its output rows, so no two threads write
- * the same element.
+ * SS2D scan: route k walks the row-major grid by a position table (0 rows, 1 columns, 2 and 3 the same
+ * reversed: the geometry of kernels.routes) with one channel per vector lane (see ss2d_item); B and C are
+ * first copied into each route's step order; the four routes are summed and the four D skips added as one
+ * x * sum_k D_k term. With AVX-512 the step is written with intrinsics (exp by vscalefps, softplus inline,
+ * lane blocks moved by gather and scatter); elsewhere the same arithmetic in plain C for the compiler to
+ * vectorise. Work items (batch, channel block) are shared by `threads` POSIX threads; every item owns its
+ * output rows, so no two threads write the same element.
  */
 #include <math.h>
 #include <pthread.h>
@@ -133,7 +135,8 @@ typedef struct {
     const int32_t *pos; /* (4, L): the row-major position route k visits at step t */
     int64_t batch, dim, L;
     int N;
-    int failed; /* set when a work item could not allocate its scratch rows */
+    int channels_last; /* x and out are (batch, H, W, dim) instead of (batch, dim, H, W) */
+    int failed;        /* set when a work item could not allocate its scratch rows */
 } SS2DArgs;
 
 /* The SS2D scan keeps one channel per vector lane: a work item is a block of LANES channels, copied
@@ -328,6 +331,25 @@ static void to_lanes(float *dst, const float *src, const float *add, int nd, int
 #endif
 }
 
+/* Channels-last rows: position q's nd channels at src + q·stride, into dst[q·LANES + j] (lanes j >= nd 0). */
+static void to_lanes_cl(float *dst, const float *src, int64_t stride, int nd, int64_t L) {
+#if defined(__AVX512F__)
+    const __mmask16 mask = (__mmask16)((1u << nd) - 1u);
+    for (int64_t q = 0; q < L; ++q) _mm512_store_ps(dst + q * LANES, _mm512_maskz_loadu_ps(mask, src + q * stride));
+#else
+    memset(dst, 0, sizeof(float) * L * LANES);
+    for (int64_t q = 0; q < L; ++q)
+        for (int j = 0; j < nd; ++j) dst[q * LANES + j] = src[q * stride + j];
+#endif
+}
+
+/* Channels-last output: position q's nd channels at out + q·stride = acc + skip·xs of the lanes. */
+static void from_lanes_cl(float *out, int64_t stride, const float *acc, const float *xs, const float *skip, int nd,
+                          int64_t L) {
+    for (int64_t q = 0; q < L; ++q)
+        for (int j = 0; j < nd; ++j) out[q * stride + j] = acc[q * LANES + j] + skip[j] * xs[q * LANES + j];
+}
+
 /* out row j < nd (at out + j·L), position q: acc[q·LANES + j] + skip[j]·xs[q·LANES + j]. */
 static void from_lanes(float *out, const float *acc, const float *xs, const float *skip, int nd, int64_t L) {
 #if defined(__AVX512F__)
@@ -363,7 +385,8 @@ static void ss2d_item(const void *p, int64_t item) {
     float skip[LANES] = {0}, zero[LANES] = {0};
     for (int j = 0; j < nd; ++j)
         for (int k = 0; k < 4; ++k) skip[j] += s->D[k * dim + d0 + j];
-    to_lanes(xs, s->x + (b * dim + d0) * L, zero, nd, L, 0);
+    if (s->channels_last) to_lanes_cl(xs, s->x + b * L * dim + d0, dim, nd, L);
+    else to_lanes(xs, s->x + (b * dim + d0) * L, zero, nd, L, 0);
     for (int k = 0; k < 4; ++k) {
         float a2[MAX_N][LANES], bias[LANES] = {0};
         memset(a2, 0, sizeof(a2));
@@ -379,7 +402,8 @@ static void ss2d_item(const void *p, int64_t item) {
         else if (N == 1) ss2d_route(xs, ds, acc, Bt, Ct, a2, pos, L, 1);
         else ss2d_route(xs, ds, acc, Bt, Ct, a2, pos, L, N);
     }
-    from_lanes(s->out + (b * dim + d0) * L, acc, xs, skip, nd, L);
+    if (s->channels_last) from_lanes_cl(s->out + b * L * dim + d0, dim, acc, xs, skip, nd, L);
+    else from_lanes(s->out + (b * dim + d0) * L, acc, xs, skip, nd, L);
     FTZ_END
     scratch_put(buf, slot);
 }
@@ -408,11 +432,12 @@ static void route_rows_item(const void *p, int64_t item) {
     }
 }
 
-/* x, out: (batch, dim, H, W); delta: (batch, 4, dim, H, W); B, C: (batch, 4, N, H, W); A: (4 dim, N);
- * D, bias: (4 dim). All contiguous fp32. Returns 0, or a negative code for bad arguments. */
+/* x, out: (batch, dim, H, W), or with channels_last (batch, H, W, dim); delta: (batch, 4, dim, H, W);
+ * B, C: (batch, 4, N, H, W); A: (4 dim, N); D, bias: (4 dim). All contiguous fp32. Returns 0, or a negative
+ * code for bad arguments. */
 int pdd_ss2d_scan(const float *x, const float *delta, const float *B, const float *C, const float *A,
                   const float *D, const float *bias, int64_t batch, int64_t dim, int64_t height, int64_t width,
-                  int N, float *out, int threads) {
+                  int N, float *out, int threads, int channels_last) {
     if (N < 1 || N > MAX_N) return -1;
     const int64_t L = height * width;
     if (L <= 0 || batch <= 0 || dim <= 0) return 0;
@@ -434,7 +459,7 @@ int pdd_ss2d_scan(const float *x, const float *delta, const float *B, const floa
     float *Bt = rows, *Ct = rows + batch * 4 * L * N;
     RouteRows rr = {B, C, Bt, Ct, pos, L, N};
     parallel(batch * 4, threads, route_rows_item, &rr);
-    SS2DArgs args = {x, delta, A, D, bias, Bt, Ct, out, pos, batch, dim, L, N, 0};
+    SS2DArgs args = {x, delta, A, D, bias, Bt, Ct, out, pos, batch, dim, L, N, channels_last != 0, 0};
     parallel(batch * ((dim + LANES - 1) / LANES), threads, ss2d_item, &args);
     free(rows);
     free(pos);
@@ -485,4 +510,4 @@ int pdd_selective_scan(const float *u, const float *delta, const float *A, const
     return 0;
 }
 
-int pdd_scan_abi_version(void) { return 1; }
+int pdd_scan_abi_version(void) { return 2; }
