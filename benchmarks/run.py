@@ -90,7 +90,7 @@ from benchmarks.common import (
 from benchmarks.report import markdown, plots, preset_line, short_table
 from benchmarks.runners import FULL, PRECISIONS, PRESETS, QUICK, REFERENCE, RUNTIMES, SERVER, Artifacts, Bench
 from benchmarks.server_runner import serve
-from benchmarks.targets import target_pairs, targets
+from benchmarks.targets import best_cpu_runtime, target_pairs, targets
 from pdd.checkpoint import load_model
 from pdd.config import PDDConfig, atomic_write_text
 
@@ -304,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.paired_rounds:
             for a, b, rounds in target_pairs(result["runtimes"], args.paired_rounds):
                 result["paired"].append(bench.paired(a, b, rounds))
+            if result.get("yardstick") and (best := best_cpu_runtime(result["runtimes"])):
+                result["yardstick"]["alternating"] = bench.gemm_alternating(best, args.paired_rounds)
         servers = [n for n in args.runtimes if n in SERVER]
         if servers:
             for entry in serve(bench, servers):

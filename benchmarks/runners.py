@@ -26,6 +26,7 @@ from benchmarks.common import (
     BenchImages,
     accuracy_vs_reference,
     batch_of,
+    gemm_rate,
     group_layer_times,
     latency_stats,
     onnx_node_stages,
@@ -296,6 +297,38 @@ class Bench:
                 rt.close()
         print(f"paired {a} vs {b}: " + (f"{out['a_ms']:.0f} ms vs {out['b_ms']:.0f} ms, ratio {out['ratio']:.2f}"
                                        if out["status"] == "ok" else out["reason"]), flush=True)
+        return out
+
+    def gemm_alternating(self, name: str, rounds: int) -> dict[str, Any]:
+        """fp32 batch-1 latency of ``name`` and the GEMM yardstick (:func:`benchmarks.common.gemm_rate`, 3 calls
+        a round) measured in alternation, so the share of the GEMM rate compares the two under one condition
+        of the machine."""
+        out: dict[str, Any] = {"runtime": name, "rounds": rounds, "order": "alternating, one warm-up call each"}
+        rt = None
+        try:
+            rt = self.make(name, "fp32")
+            x = batch_of(self.images.normalised, 0, 1)
+            rt.predict(x)
+            model_ms, gemm_gflops, size = [], [], 0
+            for i in range(rounds):
+                for step in (("model", "gemm") if i % 2 == 0 else ("gemm", "model")):
+                    if step == "gemm":
+                        gemm = gemm_rate(warmup=1, repeats=3)
+                        gemm_gflops.append(gemm["gflops"])
+                        size = gemm["size"]
+                    else:
+                        start = time.perf_counter()
+                        rt.predict(x)
+                        model_ms.append((time.perf_counter() - start) * 1e3)
+            out.update(status="ok", model_ms=statistics.median(model_ms), gemm_gflops=statistics.median(gemm_gflops),
+                       gemm_size=size, times_ms=model_ms, gemm_gflops_each=gemm_gflops)
+        except Exception as exc:  # recorded; the target then uses the yardstick measured after the runtimes
+            out.update(status="failed", reason=error_text(exc))
+        finally:
+            if rt is not None:
+                rt.close()
+        print(f"alternating {name} vs GEMM: " + (f"{out['model_ms']:.0f} ms, GEMM {out['gemm_gflops']:.0f} GFLOP/s"
+                                                if out["status"] == "ok" else out["reason"]), flush=True)
         return out
 
     def _measure(self, rt: Runtime, name: str, precision: str, entry: dict[str, Any]) -> None:
