@@ -157,6 +157,9 @@ typedef struct {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+/* How many steps ahead the route walk prefetches its scratch rows. */
+#define PREFETCH_STEPS 8
+
 /* exp(dt·A) = 2^(dt·A·log2 e) with A·log2 e precomputed (a2): k = round(t), 2^(t−k) by the polynomial, times
  * 2^k by vscalefps, which needs no clamp: a decay below fp32's range becomes 0 (denormals are flushed, see
  * ss2d_item), an overflow inf. 9 vector instructions per 16 exponentials. */
@@ -193,6 +196,12 @@ static inline __attribute__((always_inline)) void ss2d_route(
     for (int n = 0; n < N; ++n) h[n] = _mm512_setzero_ps();
     for (int64_t t = 0; t < L; ++t) {
         const int64_t p = pos[t];
+        if (t + PREFETCH_STEPS < L) { /* a column route steps W·64 bytes: no hardware prefetcher follows it */
+            const int64_t ahead = (int64_t)pos[t + PREFETCH_STEPS] * LANES;
+            _mm_prefetch((const char *)(ds + ahead), _MM_HINT_T0);
+            _mm_prefetch((const char *)(xs + ahead), _MM_HINT_T0);
+            _mm_prefetch((const char *)(acc + ahead), _MM_HINT_T0);
+        }
         const __m512 dv = _mm512_loadu_ps(ds + p * LANES);
         const __m512 dx = _mm512_mul_ps(dv, _mm512_loadu_ps(xs + p * LANES));
         const float *bt = Bt + t * N, *ct = Ct + t * N;
