@@ -13,6 +13,7 @@ import platform
 import re
 import signal
 import socket
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ __all__ = [
     "STAGES",
     "BenchImages",
     "accuracy_vs_reference",
+    "alternate_with_gemm",
     "batch_of",
     "brain_synth_images",
     "environment",
@@ -370,6 +372,27 @@ def gemm_rate(size: int = 2048, warmup: int = 2, repeats: int = 7) -> dict[str, 
     median = latency_stats(times)["median_ms"] / 1e3
     return {"gflops": 2 * size**3 / median / 1e9, "size": size, "threads": torch.get_num_threads(),
             "median_ms": median * 1e3}
+
+
+def alternate_with_gemm(call: Callable[[], Any], rounds: int) -> dict[str, Any]:
+    """Median ms of ``call`` and median GFLOP/s of the GEMM yardstick (:func:`gemm_rate`, 3 products a
+    round) timed in alternation (call, GEMM, GEMM, call, ...), after one warm-up call: the share of the GEMM
+    rate then compares the two under one condition of the machine."""
+    call()
+    model_ms, gemm_gflops, size = [], [], 0
+    for i in range(rounds):
+        for step in (("model", "gemm") if i % 2 == 0 else ("gemm", "model")):
+            if step == "gemm":
+                gemm = gemm_rate(warmup=1, repeats=3)
+                gemm_gflops.append(gemm["gflops"])
+                size = gemm["size"]
+            else:
+                start = time.perf_counter()
+                call()
+                model_ms.append((time.perf_counter() - start) * 1e3)
+    return {"order": "alternating, one warm-up call", "model_ms": statistics.median(model_ms),
+            "gemm_gflops": statistics.median(gemm_gflops), "gemm_size": size, "times_ms": model_ms,
+            "gemm_gflops_each": gemm_gflops}
 
 
 def model_gflop(model: Any, image_size: int) -> float:

@@ -1,4 +1,4 @@
-"""The in-process runtimes of the benchmark: their names, the artifacts they need, and how each is timed.
+"""The in-process runtimes of the benchmark: their names and how each is timed (their artifacts: benchmarks.artifacts).
 
 :class:`Bench` measures one runtime at one precision (latency, device compute time, per-stage time and
 accuracy against the reference runtime); every runtime is built by :func:`export.runtime.make_runtime`.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import itertools
 import logging
 import statistics
@@ -22,11 +21,12 @@ import numpy as np
 import torch
 import torch._inductor.config as inductor_config
 
+from benchmarks.artifacts import Artifacts, RuntimeFailed, error_text, model_fingerprint
 from benchmarks.common import (
     BenchImages,
     accuracy_vs_reference,
+    alternate_with_gemm,
     batch_of,
-    gemm_rate,
     group_layer_times,
     latency_stats,
     onnx_node_stages,
@@ -34,11 +34,9 @@ from benchmarks.common import (
     time_calls,
     time_cuda_events,
 )
-from export.metadata import read_engine_metadata, read_onnx_metadata
-from export.onnx_export import INPUT_NAME, export_onnx
+from export.onnx_export import INPUT_NAME
 from export.runtime import ORT_PROVIDERS, Runtime, RuntimeUnavailable, make_runtime
 from export.runtime import RUNTIMES as RUNTIME_NAMES
-from pdd.config import atomic_write_text
 
 __all__ = ["FULL", "PRECISIONS", "PRESETS", "QUICK", "REFERENCE", "RUNTIMES", "SERVER", "SLOW", "TENSORRT",
            "Artifacts", "Bench", "RuntimeFailed", "error_text", "median_ms", "model_fingerprint", "new_entry"]
@@ -67,7 +65,6 @@ PRECISIONS = ("fp32", "fp16")
 CPU_COMPILED = "torch:cpu_kernel:compile"  # its per-stage times are measured compiled
 REFERENCE = "torch:eager"  # accuracy is measured against this runtime in fp32
 SLOW = "torch:reference"
-_FINGERPRINT = "model-fingerprint.txt"
 
 # The default run: what runs on any machine, small enough for a few minutes on a 2-core CPU (no compile,
 # no plugin form, TensorRT only from prebuilt engines).
@@ -80,98 +77,15 @@ FULL = {"runtimes": list(RUNTIMES), "image_size": 256, "batch": [1, 8, 32], "con
         "warmup": 3, "reference_repeats": 2, "accuracy_images": 8, "paired_rounds": 6}
 
 
-class RuntimeFailed(RuntimeError):
-    """A runtime's preparation failed (e.g. its ONNX export); recorded as failed, not skipped."""
-
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer: ties exported artifacts to the weights they came from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def new_entry(name: str, precision: str, device: str) -> dict[str, Any]:
     return {"runtime": name, "precision": precision, "device": device, "status": "ok", "reason": None,
             "setup_s": None, "notes": [], "latency": [], "compute": [], "skipped_batches": [], "accuracy": None,
             "stages": None}
 
 
-def error_text(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text if len(text) < 1500 else text[:1500] + " …"
-
-
 def median_ms(rows: list[dict[str, Any]], batch: int) -> float | None:
     return next((r["median_ms"] for r in rows if r["batch"] == batch), None)
 
-
-class Artifacts:
-    """ONNX exports and TensorRT engines of one model in a folder, tied to its weights by a fingerprint.
-
-    Layout: ``onnx-<form>/model.onnx`` (+ ``model.json``), ``tensorrt-<form>-<precision>/`` (from
-    export/build_trt.py) and ``model-fingerprint.txt``. An export is reused when it matches the fingerprint,
-    the image size and the batch range.
-    """
-
-    def __init__(self, folder: Path, model: torch.nn.Module, image_size: int, max_batch: int,
-                 portable_scan: str = "graph-sequential") -> None:
-        self.folder, self.model, self.size, self.max_batch = folder, model, image_size, max_batch
-        self.portable_scan = portable_scan  # the portable form's scan: graph-sequential on CPU, graph-parallel on GPU
-        self._fingerprint: str | None = None
-        self._errors: dict[str, str] = {}
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
-        return self._fingerprint
-
-    def _stamped(self) -> bool:
-        stamp = self.folder / _FINGERPRINT
-        return stamp.is_file() and stamp.read_text().strip() == self.fingerprint()
-
-    def onnx(self, form: str) -> Path:
-        """``onnx-<form>/model.onnx`` for this model, size and batch range (exported unless reusable)."""
-        if form in self._errors:
-            raise RuntimeFailed(self._errors[form])
-        path = self.folder / f"onnx-{form}" / "model.onnx"
-        if path.is_file() and path.with_suffix(".json").is_file() and self._stamped():
-            meta = read_onnx_metadata(path)
-            if (tuple(meta.image_size) == (self.size, self.size) and meta.batch[0] <= 1
-                    and meta.batch[1] >= self.max_batch and not meta.preprocess
-                    and meta.scan_impl == (self.portable_scan if form == "portable" else "plugin")):
-                return path
-        print(f"exporting the {form} ONNX form ({self.size}², batch 1..{self.max_batch}"
-              f"{f', {self.portable_scan} scans' if form == 'portable' else ''}) …", flush=True)
-        start = time.perf_counter()
-        try:
-            export_onnx(self.model, path.parent, form=form, batch=(1, max(self.max_batch, 2)), image_size=self.size,
-                        scan_impl=self.portable_scan if form == "portable" else None)
-        except Exception as exc:  # one failed export skips its runtimes, not the benchmark
-            self._errors[form] = f"ONNX export of the {form} form failed: {error_text(exc)}"
-            raise RuntimeFailed(self._errors[form]) from exc
-        atomic_write_text(self.folder / _FINGERPRINT, self.fingerprint() + "\n")
-        print(f"  exported in {time.perf_counter() - start:.0f} s", flush=True)
-        return path
-
-    def engine_dir(self, form: str, precision: str) -> Path:
-        """``tensorrt-<form>-<precision>``, checked to be built from this folder's export of this model."""
-        folder = self.folder / f"tensorrt-{form}-{precision}"
-        build = (f"python export/build_trt.py --onnx {self.folder}/onnx-{form}/model.onnx --precision {precision} "
-                 f"--batch 1:{self.max_batch}:{self.max_batch} --out {folder}")
-        if not (folder / "engine.json").is_file():
-            raise RuntimeUnavailable(f"no {precision} engine of the {form} form at {folder}; build it with "
-                                     f"`python benchmarks/run.py --prepare-only --artifacts {self.folder}` then "
-                                     f"`{build}`")
-        source = self.folder / f"onnx-{form}" / "model.json"
-        if not source.is_file() or not self._stamped():
-            raise RuntimeUnavailable(f"{folder} was not built from an export of this run's model; rebuild: `{build}`")
-        if read_engine_metadata(folder).onnx_sha256 != read_onnx_metadata(source).sha256:
-            raise RuntimeUnavailable(f"{folder} was built from another ONNX file than {source}; rebuild: `{build}`")
-        return folder
 
 
 class Bench:
@@ -300,29 +214,15 @@ class Bench:
         return out
 
     def gemm_alternating(self, name: str, rounds: int) -> dict[str, Any]:
-        """fp32 batch-1 latency of ``name`` and the GEMM yardstick (:func:`benchmarks.common.gemm_rate`, 3 calls
-        a round) measured in alternation, so the share of the GEMM rate compares the two under one condition
-        of the machine."""
-        out: dict[str, Any] = {"runtime": name, "rounds": rounds, "order": "alternating, one warm-up call each"}
+        """fp32 batch-1 latency of ``name`` and the GEMM yardstick timed in alternation
+        (:func:`benchmarks.common.alternate_with_gemm`); a failure is recorded, not raised."""
+        out: dict[str, Any] = {"runtime": name, "rounds": rounds}
         rt = None
         try:
             rt = self.make(name, "fp32")
             x = batch_of(self.images.normalised, 0, 1)
-            rt.predict(x)
-            model_ms, gemm_gflops, size = [], [], 0
-            for i in range(rounds):
-                for step in (("model", "gemm") if i % 2 == 0 else ("gemm", "model")):
-                    if step == "gemm":
-                        gemm = gemm_rate(warmup=1, repeats=3)
-                        gemm_gflops.append(gemm["gflops"])
-                        size = gemm["size"]
-                    else:
-                        start = time.perf_counter()
-                        rt.predict(x)
-                        model_ms.append((time.perf_counter() - start) * 1e3)
-            out.update(status="ok", model_ms=statistics.median(model_ms), gemm_gflops=statistics.median(gemm_gflops),
-                       gemm_size=size, times_ms=model_ms, gemm_gflops_each=gemm_gflops)
-        except Exception as exc:  # recorded; the target then uses the yardstick measured after the runtimes
+            out.update(status="ok", **alternate_with_gemm(lambda: rt.predict(x), rounds))
+        except Exception as exc:  # the target then uses the yardstick measured after the runtimes
             out.update(status="failed", reason=error_text(exc))
         finally:
             if rt is not None:
