@@ -7,7 +7,7 @@
  *
  * 1-D scan: a block of channels walks the positions together, so each step loads B[:, t] and C[:, t] once
  * for the block and keeps every channel's state in a small array the compiler holds in vector registers;
- * the exponentials of a channel are computed over n at once, inline (exp_fast), and the softplus over the
+ * the exponentials of a channel are computed over n at once, inline (exp2_poly), and the softplus over the
  * block's channels at once (glibc's vector libm).
  * SS2D scan: route k walks the row-major grid by a position table (0 rows, 1 columns, 2 and 3 the same
  * reversed: the geometry of kernels.routes) with one channel per vector lane (see ss2d_item); B and C are
@@ -29,21 +29,30 @@
 
 static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* exp(x) in a form the compiler vectorises inline (no library call per vector): x·log2(e) = k + f with k an
- * integer and f in [0, 1), 2^f by a degree-5 polynomial fitted on [0, 1) (relative error 8e-8, below fp32's
- * rounding), 2^k by writing the exponent bits. The argument is clamped to [-126, 127]·ln 2: the state decay
- * exp(dt·A) with A < 0 flushes to ~1e-38 instead of a denormal. This is the kernel's hot loop: 16 per
- * channel and step. */
-static inline float exp_fast(float x) {
-    float t = x * 1.44269504088896341f;
+#define LOG2E 1.44269504088896341f
+
+/* 2^f for f in [-0.5, 0.5]: a degree-5 polynomial fitted for relative error (7.5e-8 in exact arithmetic,
+ * 2.4e-7 evaluated in fp32). */
+#define EXP2_C5 1.3276471e-3f
+#define EXP2_C4 9.6755410e-3f
+#define EXP2_C3 5.5507131e-2f
+#define EXP2_C2 2.4022120e-1f
+#define EXP2_C1 6.9314694e-1f
+#define EXP2_C0 1.0000001f
+
+/* 2^t in a form the compiler vectorises inline (no library call per vector): t = k + f with k the nearest
+ * integer, 2^f by the polynomial, 2^k written into the exponent bits. t is clamped to [-126, 127]: a state
+ * decay 2^(dt·A·log2 e) with A < 0 flushes to ~1e-38 instead of a denormal. The exponentials are the scans'
+ * hot loop (N per channel and step), so callers fold log2(e) into A once. */
+static inline float exp2_poly(float t) {
     t = t < -126.0f ? -126.0f : (t > 127.0f ? 127.0f : t);
-    const float k = floorf(t), f = t - k;
-    float p = 1.8762329e-3f;
-    p = p * f + 8.99258442e-3f;
-    p = p * f + 5.58236055e-2f;
-    p = p * f + 2.40154535e-1f;
-    p = p * f + 6.93152964e-1f;
-    p = p * f + 9.99999940e-1f;
+    const float k = nearbyintf(t), f = t - k;
+    float p = EXP2_C5;
+    p = p * f + EXP2_C4;
+    p = p * f + EXP2_C3;
+    p = p * f + EXP2_C2;
+    p = p * f + EXP2_C1;
+    p = p * f + EXP2_C0;
     union { int32_t i; float f; } scale;
     scale.i = ((int32_t)k + 127) << 23;
     return p * scale.f;
@@ -59,7 +68,7 @@ static inline __attribute__((always_inline)) void walk(
     float h[BLOCK_D][MAX_N], a[BLOCK_D][MAX_N], bv[MAX_N], cv[MAX_N];
     memset(h, 0, sizeof(h));
     for (int j = 0; j < nd; ++j)
-        for (int n = 0; n < N; ++n) a[j][n] = A[j * N + n];
+        for (int n = 0; n < N; ++n) a[j][n] = A[j * N + n] * LOG2E; /* exp(dt·A) = 2^(dt·A·log2 e) */
     float xs[BLOCK_D], dts[BLOCK_D];
     for (int64_t t = 0; t < L; ++t) {
         for (int n = 0; n < N; ++n) {
@@ -81,7 +90,7 @@ static inline __attribute__((always_inline)) void walk(
             float y = 0.0f;
 #pragma omp simd reduction(+ : y)
             for (int n = 0; n < N; ++n) {
-                const float hn = exp_fast(dt * a[j][n]) * h[j][n] + dx * bv[n];
+                const float hn = exp2_poly(dt * a[j][n]) * h[j][n] + dx * bv[n];
                 h[j][n] = hn;
                 y += hn * cv[n];
             }
@@ -145,15 +154,6 @@ typedef struct {
  * C[n, t] of the route's step t from one contiguous row of N floats, broadcast to all lanes. */
 #define LANES 16
 
-/* 2^f for f in [-0.5, 0.5]: a degree-5 polynomial fitted for relative error (7.5e-8 in exact arithmetic,
- * 2.4e-7 evaluated in fp32). */
-#define EXP2_C5 1.3276471e-3f
-#define EXP2_C4 9.6755410e-3f
-#define EXP2_C3 5.5507131e-2f
-#define EXP2_C2 2.4022120e-1f
-#define EXP2_C1 6.9314694e-1f
-#define EXP2_C0 1.0000001f
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
@@ -181,7 +181,7 @@ static const float LOG1P_C[9] = {5.2326913e-3f, -2.9505227e-2f, 7.8225933e-2f, -
 /* softplus(x) = max(x, 0) + log1p(exp(−|x|)), with exp by exp2_avx512 and log1p by the polynomial: no
  * library call, ~22 vector instructions per 16 values. */
 static inline __m512 softplus_avx512(__m512 x) {
-    const __m512 u = exp2_avx512(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-1.44269504088896341f)));
+    const __m512 u = exp2_avx512(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-LOG2E)));
     __m512 p = _mm512_set1_ps(LOG1P_C[0]);
     for (int i = 1; i < 9; ++i) p = _mm512_fmadd_ps(p, u, _mm512_set1_ps(LOG1P_C[i]));
     return _mm512_fmadd_ps(u, p, _mm512_max_ps(x, _mm512_setzero_ps()));
@@ -218,22 +218,7 @@ static inline __attribute__((always_inline)) void ss2d_route(
     }
 }
 #else
-/* Portable form of the same step: exp2 by the polynomial, 2^k written into the exponent bits (clamped to
- * fp32's normal range); the compiler vectorises the lane loops. */
-static inline float exp2_poly(float t) {
-    t = t < -126.0f ? -126.0f : (t > 127.0f ? 127.0f : t);
-    const float k = nearbyintf(t), f = t - k;
-    float p = EXP2_C5;
-    p = p * f + EXP2_C4;
-    p = p * f + EXP2_C3;
-    p = p * f + EXP2_C2;
-    p = p * f + EXP2_C1;
-    p = p * f + EXP2_C0;
-    union { int32_t i; float f; } scale;
-    scale.i = ((int32_t)k + 127) << 23;
-    return p * scale.f;
-}
-
+/* Portable form of the same step (exp2_poly); the compiler vectorises the lane loops. */
 static inline __attribute__((always_inline)) void ss2d_route(
     const float *xs, const float *ds, float *acc, const float *Bt, const float *Ct, const float (*a2)[LANES],
     const int32_t *pos, int64_t L, const int N) {
@@ -317,13 +302,20 @@ static void scratch_put(float *buf, int slot) {
     pthread_mutex_unlock(&pool_mutex);
 }
 
+#if defined(__AVX512F__)
+/* The offsets j·L of a lane block's 16 rows, for gathers and scatters (L·16 < 2^31: pdd_ss2d_scan checks). */
+static inline __m512i lane_rows(int64_t L) {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32((int)L));
+}
+#endif
+
 /* rows j < nd of `src` (row j at src + j·L) + add[j], into dst position-major (dst[q·LANES + j]), through
  * softplus if `soft`; lanes j >= nd are 0 (softplus(0) with `soft`). */
 static void to_lanes(float *dst, const float *src, const float *add, int nd, int64_t L, int soft) {
 #if defined(__AVX512F__)
     const __mmask16 mask = (__mmask16)((1u << nd) - 1u);
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int)L));
+    const __m512i rows = lane_rows(L);
     const __m512 a = _mm512_maskz_loadu_ps(mask, add);
     for (int64_t q = 0; q < L; ++q) {
         const __m512 v = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows, src + q, 4), a);
@@ -363,8 +355,7 @@ static void from_lanes_cl(float *out, int64_t stride, const float *acc, const fl
 static void from_lanes(float *out, const float *acc, const float *xs, const float *skip, int nd, int64_t L) {
 #if defined(__AVX512F__)
     const __mmask16 mask = (__mmask16)((1u << nd) - 1u);
-    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32((int)L));
+    const __m512i rows = lane_rows(L);
     const __m512 sk = _mm512_loadu_ps(skip);
     for (int64_t q = 0; q < L; ++q)
         _mm512_mask_i32scatter_ps(out + q, mask, rows,
@@ -401,7 +392,7 @@ static void ss2d_item(const void *p, int64_t item) {
         memset(a2, 0, sizeof(a2));
         for (int j = 0; j < nd; ++j) {
             const int64_t ch = k * dim + d0 + j;
-            for (int n = 0; n < N; ++n) a2[n][j] = s->A[ch * N + n] * 1.44269504088896341f;
+            for (int n = 0; n < N; ++n) a2[n][j] = s->A[ch * N + n] * LOG2E;
             bias[j] = s->bias[ch];
         }
         to_lanes(ds, s->delta + ((b * 4 + k) * dim + d0) * L, bias, nd, L, 1);
