@@ -1,6 +1,6 @@
 """The compiled CPU selective scan (``kernels/cpu/scan.c``) without torch: build, load, numpy entry point.
 
-The C source is compiled on first use for this machine's CPU (``-O3 -march=native -ffast-math``) into
+The C source is compiled on first use for this machine's CPU (``-O3 -march=native -ffast-math -fopenmp``) into
 ``$PDD_CACHE_DIR/cpu-kernels`` (default ``~/.cache/pdd/cpu-kernels``), keyed by the source, the compiler and
 the CPU's feature flags, and reused afterwards; ``python -m kernels.cpu_scan`` builds it ahead of time.
 Building needs a C compiler (``cc``, or ``$CC``); without one :class:`CpuKernelUnavailable` says what to install.
@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +34,18 @@ import numpy as np
 
 from .contract import check_ss2d
 
-__all__ = ["MAX_STATE", "CpuKernelUnavailable", "check_code", "default_threads", "library_path", "load", "pointer",
-           "ss2d_kernel_shapes", "ss2d_scan_numpy"]
+__all__ = ["MAX_STATE", "CpuKernelUnavailable", "check_code", "default_threads", "library_path", "load", "open_library",
+           "pointer", "ss2d_kernel_shapes", "ss2d_scan_numpy", "uses_openmp"]
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "scan.c"
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-pthread",
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread",
          # x86: one 512-bit vector holds a channel's 16 states where the CPU has AVX-512 (ignored elsewhere).
          *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()))
+# The kernel's threads: the process's OpenMP team (in a PyTorch process PyTorch's own, which is already
+# loaded under the same soname), else, where the compiler has no OpenMP, threads it starts per call.
+OPENMP, NO_OPENMP = ("-fopenmp",), ("-fopenmp-simd",)
 MAX_STATE = 16
-_ABI = 2
+_ABI = 3
 
 
 class CpuKernelUnavailable(RuntimeError):
@@ -80,24 +84,39 @@ def library_path() -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         raise CpuKernelUnavailable(f"the C compiler {cc} does not run: {exc}") from exc
     # The source's encoding named: a server's Python-backend stub runs in the C locale (ASCII).
-    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), cc, version, " ".join(FLAGS), _cpu_flags(),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), cc, version, " ".join(FLAGS + OPENMP),
+                                    _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     return _cache_dir() / key / "libpddscan.so"
 
 
-def _build(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _compile(target: Path, threading: tuple[str, ...]) -> str | None:
+    """Compile the source into ``target`` (atomically: a concurrent build or reader never sees half a library);
+    returns the failed command and the compiler's complaint, or None."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
-    cmd = [_compiler(), *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
+    cmd = [_compiler(), *FLAGS, *threading, str(SOURCE), "-o", tmp, "-lm"]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            raise CpuKernelUnavailable(f"building the CPU scan kernel failed ({' '.join(cmd)}):\n"
-                                       f"{result.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: a concurrent build or reader never sees half a library
+            return f"{' '.join(cmd)}:\n{result.stderr.strip()[-2000:]}"
+        os.replace(tmp, target)
+        return None
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _build(target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    failed = _compile(target, OPENMP)
+    if failed is None:
+        return
+    if _compile(target, NO_OPENMP) is not None:
+        raise CpuKernelUnavailable(f"building the CPU scan kernel failed ({failed}")
+    warnings.warn(f"the CPU scan kernel was built without OpenMP ({failed.splitlines()[-1]}): it starts its own "
+                  "threads on every call, which compete with the idle, spinning threads of PyTorch's and ONNX "
+                  "Runtime's pools (slower; install the compiler's OpenMP runtime, e.g. libomp, and delete "
+                  f"{target} to rebuild)", RuntimeWarning, stacklevel=3)
 
 
 @functools.cache
@@ -108,6 +127,11 @@ def load() -> Any:
     path = library_path()
     if not path.is_file():
         _build(path)
+    return open_library(path)
+
+
+def open_library(path: Path) -> Any:
+    """A built library loaded from ``path``, its entry points typed."""
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
@@ -119,7 +143,13 @@ def load() -> Any:
     lib.pdd_ss2d_scan.restype = i32
     lib.pdd_selective_scan.argtypes = [f] * 8 + [i64] * 4 + [i32, i32, f, f, i32]
     lib.pdd_selective_scan.restype = i32
+    lib.pdd_scan_openmp.restype = i32
     return lib
+
+
+def uses_openmp() -> bool:
+    """Whether the loaded kernel runs its threads as the process's OpenMP team (see :data:`OPENMP`)."""
+    return bool(load().pdd_scan_openmp())
 
 
 def default_threads() -> int:

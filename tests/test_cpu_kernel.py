@@ -5,6 +5,8 @@ Tolerances as the other kernels' fp32 tables (relative to the reference's larges
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from pdd.ss2d import ss2d_scan
 from pdd.ssm import selective_scan
 
 cpu_scan = pytest.importorskip("kernels.cpu_scan")
+cpu_lib = pytest.importorskip("kernels.cpu_lib")
 try:
     cpu_scan.load()
 except cpu_scan.CpuKernelUnavailable as exc:  # no C compiler on this machine
@@ -156,3 +159,36 @@ def test_a_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(cpu_scan.CpuKernelUnavailable, match="does not run"):
         cpu_scan.library_path()
+
+
+def _mapped_openmp_runtimes() -> set[str]:
+    return {line.split()[-1] for line in open("/proc/self/maps", encoding="utf-8")
+            if "libgomp" in line or "libomp" in line or "libiomp" in line}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_the_kernel_runs_on_torchs_openmp_team() -> None:
+    """The kernel's threads are PyTorch's own OpenMP pool (one runtime in the process), not threads of its own
+    next to PyTorch's idle, spinning ones."""
+    if not cpu_lib.uses_openmp():
+        pytest.skip("this compiler built the kernel without OpenMP (the warned fallback)")
+    torch.ones(64, 64) @ torch.ones(64, 64)  # PyTorch's OpenMP runtime is loaded
+    runtimes = _mapped_openmp_runtimes()
+    assert len(runtimes) == 1, runtimes
+
+
+def test_the_build_without_openmp_is_the_warned_fallback_and_agrees(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    """A compiler without OpenMP (here: one that rejects the flag) gets the build with threads of its own, with a
+    warning naming the cost; its results equal the OpenMP build's bit for bit (every item owns its outputs)."""
+    monkeypatch.setattr(cpu_lib, "OPENMP", ("-fno-such-openmp-flag",))
+    target = tmp_path / "libpddscan.so"
+    with pytest.warns(RuntimeWarning, match="without OpenMP.*compete"):
+        cpu_lib._build(target)
+    lib = cpu_lib.open_library(target)
+    assert lib.pdd_scan_openmp() == 0
+    args = [t.numpy() for t in _ss2d_inputs(2, 37, 6, 5, 16)]
+    out = np.empty((2, 37, 6, 5), np.float32)
+    cpu_lib.check_code(lib.pdd_ss2d_scan(*(cpu_lib.pointer(a) for a in args), 2, 37, 6, 5, 16,
+                                         cpu_lib.pointer(out), 3, 0), "ss2d_scan")
+    np.testing.assert_array_equal(out, cpu_scan.ss2d_scan_numpy(*args, threads=3))

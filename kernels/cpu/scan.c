@@ -14,8 +14,8 @@
  * first copied into each route's step order; the four routes are summed and the four D skips added as one
  * x * sum_k D_k term. With AVX-512 the step is written with intrinsics (exp by vscalefps, softplus inline,
  * lane blocks moved by gather and scatter); elsewhere the same arithmetic in plain C for the compiler to
- * vectorise. Work items (batch, channel block) are shared by `threads` POSIX threads; every item owns its
- * output rows, so no two threads write the same element.
+ * vectorise. Work items (batch, channel block) are shared by `threads` threads (see parallel); every item
+ * owns its output rows, so no two threads write the same element.
  */
 #include <math.h>
 #include <pthread.h>
@@ -122,17 +122,25 @@ static void *worker(void *arg) {
     }
 }
 
-/* Run run(args, 0..items-1) on `threads` threads, this one included; a thread that cannot be started leaves
- * its share to the others. */
+/* Run run(args, 0..items-1) on `threads` threads, this one included. With OpenMP the threads are the
+ * process's OpenMP team (in a PyTorch process, PyTorch's own: its idle threads would otherwise spin on the
+ * cores these need); without, threads started here, and one that cannot be started leaves its share to the
+ * others. */
 static void parallel(int64_t items, int threads, void (*run)(const void *, int64_t), const void *args) {
     Pool pool = {items, 0, run, args};
     if (threads > 64) threads = 64;
+    if (threads > items) threads = (int)items;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+    worker(&pool);
+#else
     pthread_t ids[64];
     int started = 0;
-    for (int i = 1; i < threads && i < items; ++i)
+    for (int i = 1; i < threads; ++i)
         if (pthread_create(&ids[started], NULL, worker, &pool) == 0) ++started;
     worker(&pool);
     for (int i = 0; i < started; ++i) pthread_join(ids[i], NULL);
+#endif
 }
 
 /* ---- SS2D ------------------------------------------------------------------------------------------- */
@@ -510,4 +518,13 @@ int pdd_selective_scan(const float *u, const float *delta, const float *A, const
     return 0;
 }
 
-int pdd_scan_abi_version(void) { return 2; }
+int pdd_scan_abi_version(void) { return 3; }
+
+/* 1: parallel() runs on the process's OpenMP team; 0: on threads it starts per call. */
+int pdd_scan_openmp(void) {
+#if defined(_OPENMP)
+    return 1;
+#else
+    return 0;
+#endif
+}
