@@ -106,28 +106,31 @@ def _compile(target: Path, threading: tuple[str, ...]) -> str | None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _build(target: Path) -> None:
+def _build(target: Path) -> str | None:
+    """Build the library at ``target``: with OpenMP, else without; returns why OpenMP failed, or None."""
     target.parent.mkdir(parents=True, exist_ok=True)
     failed = _compile(target, OPENMP)
-    if failed is None:
-        return
-    if _compile(target, NO_OPENMP) is not None:
-        raise CpuKernelUnavailable(f"building the CPU scan kernel failed ({failed}")
-    warnings.warn(f"the CPU scan kernel was built without OpenMP ({failed.splitlines()[-1]}): it starts its own "
-                  "threads on every call, which compete with the idle, spinning threads of PyTorch's and ONNX "
-                  "Runtime's pools (slower; install the compiler's OpenMP runtime, e.g. libomp, and delete "
-                  f"{target} to rebuild)", RuntimeWarning, stacklevel=3)
+    if failed is not None and _compile(target, NO_OPENMP) is not None:
+        raise CpuKernelUnavailable(f"building the CPU scan kernel failed ({failed})")
+    return failed
 
 
 @functools.cache
 def load() -> Any:
-    """The loaded library (built first if needed); raises :class:`CpuKernelUnavailable`."""
+    """The loaded library (built first if needed); raises :class:`CpuKernelUnavailable`. A build without
+    OpenMP loads with a warning."""
     if not SOURCE.is_file():
         raise CpuKernelUnavailable(f"the CPU scan kernel's source {SOURCE} is missing from this installation")
     path = library_path()
-    if not path.is_file():
-        _build(path)
-    return open_library(path)
+    why = _build(path) if not path.is_file() else None
+    lib = open_library(path)
+    if not lib.pdd_scan_openmp():
+        because = f" ({why.splitlines()[-1]})" if why else ""
+        warnings.warn(f"the CPU scan kernel at {path} was built without OpenMP{because}: it starts its own threads "
+                      "on every call, which compete with the idle, spinning threads of PyTorch's and ONNX Runtime's "
+                      "pools (slower; install the compiler's OpenMP runtime, e.g. libomp, and delete the file to "
+                      "rebuild)", RuntimeWarning, stacklevel=2)
+    return lib
 
 
 def open_library(path: Path) -> Any:

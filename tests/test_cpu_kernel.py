@@ -179,16 +179,20 @@ def test_the_kernel_runs_on_torchs_openmp_team() -> None:
 
 def test_the_build_without_openmp_is_the_warned_fallback_and_agrees(monkeypatch: pytest.MonkeyPatch,
                                                                      tmp_path: Path) -> None:
-    """A compiler without OpenMP (here: one that rejects the flag) gets the build with threads of its own, with a
-    warning naming the cost; its results equal the OpenMP build's bit for bit (every item owns its outputs)."""
+    """A compiler without OpenMP (here: one that rejects the flag) gets the build with threads of its own, loaded
+    with a warning naming the cost; its results equal the OpenMP build's bit for bit (every item owns its
+    outputs)."""
+    want_args = [t.numpy() for t in _ss2d_inputs(2, 37, 6, 5, 16)]
+    want = cpu_scan.ss2d_scan_numpy(*want_args, threads=3)
+    monkeypatch.setenv("PDD_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_lib, "OPENMP", ("-fno-such-openmp-flag",))
-    target = tmp_path / "libpddscan.so"
-    with pytest.warns(RuntimeWarning, match="without OpenMP.*compete"):
-        cpu_lib._build(target)
-    lib = cpu_lib.open_library(target)
+    cpu_lib.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="without OpenMP .*no-such-openmp-flag.*compete"):
+            lib = cpu_lib.load()
+        assert not cpu_lib.uses_openmp()
+        assert cpu_lib.library_path().is_relative_to(tmp_path)
+        np.testing.assert_array_equal(cpu_scan.ss2d_scan_numpy(*want_args, threads=3), want)
+    finally:
+        cpu_lib.load.cache_clear()  # the next caller loads this machine's real build again
     assert lib.pdd_scan_openmp() == 0
-    args = [t.numpy() for t in _ss2d_inputs(2, 37, 6, 5, 16)]
-    out = np.empty((2, 37, 6, 5), np.float32)
-    cpu_lib.check_code(lib.pdd_ss2d_scan(*(cpu_lib.pointer(a) for a in args), 2, 37, 6, 5, 16,
-                                         cpu_lib.pointer(out), 3, 0), "ss2d_scan")
-    np.testing.assert_array_equal(out, cpu_scan.ss2d_scan_numpy(*args, threads=3))
