@@ -5,6 +5,8 @@ Tolerances as the other kernels' fp32 tables (relative to the reference's larges
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,20 +163,30 @@ def test_a_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tm
         cpu_scan.library_path()
 
 
-def _mapped_openmp_runtimes() -> set[str]:
-    return {line.split()[-1] for line in open("/proc/self/maps", encoding="utf-8")
-            if "libgomp" in line or "libomp" in line or "libiomp" in line}
+_OPENMP_RUNTIMES_LOADED = """
+import torch
+from kernels import cpu_lib
+
+def runtimes():
+    return {line.split()[-1] for line in open("/proc/self/maps") if "omp" in line.split()[-1].rsplit("/", 1)[-1]}
+
+torch.ones(64, 64) @ torch.ones(64, 64)
+before = runtimes()
+cpu_lib.load()
+print(len(before), before == runtimes())
+"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
 def test_the_kernel_runs_on_torchs_openmp_team() -> None:
-    """The kernel's threads are PyTorch's own OpenMP pool (one runtime in the process), not threads of its own
-    next to PyTorch's idle, spinning ones."""
+    """The kernel's threads are PyTorch's own OpenMP pool (loading it brings no second OpenMP runtime into a
+    PyTorch process), not threads of its own next to PyTorch's idle, spinning ones."""
     if not cpu_lib.uses_openmp():
         pytest.skip("this compiler built the kernel without OpenMP (the warned fallback)")
-    torch.ones(64, 64) @ torch.ones(64, 64)  # PyTorch's OpenMP runtime is loaded
-    runtimes = _mapped_openmp_runtimes()
-    assert len(runtimes) == 1, runtimes
+    run = subprocess.run([sys.executable, "-c", _OPENMP_RUNTIMES_LOADED], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["1", "True"], run.stdout
 
 
 def test_the_build_without_openmp_is_the_warned_fallback_and_agrees(monkeypatch: pytest.MonkeyPatch,
