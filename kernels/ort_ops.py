@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -93,8 +94,37 @@ def register_ort_ops(scans: Mapping[str, ScanOp] | None = None) -> str:
             size = (HEAD_MAP_STRIDE * features[0].shape[-2], HEAD_MAP_STRIDE * features[0].shape[-1])
             return anomaly_head_numpy(pairs, size, float(sigma))
 
+        _install_array_returns(PyCustomOpDef, (_ss2d, _head))
         _library = get_library_path()
     return _library
+
+
+def _install_array_returns(native: Any, ops: tuple[Any, ...]) -> None:
+    """Have ``ops`` hand their fp32 outputs to ONNX Runtime as arrays.
+
+    onnxruntime-extensions calls every Python op through one Python hook, which returns each output as
+    ``(shape, flat values)``. Its own hook makes the values a Python list (``tolist``). The native side takes
+    any array-like there and copies its buffer, but a list costs about 50 ms per 0.8 M floats: a stage-1
+    SS2DScan took 65 ms in the graph against 7 ms for the kernel. This hook returns contiguous fp32 arrays
+    for ``ops`` and leaves every other Python op of the process to the library's own hook.
+    """
+    from onnxruntime_extensions import _ocos
+
+    library_hook = _ocos._on_pyop_invocation
+    ours = {id(op): op for op in ops}  # the op ids the native side passes (onnx_op registers id(opdef))
+
+    def invoke(op_id: int, feed: Any, attributes: Any) -> tuple[Any, ...]:
+        op = ours.get(op_id)
+        if op is None:
+            return library_hook(op_id, feed, attributes)
+        out = op.body(*feed, **op.cast_attributes(attributes))
+        fetched: list[Any] = [op_id]
+        for value in out if isinstance(out, tuple) else (out,):
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            fetched += [value.shape, value]
+        return tuple(fetched)
+
+    native.install_hooker(invoke)
 
 
 def configure_session(options: object, library: str) -> None:

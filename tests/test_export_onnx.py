@@ -321,6 +321,30 @@ def test_plugin_form_in_onnxruntime_runs_the_compiled_cpu_scan(small_pdd: torch.
     assert parity.map_relative_error < 1e-5 and parity.rank_identical, str(parity)
 
 
+def test_other_python_ops_keep_the_librarys_own_return_path() -> None:
+    """register_ort_ops hands its ops' outputs to ONNX Runtime as arrays through its own hook; another Python
+    op of the same process still runs, through onnxruntime-extensions' own return path."""
+    ext = pytest.importorskip("onnxruntime_extensions")
+    from kernels.ort_ops import configure_session, register_ort_ops
+
+    library = register_ort_ops()
+
+    @ext.onnx_op(op_type="PddTestNegate", inputs=[ext.PyCustomOpDef.dt_float], outputs=[ext.PyCustomOpDef.dt_float])
+    def _negate(x):
+        return -x
+
+    node = onnx.helper.make_node("PddTestNegate", ["x"], ["y"], domain=ORT_DOMAIN)
+    graph = onnx.helper.make_graph([node], "negate", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                                   [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid(ORT_DOMAIN, 1)])
+    options = ort.SessionOptions()
+    configure_session(options, library)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], -x)
+
+
 @pytest.mark.parametrize("form", ["portable", "plugin"])
 def test_onnxruntime_parity_with_pytorch(form: str, small_pdd: torch.nn.Module, labelled: tuple,
                                          reference: dict[str, np.ndarray]) -> None:
