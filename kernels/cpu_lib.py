@@ -1,6 +1,7 @@
 """The compiled CPU selective scan (``kernels/cpu/scan.c``) without torch: build, load, numpy entry point.
 
-The C source is compiled on first use for this machine's CPU (``-O3 -march=native -ffast-math -fopenmp``) into
+The C source is compiled on first use for this machine's CPU (``-O3 -march=native -ffast-math``, and
+``-fopenmp`` unless ``$PDD_CPU_KERNEL_THREADING=pthreads``: :data:`THREADING`) into
 ``$PDD_CACHE_DIR/cpu-kernels`` (default ``~/.cache/pdd/cpu-kernels``), keyed by the source, the compiler and
 the CPU's feature flags, and reused afterwards; ``python -m kernels.cpu_scan`` builds it ahead of time.
 Building needs a C compiler (``cc``, or ``$CC``); without one :class:`CpuKernelUnavailable` says what to install.
@@ -26,7 +27,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,17 @@ import numpy as np
 from .contract import check_ss2d
 
 __all__ = ["MAX_STATE", "CpuKernelUnavailable", "check_code", "default_threads", "library_path", "load", "open_library",
-           "pointer", "ss2d_kernel_shapes", "ss2d_scan_numpy", "uses_openmp"]
+           "pointer", "ss2d_kernel_shapes", "ss2d_scan_numpy", "threading_choice", "uses_openmp"]
 
 SOURCE = Path(__file__).resolve().parent / "cpu" / "scan.c"
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread",
          # x86: one 512-bit vector holds a channel's 16 states where the CPU has AVX-512 (ignored elsewhere).
          *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()))
-# The kernel's threads: the process's OpenMP team (in a PyTorch process PyTorch's own, which is already
-# loaded under the same soname), else, where the compiler has no OpenMP, threads it starts per call.
-OPENMP, NO_OPENMP = ("-fopenmp",), ("-fopenmp-simd",)
+# How the kernel runs its threads, chosen by $PDD_CPU_KERNEL_THREADING: "openmp" (default), the process's
+# OpenMP team (in a PyTorch process PyTorch's own, already loaded under the same soname), or "pthreads",
+# threads started per call (for compilers without OpenMP; slower next to PyTorch's spinning pool).
+THREADING = {"openmp": ("-fopenmp",), "pthreads": ("-fopenmp-simd",)}
+THREADING_ENV = "PDD_CPU_KERNEL_THREADING"
 MAX_STATE = 16
 _ABI = 3
 
@@ -84,53 +86,50 @@ def library_path() -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         raise CpuKernelUnavailable(f"the C compiler {cc} does not run: {exc}") from exc
     # The source's encoding named: a server's Python-backend stub runs in the C locale (ASCII).
-    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), cc, version, " ".join(FLAGS + OPENMP),
-                                    _cpu_flags(),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), cc, version,
+                                    " ".join(FLAGS + THREADING[threading_choice()]), _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     return _cache_dir() / key / "libpddscan.so"
 
 
-def _compile(target: Path, threading: tuple[str, ...]) -> str | None:
-    """Compile the source into ``target`` (atomically: a concurrent build or reader never sees half a library);
-    returns the failed command and the compiler's complaint, or None."""
+def threading_choice() -> str:
+    """The kernel's threading (:data:`THREADING`): ``$PDD_CPU_KERNEL_THREADING``, default ``openmp``."""
+    choice = os.environ.get(THREADING_ENV, "openmp")
+    if choice not in THREADING:
+        raise ValueError(f"${THREADING_ENV}={choice!r}: choose one of {sorted(THREADING)}")
+    return choice
+
+
+def _build(target: Path) -> None:
+    """Compile the source into ``target`` atomically: a concurrent build or reader never sees half a library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
-    cmd = [_compiler(), *FLAGS, *threading, str(SOURCE), "-o", tmp, "-lm"]
+    choice = threading_choice()
+    cmd = [_compiler(), *FLAGS, *THREADING[choice], str(SOURCE), "-o", tmp, "-lm"]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
-            return f"{' '.join(cmd)}:\n{result.stderr.strip()[-2000:]}"
+            hint = (f"\nIf the compiler has no OpenMP: install its OpenMP runtime (libgomp, libomp), or set "
+                    f"{THREADING_ENV}=pthreads (threads started per call; slower next to PyTorch's thread pool)"
+                    if choice == "openmp" else "")
+            raise CpuKernelUnavailable(f"building the CPU scan kernel failed ({' '.join(cmd)}):\n"
+                                       f"{result.stderr.strip()[-2000:]}{hint}")
         os.replace(tmp, target)
-        return None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _build(target: Path) -> str | None:
-    """Build the library at ``target``: with OpenMP, else without; returns why OpenMP failed, or None."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    failed = _compile(target, OPENMP)
-    if failed is not None and _compile(target, NO_OPENMP) is not None:
-        raise CpuKernelUnavailable(f"building the CPU scan kernel failed ({failed})")
-    return failed
-
-
 @functools.cache
 def load() -> Any:
-    """The loaded library (built first if needed); raises :class:`CpuKernelUnavailable`. A build without
-    OpenMP loads with a warning."""
+    """The loaded library (built first if needed, with the threading :func:`threading_choice` names); raises
+    :class:`CpuKernelUnavailable`."""
     if not SOURCE.is_file():
         raise CpuKernelUnavailable(f"the CPU scan kernel's source {SOURCE} is missing from this installation")
     path = library_path()
-    why = _build(path) if not path.is_file() else None
-    lib = open_library(path)
-    if not lib.pdd_scan_openmp():
-        because = f" ({why.splitlines()[-1]})" if why else ""
-        warnings.warn(f"the CPU scan kernel at {path} was built without OpenMP{because}: it starts its own threads "
-                      "on every call, which compete with the idle, spinning threads of PyTorch's and ONNX Runtime's "
-                      "pools (slower; install the compiler's OpenMP runtime, e.g. libomp, and delete the file to "
-                      "rebuild)", RuntimeWarning, stacklevel=2)
-    return lib
+    if not path.is_file():
+        _build(path)
+    return open_library(path)
 
 
 def open_library(path: Path) -> Any:
@@ -151,7 +150,7 @@ def open_library(path: Path) -> Any:
 
 
 def uses_openmp() -> bool:
-    """Whether the loaded kernel runs its threads as the process's OpenMP team (see :data:`OPENMP`)."""
+    """Whether the loaded kernel runs its threads as the process's OpenMP team (see :data:`THREADING`)."""
     return bool(load().pdd_scan_openmp())
 
 

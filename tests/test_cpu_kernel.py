@@ -182,29 +182,39 @@ def test_the_kernel_runs_on_torchs_openmp_team() -> None:
     """The kernel's threads are PyTorch's own OpenMP pool (loading it brings no second OpenMP runtime into a
     PyTorch process), not threads of its own next to PyTorch's idle, spinning ones."""
     if not cpu_lib.uses_openmp():
-        pytest.skip("this compiler built the kernel without OpenMP (the warned fallback)")
+        pytest.skip("the kernel was built with PDD_CPU_KERNEL_THREADING=pthreads")
     run = subprocess.run([sys.executable, "-c", _OPENMP_RUNTIMES_LOADED], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["1", "True"], run.stdout
 
 
-def test_the_build_without_openmp_is_the_warned_fallback_and_agrees(monkeypatch: pytest.MonkeyPatch,
-                                                                     tmp_path: Path) -> None:
-    """A compiler without OpenMP (here: one that rejects the flag) gets the build with threads of its own, loaded
-    with a warning naming the cost; its results equal the OpenMP build's bit for bit (every item owns its
-    outputs)."""
+def test_the_pthreads_build_is_a_named_choice_and_agrees(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """$PDD_CPU_KERNEL_THREADING=pthreads (for compilers without OpenMP) builds the kernel with threads of its
+    own; its results equal the OpenMP build's bit for bit (every item owns its outputs). An unknown choice is
+    refused."""
     want_args = [t.numpy() for t in _ss2d_inputs(2, 37, 6, 5, 16)]
     want = cpu_scan.ss2d_scan_numpy(*want_args, threads=3)
     monkeypatch.setenv("PDD_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_lib, "OPENMP", ("-fno-such-openmp-flag",))
+    monkeypatch.setenv(cpu_lib.THREADING_ENV, "pthreads")
     cpu_lib.load.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="without OpenMP .*no-such-openmp-flag.*compete"):
-            lib = cpu_lib.load()
+        lib = cpu_lib.load()
         assert not cpu_lib.uses_openmp()
         assert cpu_lib.library_path().is_relative_to(tmp_path)
         np.testing.assert_array_equal(cpu_scan.ss2d_scan_numpy(*want_args, threads=3), want)
     finally:
         cpu_lib.load.cache_clear()  # the next caller loads this machine's real build again
     assert lib.pdd_scan_openmp() == 0
+    monkeypatch.setenv(cpu_lib.THREADING_ENV, "tbb")
+    with pytest.raises(ValueError, match="PDD_CPU_KERNEL_THREADING='tbb'"):
+        cpu_lib.library_path()
+
+
+def test_an_openmp_build_the_compiler_refuses_names_the_pthreads_choice(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    """A compiler without OpenMP (here: one that rejects the flag) is a clear error naming both ways out."""
+    monkeypatch.setitem(cpu_lib.THREADING, "openmp", ("-fno-such-openmp-flag",))
+    with pytest.raises(cpu_lib.CpuKernelUnavailable, match="no-such-openmp-flag(.|\n)*PDD_CPU_KERNEL_THREADING=pthreads"):
+        cpu_lib._build(tmp_path / "libpddscan.so")
+    assert not (tmp_path / "libpddscan.so").exists()
