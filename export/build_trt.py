@@ -54,13 +54,18 @@ from export.parity import compare_predictions, labelled_images, to_pixels
 from export.runtime import OnnxRuntime, TensorRTRuntime, TorchRuntime
 from export.trt_plugins import kernels_for_model, lower_for_tensorrt, plugin_launch_records, register_plugins
 from kernels.target import KernelTarget, TargetError, resolve_target, version_text
+from pdd.backbones.weights import WeightsError
 from pdd.checkpoint import load_model
+from pdd.config import ConfigError
+from pdd.model import PDDModel
 
 __all__ = ["BuildError", "BuildPlan", "build_engine", "check_engine", "main", "parse_batch", "prepare"]
 
 log = logging.getLogger("export.build_trt")
 
 PRECISIONS = ("fp32", "fp16")
+# The scan each ONNX form is exported with for a GPU engine (see export.onnx_export.SCAN_IMPLS_BY_FORM).
+GPU_SCAN_IMPLS = {"portable": "graph-parallel", "plugin": "plugin"}
 
 
 class BuildError(RuntimeError):
@@ -124,9 +129,10 @@ def prepare(out: Path, *, model: Any = None, onnx: Path | None = None, form: str
         if model is None:
             raise ValueError("prepare() needs a model to export or an existing onnx file")
         kwargs = {"opset": opset} if opset else {}
-        # On the GPU the portable scans join their chunks by a parallel log-depth scan.
+        # On the GPU the portable scans join their chunks by a parallel log-depth scan; the plugin form has
+        # one scan of its own (its SS2DScan node).
         export_onnx(model, out / "onnx", form=form, batch=(lo, hi), image_size=image_size, preprocess=preprocess,
-                    scan_impl="graph-parallel", **kwargs)
+                    scan_impl=GPU_SCAN_IMPLS[form], **kwargs)
         onnx = out / "onnx" / "model.onnx"
     meta = read_onnx_metadata(onnx)
     if not (meta.batch[0] <= lo and hi <= meta.batch[1]):
@@ -343,6 +349,9 @@ def main(argv: list[str] | None = None, prog: str = "python export/build_trt.py"
             log.warning("building from config %r without a checkpoint: trainable parts are freshly initialised",
                         args.config)
         model = load_model(args.checkpoint, args.config, scan_impl="eager")
+        if not isinstance(model, PDDModel):
+            raise ValueError(f"{args.checkpoint or args.config} is a {model.cfg.model!r} model, which has no export "
+                             f"path (only PDD is exported); give a PDD checkpoint or config")
     plan = prepare(args.out, model=model, onnx=args.onnx, form=args.onnx_form, precision=args.precision,
                    batch=args.batch, image_size=args.image_size, preprocess=args.preprocess, opset=args.opset,
                    target=target)
@@ -364,4 +373,8 @@ def main(argv: list[str] | None = None, prog: str = "python export/build_trt.py"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ConfigError, WeightsError, FileNotFoundError, ValueError) as exc:  # as `pdd export trt` reports them
+        print(f"build_trt.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)

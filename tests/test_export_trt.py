@@ -167,6 +167,36 @@ def test_pdd_export_trt_is_the_same_builder(small_pdd: torch.nn.Module, tmp_path
     assert plan["kernel_target"]["ptx_isa"] is None and (tmp_path / "network.onnx").is_file()
 
 
+def test_readme_commands_build_the_plugin_plan_from_a_config_and_a_checkpoint(small_pdd: torch.nn.Module,
+                                                                               tmp_path: Path) -> None:
+    """`python export/build_trt.py --config NAME --dry-run` and `pdd export trt --checkpoint CKPT --dry-run`, as
+    the README writes them: the default plugin form exports with its own scan whatever the model's scan_impl."""
+    from pdd.checkpoint import save_pdd
+    from pdd.cli import main as pdd_main
+
+    script = subprocess.run([sys.executable, "export/build_trt.py", "--config", "brain-synth", "--image-size", "64",
+                             "--dry-run", "--out", str(tmp_path / "config")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert script.returncode == 0, script.stderr[-2000:]
+    ckpt = tmp_path / "best.pt"
+    save_pdd(small_pdd, ckpt)
+    assert pdd_main(["export", "trt", "--checkpoint", str(ckpt), "--dry-run", "--out", str(tmp_path / "ckpt")]) == 0
+    for out in ("config", "ckpt"):
+        plan = json.loads((tmp_path / out / "build-plan.json").read_text())
+        assert plan["form"] == "plugin" and plan["precision"] == "fp16", plan
+        assert plan["input_shapes"]["opt"] == [8, 3, 64, 64] and len(plan["ptx"]) == 4
+        assert json.loads((tmp_path / out / "onnx" / "model.json").read_text())["scan_impl"] == "plugin"
+
+
+def test_a_baseline_config_is_refused_in_one_line(tmp_path: Path) -> None:
+    script = subprocess.run([sys.executable, "export/build_trt.py", "--config", "rd4ad-brain-synth", "--dry-run",
+                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert script.returncode == 2 and "Traceback" not in script.stderr
+    assert script.stderr.strip().splitlines()[-1] == (
+        "build_trt.py: error: rd4ad-brain-synth is a 'rd4ad' model, which has no export path (only PDD is "
+        "exported); give a PDD checkpoint or config")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_a_real_build_without_a_gpu_is_refused_before_exporting(tmp_path: Path, capsys: pytest.CaptureFixture
                                                                 ) -> None:
