@@ -47,7 +47,7 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread",
 THREADING = {"openmp": ("-fopenmp",), "pthreads": ("-fopenmp-simd",)}
 THREADING_ENV = "PDD_CPU_KERNEL_THREADING"
 MAX_STATE = 16
-_ABI = 3
+_ABI = 4
 
 
 class CpuKernelUnavailable(RuntimeError):
@@ -141,7 +141,7 @@ def open_library(path: Path) -> Any:
     if lib.pdd_scan_abi_version() != _ABI:
         raise CpuKernelUnavailable(f"{path} has ABI {lib.pdd_scan_abi_version()}, expected {_ABI}; delete it")
     f, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.pdd_ss2d_scan.argtypes = [f] * 7 + [i64] * 4 + [i32, f, i32, i32]
+    lib.pdd_ss2d_scan.argtypes = [f] * 7 + [i64] * 4 + [i32, f, i32, i32, i32]
     lib.pdd_ss2d_scan.restype = i32
     lib.pdd_selective_scan.argtypes = [f] * 8 + [i64] * 4 + [i32, i32, f, f, i32]
     lib.pdd_selective_scan.restype = i32
@@ -196,5 +196,5 @@ def ss2d_scan_numpy(x: np.ndarray, delta: np.ndarray, B: np.ndarray, C: np.ndarr
     args = [np.ascontiguousarray(t, dtype=np.float32) for t in (x, delta, B, C, A, D, delta_bias)]
     out = np.empty((batch, dim, height, width), np.float32)
     check_code(load().pdd_ss2d_scan(*(pointer(a) for a in args), batch, dim, height, width, n, pointer(out),
-                                    threads or default_threads(), 0), "ss2d_scan")
+                                    threads or default_threads(), 0, 0), "ss2d_scan")
     return out

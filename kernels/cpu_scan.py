@@ -5,7 +5,8 @@ Two entry points with the semantics of the Triton kernels and of the SS2DScan pl
 - :func:`ss2d_scan_cpu` — the fused four-route SS2D scan, the contract of :func:`kernels.contract.check_ss2d`;
 - :func:`selective_scan_cpu` — the 1-D scan, the contract of :func:`kernels.contract.check_scan_inputs`;
 
-both fp32 and inference-only (no autograd), on torch CPU tensors, with torch's thread count. The fused scan
+inference-only (no autograd), on torch CPU tensors, with torch's thread count; computed in fp32 (the fused
+scan also takes bf16 inputs, widened in the kernel, and writes a bf16 result). The fused scan
 runs as the custom op ``pdd_cpu::ss2d_scan``, one opaque node to ``torch.compile``. Building and loading
 the library, and the numpy entry point (the ONNX Runtime custom op, servers without torch), are
 :mod:`kernels.cpu_lib`; ``python -m kernels.cpu_scan`` builds it ahead of time.
@@ -50,7 +51,8 @@ def ss2d_scan_cpu(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: 
     """Fused SS2D scan on the CPU: the arguments and result of :func:`pdd.ss2d.ss2d_scan`.
 
     x: (B, D, H, W); delta: (B, 4, D, H, W) before bias and softplus; B, C: (B, 4, N, H, W); A: (4·D, N);
-    D, delta_bias: (4·D,). Computed in fp32; returns (B, D, H, W) in x's dtype.
+    D, delta_bias: (4·D,). fp32 states and sums; x, delta, B, C fp32 or bf16 (read as they are), A, D, delta_bias
+    fp32; returns (B, D, H, W) in x's dtype.
     """
     _inference_only("ss2d_scan", x, delta, B, C, A, D, delta_bias)
     ss2d_kernel_shapes(x, delta, B, C, A, D, delta_bias)
@@ -60,21 +62,26 @@ def ss2d_scan_cpu(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: 
 @torch.library.custom_op("pdd_cpu::ss2d_scan", mutates_args=(), device_types="cpu")
 def _ss2d_scan_op(x: Tensor, delta: Tensor, B: Tensor, C: Tensor, A: Tensor, D: Tensor, delta_bias: Tensor) -> Tensor:
     """The kernel call. x may be channels-last (as the VMamba block's depthwise convolution leaves it): the
-    kernel reads it, and writes the result, in that layout without a copy. The result has x's layout."""
+    kernel reads it, and writes the result, in that layout without a copy. The result has x's layout.
+
+    The kernel reads and writes bf16 itself (states and sums in fp32): a bf16 x keeps x, delta, B, C and the
+    result in bf16 (pdd.precision's policy); other dtypes are computed in fp32 and the result cast to x's."""
+    io = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     channels_last = _channels_last(x)
-    x32 = x.detach().to(torch.float32)
-    x32 = x32 if channels_last else x32.contiguous()
-    f32 = [t.detach().to(torch.float32).contiguous() for t in (delta, B, C, A, D, delta_bias)]
-    out = _empty_result(x, torch.float32)
+    xs = x.detach().to(io)
+    xs = xs if channels_last else xs.contiguous()
+    ins = [t.detach().to(io).contiguous() for t in (delta, B, C)]
+    params = [t.detach().to(torch.float32).contiguous() for t in (A, D, delta_bias)]
+    out = _empty_result(x, io)
     writes_here = _channels_last(out) if channels_last else out.is_contiguous()
-    target = out if writes_here else torch.empty_like(x32)
+    target = out if writes_here else torch.empty_like(xs)
     batch, dim, height, width = x.shape
-    check_code(load().pdd_ss2d_scan(pointer(x32), *(pointer(t) for t in f32), batch, dim, height, width,
-                                    int(A.shape[1]), pointer(target), torch.get_num_threads(), int(channels_last)),
-               "ss2d_scan")
+    check_code(load().pdd_ss2d_scan(pointer(xs), *(pointer(t) for t in (*ins, *params)), batch, dim, height, width,
+                                    int(A.shape[1]), pointer(target), torch.get_num_threads(), int(channels_last),
+                                    int(io == torch.bfloat16)), "ss2d_scan")
     if target is not out:
         out.copy_(target)
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
+    return out if x.dtype == io else out.to(x.dtype)
 
 
 def _channels_last(t: Tensor) -> bool:

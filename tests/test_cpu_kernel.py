@@ -102,6 +102,32 @@ def test_fp16_inputs_compute_in_fp32_and_return_their_dtype() -> None:
     assert got.dtype == torch.float16 and _rel(got, ref) < 1e-3
 
 
+# bf16 inputs: the reference scans the same bf16-rounded inputs in float64, so what remains is the kernel's
+# fp32 arithmetic and the rounding of its result to bf16 (2^-9 of the output's magnitude, half an ulp).
+BF16_RTOL = 2.0**-8
+
+
+@pytest.mark.parametrize(("b", "d", "h", "w", "n", "layout"), [(1, 16, 4, 4, 16, "contiguous"),
+                                                               (2, 13, 5, 7, 16, "contiguous"),
+                                                               (2, 19, 5, 6, 16, "channels_last"),
+                                                               (3, 9, 3, 11, 1, "contiguous"),
+                                                               (1, 17, 1, 6, 16, "channels_last")])
+def test_bf16_inputs_are_read_as_bf16_with_fp32_states(b: int, d: int, h: int, w: int, n: int, layout: str) -> None:
+    """The policy's scan in bf16 (pdd.precision): bf16 x, δ, B, C and result, fp32 A, D, bias and states."""
+    x, delta, B, C, A, D, bias = _ss2d_inputs(b, d, h, w, n, seed=3)
+    x, delta, B, C = (t.bfloat16() for t in (x, delta, B, C))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = ss2d_scan(*(t.double() for t in (x, delta, B, C, A, D, bias)), impl="reference")
+    got = cpu_scan.ss2d_scan_cpu(x, delta, B, C, A, D, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (b, d, h, w)
+    assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    assert _rel(got, ref) < BF16_RTOL
+    # Bit for bit the fp32 kernel's result on the same (widened) inputs, rounded once to bf16.
+    f32 = cpu_scan.ss2d_scan_cpu(*(t.float() for t in (x, delta, B, C)), A, D, bias)
+    assert torch.equal(got, f32.bfloat16())
+
+
 def test_autograd_and_bad_shapes_are_refused_with_the_reason() -> None:
     x, delta, B, C, A, D, bias = _ss2d_inputs(1, 8, 4, 4, 16)
     with pytest.raises(RuntimeError, match="inference"):

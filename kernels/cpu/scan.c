@@ -1,4 +1,7 @@
 /* Selective scan on the CPU: the fused four-route SS2D scan and the plain 1-D scan, fp32, inference.
+ * The SS2D scan also reads and writes bf16 (x, delta, B, C and the result; A, D and the bias stay fp32):
+ * values are widened to fp32 as they are copied into the work item's scratch rows, the states and sums are
+ * fp32, and the result is rounded to bf16 (nearest even) as it is written.
  *
  * The recurrence of mamba-ssm's selective_scan_fn, per channel d and state n, along positions t:
  *     dt = softplus(delta[d, t] + bias[d])            (softplus optional in the 1-D scan)
@@ -28,6 +31,25 @@
 #define BLOCK_D 8
 
 static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* bf16 is the top half of an fp32: widening is exact; narrowing rounds to nearest even (NaN stays NaN). */
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } w;
+    w.u = (uint32_t)v << 16;
+    return w.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } w;
+    w.f = f;
+    if ((w.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((w.u >> 16) | 0x40u); /* quiet NaN */
+    return (uint16_t)((w.u + 0x7fffu + ((w.u >> 16) & 1u)) >> 16);
+}
+
+/* Element i of an fp32 or bf16 (`bf16`) array. */
+static inline float load_at(const void *src, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)src)[i]) : ((const float *)src)[i];
+}
 
 #define LOG2E 1.44269504088896341f
 
@@ -146,13 +168,15 @@ static void parallel(int64_t items, int threads, void (*run)(const void *, int64
 /* ---- SS2D ------------------------------------------------------------------------------------------- */
 
 typedef struct {
-    const float *x, *delta, *A, *D, *bias;
+    const void *x, *delta; /* fp32, or bf16 with `bf16` (as are B, C and out) */
+    const float *A, *D, *bias;
     const float *Bt, *Ct; /* (batch, 4, L, N): B and C of each route in its own step order, position-major */
-    float *out;
+    void *out;
     const int32_t *pos; /* (4, L): the row-major position route k visits at step t */
     int64_t batch, dim, L;
     int N;
     int channels_last; /* x and out are (batch, H, W, dim) instead of (batch, dim, H, W) */
+    int bf16;          /* x, delta, B, C and out hold bf16 */
     int failed;        /* set when a work item could not allocate its scratch rows */
 } SS2DArgs;
 
@@ -318,21 +342,35 @@ static inline __m512i lane_rows(int64_t L) {
 }
 #endif
 
-/* rows j < nd of `src` (row j at src + j·L) + add[j], into dst position-major (dst[q·LANES + j]), through
- * softplus if `soft`; lanes j >= nd are 0 (softplus(0) with `soft`). */
-static void to_lanes(float *dst, const float *src, const float *add, int nd, int64_t L, int soft) {
+/* rows j < nd of `src` (row j at src + j·L; fp32, or bf16 with `bf16`) + add[j], into dst position-major
+ * (dst[q·LANES + j]) in fp32, through softplus if `soft`; lanes j >= nd are 0 (softplus(0) with `soft`). */
+static void to_lanes(float *dst, const void *src, const float *add, int nd, int64_t L, int soft, int bf16) {
 #if defined(__AVX512F__)
     const __mmask16 mask = (__mmask16)((1u << nd) - 1u);
     const __m512i rows = lane_rows(L);
     const __m512 a = _mm512_maskz_loadu_ps(mask, add);
+    const uint16_t *half = (const uint16_t *)src;
     for (int64_t q = 0; q < L; ++q) {
-        const __m512 v = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows, src + q, 4), a);
+        __m512 v;
+        if (!bf16) {
+            v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows, (const float *)src + q, 4);
+        } else if (q > 0) {
+            /* bf16: gather the 32-bit words ending at element q (elements q − 1 and q, both in the row), keep
+             * the high half: that is element q widened to fp32. Reads nothing outside the rows. */
+            const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, rows, half + q - 1, 2);
+            v = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u)));
+        } else {
+            float first[LANES] = {0};
+            for (int j = 0; j < nd; ++j) first[j] = bf16_to_f32(half[j * L]);
+            v = _mm512_loadu_ps(first);
+        }
+        v = _mm512_add_ps(v, a);
         _mm512_store_ps(dst + q * LANES, soft ? softplus_avx512(v) : v);
     }
 #else
     memset(dst, 0, sizeof(float) * L * LANES);
     for (int j = 0; j < nd; ++j)
-        for (int64_t q = 0; q < L; ++q) dst[q * LANES + j] = src[j * L + q] + add[j];
+        for (int64_t q = 0; q < L; ++q) dst[q * LANES + j] = load_at(src, j * L + q, bf16) + add[j];
     if (soft) {
 #pragma omp simd
         for (int64_t i = 0; i < L * LANES; ++i) dst[i] = softplus(dst[i]);
@@ -340,37 +378,60 @@ static void to_lanes(float *dst, const float *src, const float *add, int nd, int
 #endif
 }
 
-/* Channels-last rows: position q's nd channels at src + q·stride, into dst[q·LANES + j] (lanes j >= nd 0). */
-static void to_lanes_cl(float *dst, const float *src, int64_t stride, int nd, int64_t L) {
+/* Channels-last rows: position q's nd channels at src + q·stride (fp32, or bf16 with `bf16`), into
+ * dst[q·LANES + j] in fp32 (lanes j >= nd 0). */
+static void to_lanes_cl(float *dst, const void *src, int64_t stride, int nd, int64_t L, int bf16) {
 #if defined(__AVX512F__)
     const __mmask16 mask = (__mmask16)((1u << nd) - 1u);
-    for (int64_t q = 0; q < L; ++q) _mm512_store_ps(dst + q * LANES, _mm512_maskz_loadu_ps(mask, src + q * stride));
-#else
+    if (!bf16) {
+        for (int64_t q = 0; q < L; ++q)
+            _mm512_store_ps(dst + q * LANES, _mm512_maskz_loadu_ps(mask, (const float *)src + q * stride));
+        return;
+    }
+#if defined(__AVX512BW__)
+    for (int64_t q = 0; q < L; ++q) {
+        const __m256i v = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)src + q * stride);
+        _mm512_store_ps(dst + q * LANES, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+    }
+    return;
+#endif
+#endif
     memset(dst, 0, sizeof(float) * L * LANES);
     for (int64_t q = 0; q < L; ++q)
-        for (int j = 0; j < nd; ++j) dst[q * LANES + j] = src[q * stride + j];
-#endif
+        for (int j = 0; j < nd; ++j) dst[q * LANES + j] = load_at(src, q * stride + j, bf16);
+}
+
+static inline void store_at(void *out, int64_t i, float v, int bf16) {
+    if (bf16) ((uint16_t *)out)[i] = f32_to_bf16(v);
+    else ((float *)out)[i] = v;
 }
 
 /* Channels-last output: position q's nd channels at out + q·stride = acc + skip·xs of the lanes. */
-static void from_lanes_cl(float *out, int64_t stride, const float *acc, const float *xs, const float *skip, int nd,
-                          int64_t L) {
+static void from_lanes_cl(void *out, int64_t stride, const float *acc, const float *xs, const float *skip, int nd,
+                          int64_t L, int bf16) {
     for (int64_t q = 0; q < L; ++q)
-        for (int j = 0; j < nd; ++j) out[q * stride + j] = acc[q * LANES + j] + skip[j] * xs[q * LANES + j];
+        for (int j = 0; j < nd; ++j) store_at(out, q * stride + j, acc[q * LANES + j] + skip[j] * xs[q * LANES + j], bf16);
 }
 
 /* out row j < nd (at out + j·L), position q: acc[q·LANES + j] + skip[j]·xs[q·LANES + j]. */
-static void from_lanes(float *out, const float *acc, const float *xs, const float *skip, int nd, int64_t L) {
+static void from_lanes(void *out, const float *acc, const float *xs, const float *skip, int nd, int64_t L, int bf16) {
 #if defined(__AVX512F__)
     const __mmask16 mask = (__mmask16)((1u << nd) - 1u);
     const __m512i rows = lane_rows(L);
     const __m512 sk = _mm512_loadu_ps(skip);
-    for (int64_t q = 0; q < L; ++q)
-        _mm512_mask_i32scatter_ps(out + q, mask, rows,
-                                  _mm512_fmadd_ps(sk, _mm512_load_ps(xs + q * LANES), _mm512_load_ps(acc + q * LANES)), 4);
+    for (int64_t q = 0; q < L; ++q) {
+        const __m512 v = _mm512_fmadd_ps(sk, _mm512_load_ps(xs + q * LANES), _mm512_load_ps(acc + q * LANES));
+        if (!bf16) {
+            _mm512_mask_i32scatter_ps((float *)out + q, mask, rows, v, 4);
+        } else { /* no 16-bit scatter: the lanes one by one */
+            float lanes[LANES];
+            _mm512_storeu_ps(lanes, v);
+            for (int j = 0; j < nd; ++j) ((uint16_t *)out)[j * L + q] = f32_to_bf16(lanes[j]);
+        }
+    }
 #else
     for (int j = 0; j < nd; ++j)
-        for (int64_t q = 0; q < L; ++q) out[j * L + q] = acc[q * LANES + j] + skip[j] * xs[q * LANES + j];
+        for (int64_t q = 0; q < L; ++q) store_at(out, j * L + q, acc[q * LANES + j] + skip[j] * xs[q * LANES + j], bf16);
 #endif
 }
 
@@ -380,7 +441,8 @@ static void ss2d_item(const void *p, int64_t item) {
     const int64_t b = item / blocks, d0 = (item % blocks) * LANES;
     const int nd = (int)(s->dim - d0 < LANES ? s->dim - d0 : LANES);
     const int64_t L = s->L, dim = s->dim;
-    const int N = s->N;
+    const int N = s->N, bf16 = s->bf16;
+    const int64_t size = bf16 ? 2 : 4; /* bytes per element of x, delta and out */
     int slot;
     float *buf = scratch_get((size_t)(3 * L * LANES), &slot);
     if (!buf) {
@@ -393,8 +455,10 @@ static void ss2d_item(const void *p, int64_t item) {
     float skip[LANES] = {0}, zero[LANES] = {0};
     for (int j = 0; j < nd; ++j)
         for (int k = 0; k < 4; ++k) skip[j] += s->D[k * dim + d0 + j];
-    if (s->channels_last) to_lanes_cl(xs, s->x + b * L * dim + d0, dim, nd, L);
-    else to_lanes(xs, s->x + (b * dim + d0) * L, zero, nd, L, 0);
+    const char *x = (const char *)s->x, *delta = (const char *)s->delta;
+    char *out = (char *)s->out;
+    if (s->channels_last) to_lanes_cl(xs, x + (b * L * dim + d0) * size, dim, nd, L, bf16);
+    else to_lanes(xs, x + (b * dim + d0) * L * size, zero, nd, L, 0, bf16);
     for (int k = 0; k < 4; ++k) {
         float a2[MAX_N][LANES], bias[LANES] = {0};
         memset(a2, 0, sizeof(a2));
@@ -403,25 +467,25 @@ static void ss2d_item(const void *p, int64_t item) {
             for (int n = 0; n < N; ++n) a2[n][j] = s->A[ch * N + n] * LOG2E;
             bias[j] = s->bias[ch];
         }
-        to_lanes(ds, s->delta + ((b * 4 + k) * dim + d0) * L, bias, nd, L, 1);
+        to_lanes(ds, delta + ((b * 4 + k) * dim + d0) * L * size, bias, nd, L, 1, bf16);
         const float *Bt = s->Bt + (b * 4 + k) * L * N, *Ct = s->Ct + (b * 4 + k) * L * N;
         const int32_t *pos = s->pos + k * L;
         if (N == 16) ss2d_route(xs, ds, acc, Bt, Ct, a2, pos, L, 16);
         else if (N == 1) ss2d_route(xs, ds, acc, Bt, Ct, a2, pos, L, 1);
         else ss2d_route(xs, ds, acc, Bt, Ct, a2, pos, L, N);
     }
-    if (s->channels_last) from_lanes_cl(s->out + b * L * dim + d0, dim, acc, xs, skip, nd, L);
-    else from_lanes(s->out + (b * dim + d0) * L, acc, xs, skip, nd, L);
+    if (s->channels_last) from_lanes_cl(out + (b * L * dim + d0) * size, dim, acc, xs, skip, nd, L, bf16);
+    else from_lanes(out + (b * dim + d0) * L * size, acc, xs, skip, nd, L, bf16);
     FTZ_END
     scratch_put(buf, slot);
 }
 
 typedef struct {
-    const float *B, *C;
+    const void *B, *C; /* fp32, or bf16 with `bf16` */
     float *Bt, *Ct;
     const int32_t *pos;
     int64_t L;
-    int N;
+    int N, bf16;
 } RouteRows;
 
 /* Item (b, k): B and C of route k copied into its step order, position-major: Bt[t][n] = B[n][pos_k[t]]. */
@@ -429,8 +493,17 @@ static void route_rows_item(const void *p, int64_t item) {
     const RouteRows *r = (const RouteRows *)p;
     const int64_t L = r->L, N = r->N;
     const int32_t *pos = r->pos + (item % 4) * L;
-    const float *B = r->B + item * N * L, *C = r->C + item * N * L;
     float *Bt = r->Bt + item * L * N, *Ct = r->Ct + item * L * N;
+    if (r->bf16) {
+        const uint16_t *B = (const uint16_t *)r->B + item * N * L, *C = (const uint16_t *)r->C + item * N * L;
+        for (int64_t t = 0; t < L; ++t)
+            for (int64_t n = 0; n < N; ++n) {
+                Bt[t * N + n] = bf16_to_f32(B[n * L + pos[t]]);
+                Ct[t * N + n] = bf16_to_f32(C[n * L + pos[t]]);
+            }
+        return;
+    }
+    const float *B = (const float *)r->B + item * N * L, *C = (const float *)r->C + item * N * L;
     for (int64_t t = 0; t < L; ++t) {
         const int64_t q = pos[t];
         for (int64_t n = 0; n < N; ++n) {
@@ -441,11 +514,11 @@ static void route_rows_item(const void *p, int64_t item) {
 }
 
 /* x, out: (batch, dim, H, W), or with channels_last (batch, H, W, dim); delta: (batch, 4, dim, H, W);
- * B, C: (batch, 4, N, H, W); A: (4 dim, N); D, bias: (4 dim). All contiguous fp32. Returns 0, or a negative
- * code for bad arguments. */
-int pdd_ss2d_scan(const float *x, const float *delta, const float *B, const float *C, const float *A,
+ * B, C: (batch, 4, N, H, W); A: (4 dim, N); D, bias: (4 dim). All contiguous; x, delta, B, C and out fp32, or
+ * bf16 with `bf16`; A, D and bias fp32. Returns 0, or a negative code for bad arguments. */
+int pdd_ss2d_scan(const void *x, const void *delta, const void *B, const void *C, const float *A,
                   const float *D, const float *bias, int64_t batch, int64_t dim, int64_t height, int64_t width,
-                  int N, float *out, int threads, int channels_last) {
+                  int N, void *out, int threads, int channels_last, int bf16) {
     if (N < 1 || N > MAX_N) return -1;
     const int64_t L = height * width;
     if (L <= 0 || batch <= 0 || dim <= 0) return 0;
@@ -465,9 +538,9 @@ int pdd_ss2d_scan(const float *x, const float *delta, const float *B, const floa
         pos[3 * L + (L - 1 - t)] = (int32_t)col;
     }
     float *Bt = rows, *Ct = rows + batch * 4 * L * N;
-    RouteRows rr = {B, C, Bt, Ct, pos, L, N};
+    RouteRows rr = {B, C, Bt, Ct, pos, L, N, bf16 != 0};
     parallel(batch * 4, threads, route_rows_item, &rr);
-    SS2DArgs args = {x, delta, A, D, bias, Bt, Ct, out, pos, batch, dim, L, N, channels_last != 0, 0};
+    SS2DArgs args = {x, delta, A, D, bias, Bt, Ct, out, pos, batch, dim, L, N, channels_last != 0, bf16 != 0, 0};
     parallel(batch * ((dim + LANES - 1) / LANES), threads, ss2d_item, &args);
     free(rows);
     free(pos);
@@ -518,7 +591,7 @@ int pdd_selective_scan(const float *u, const float *delta, const float *A, const
     return 0;
 }
 
-int pdd_scan_abi_version(void) { return 3; }
+int pdd_scan_abi_version(void) { return 4; }
 
 /* 1: parallel() runs on the process's OpenMP team; 0: on threads it starts per call. */
 int pdd_scan_openmp(void) {
