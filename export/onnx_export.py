@@ -139,8 +139,8 @@ def build_for_export(model: PDDModel, scan_impl: str) -> PDDModel:
     its weights loaded with ``assign=True`` so the new model shares their tensors (nothing is copied)."""
     device = next(model.parameters()).device
     built = build_pdd(dataclasses.replace(model.cfg, scan_impl=scan_impl), device, graph=True, teacher_weights=False)
-    built.load_state_dict(model.state_dict(keep_vars=True), assign=True)
-    built.calibration = model.calibration
+    built.load_state_dict(model.state_dict(keep_vars=True), assign=True)  # the weights' dtypes come along
+    built.calibration, built.precision = model.calibration, model.precision
     return built.eval()
 
 

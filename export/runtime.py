@@ -6,9 +6,10 @@ is behind it. :func:`make_runtime` builds one from a short spec and raises :clas
 
 Specs (:data:`RUNTIMES` lists every full name; the benchmarks use these names)::
 
-    torch[:<scan impl>][:compile]                   PyTorch (torch.compile with ':compile'); scan impl one of
+    torch[:<scan impl>][:compile][:bf16]            PyTorch (torch.compile with ':compile'); scan impl one of
                                                      pdd.impl_names.SCAN_IMPLS (default eager; 'chunked' is
-                                                     the deprecated name of eager)
+                                                     the deprecated name of eager); ':bf16' computes in bf16
+                                                     by pdd.precision's policy (CPUs with AMX or AVX512-BF16)
     onnxruntime[:cpu|cuda|tensorrt][:portable|plugin] ONNX Runtime with that execution provider and ONNX form
     tensorrt[:plugin|portable][:fp32|fp16]          a TensorRT engine built by export/build_trt.py from that
                                                      ONNX form (default plugin, fp16)
@@ -57,6 +58,7 @@ from kernels.target import driver_ptx_isa
 from pdd.calibration import Calibration, apply_calibration
 from pdd.impl_names import SCAN_IMPLS
 from pdd.model import PDDModel
+from pdd.precision import FP32, MODEL_PRECISIONS, ModelPrecision, PrecisionUnavailable
 from pdd.ssm import ScanImplUnavailable, resolve_scan_impl
 
 __all__ = [
@@ -80,9 +82,11 @@ ORT_PROVIDERS = {
 }
 # Every runtime's full name. torch.compile is offered for the scans that compile to one graph (the
 # eager scan reads its chunk size on the host, a graph break; the CPU kernel is one opaque custom op).
+# bf16: the CPU runtimes whose scan reads bf16 itself (the C kernel).
 RUNTIMES = (
     *(f"torch:{impl}" for impl in SCAN_IMPLS),
     "torch:graph-parallel:compile", "torch:triton:compile", "torch:cpu_kernel:compile",
+    "torch:cpu_kernel:bf16", "torch:cpu_kernel:compile:bf16",
     *(f"onnxruntime:{provider}:{form}" for provider in ORT_PROVIDERS for form in FORMS),
     *(f"tensorrt:{form}" for form in FORMS),
 )
@@ -164,12 +168,16 @@ class TorchRuntime(Runtime):
     prepacked for oneDNN and batch norms folded into them), so the compiled model does not follow later
     changes to the weights. The first call compiles (about a minute on 2 cores; inductor's cache in
     ``$TORCHINDUCTOR_CACHE_DIR`` shortens later processes' first calls), as does every new batch size.
+    ``precision``: what the copy computes in (:meth:`pdd.model.PDDModel.to_precision`, weights cast once); a
+    native reduced precision the CPU lacks is :class:`RuntimeUnavailable` naming the feature, an emulated one
+    runs eagerly only.
     """
 
     def __init__(self, model: torch.nn.Module, scan_impl: str = "eager", device: str | torch.device = "cpu",
-                 compile: bool = False) -> None:
+                 compile: bool = False, precision: ModelPrecision = FP32) -> None:
         dev = torch.device(device)
-        name = f"torch:{scan_impl}" + (":compile" if compile else "")  # as the caller spelled it
+        name = (f"torch:{scan_impl}" + (":compile" if compile else "")  # as the caller spelled it
+                + (f":{precision.name}" if precision.name != "fp32" else "") + (" (emulated)" * precision.emulate))
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeUnavailable(f"torch on {dev}: no CUDA device here")
         if scan_impl == "triton" and dev.type != "cuda":
@@ -178,11 +186,24 @@ class TorchRuntime(Runtime):
             scan_impl = resolve_scan_impl(scan_impl, dev)
         except ScanImplUnavailable as exc:
             raise RuntimeUnavailable(str(exc)) from exc
+        if precision.name != "fp32":
+            if not isinstance(model, PDDModel):
+                raise RuntimeUnavailable(f"{name}: reduced precision is defined for PDD (pdd.precision), not "
+                                         f"{type(model).__name__}")
+            if compile and precision.emulate:
+                raise RuntimeUnavailable(f"{name}: emulated precision runs eagerly (it is for numerics)")
+            if dev.type == "cpu" and not precision.emulate:
+                try:
+                    ModelPrecision.native(precision.name, where=name)
+                except PrecisionUnavailable as exc:
+                    raise RuntimeUnavailable(str(exc)) from exc
         current = next(model.parameters()).device
         # Moving a weight-sharing copy would move the caller's weights too: copy them when the device differs.
         self.model = (weight_sharing_copy(model) if current == dev else copy.deepcopy(model).to(dev)).eval()
         if hasattr(self.model, "set_scan_impl"):  # PDD; the RD4AD baseline has no scan
             self.model.set_scan_impl(scan_impl)
+        if precision != getattr(self.model, "precision", FP32):
+            self.model.to_precision(precision)  # the copy's weights are replaced; the caller's are not touched
         if compile and isinstance(self.model, PDDModel):
             self.model = build_for_export(self.model, scan_impl)
         self._forward = torch.compile(self.model) if compile else self.model
@@ -329,8 +350,10 @@ class TensorRTRuntime(Runtime):
 
 def make_runtime(spec: str, *, model: torch.nn.Module | None = None, onnx_path: str | os.PathLike | None = None,
                  engine_dir: str | os.PathLike | None = None, artifacts: str | os.PathLike | None = None,
-                 device: str | None = None, threads: int | None = None) -> Runtime:
+                 device: str | None = None, threads: int | None = None, emulate: bool = False) -> Runtime:
     """Build the runtime a spec names (see the module docstring); :class:`RuntimeUnavailable` if it cannot run.
+
+    ``emulate``: a PyTorch runtime's reduced precision emulated in fp32 (any CPU, eager; numerics only).
 
     ``artifacts``: a folder laid out as ``onnx-<form>/model.onnx`` and ``tensorrt-<form>-<precision>/`` (what
     ``benchmarks/run.py --prepare-only`` and ``benchmarks/gpu_check.py`` write), used when ``onnx_path`` /
@@ -341,10 +364,13 @@ def make_runtime(spec: str, *, model: torch.nn.Module | None = None, onnx_path: 
         if model is None:
             raise ValueError(f"runtime {spec!r} needs model=")
         impl = rest[0] if rest else "eager"
-        compile_ = rest[1:] == ["compile"]
-        if rest[1:] not in ([], ["compile"]):
-            raise ValueError(f"runtime spec {spec!r}: expected torch[:<scan impl>][:compile]")
-        return TorchRuntime(model, impl, device or ("cuda" if impl == "triton" else "cpu"), compile=compile_)
+        words = rest[1:]
+        precision = words.pop() if words and words[-1] in MODEL_PRECISIONS else "fp32"
+        if words not in ([], ["compile"]):
+            words = "|".join(MODEL_PRECISIONS)
+            raise ValueError(f"runtime spec {spec!r}: expected torch[:<scan impl>][:compile][:{words}]")
+        return TorchRuntime(model, impl, device or ("cuda" if impl == "triton" else "cpu"), compile=bool(words),
+                            precision=ModelPrecision(precision, emulate=emulate and precision != "fp32"))
     if kind == "onnxruntime":
         provider = rest[0] if rest else "cpu"
         form = rest[1] if len(rest) > 1 else "portable"

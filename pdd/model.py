@@ -34,6 +34,7 @@ from pdd.anomaly import anomaly_head
 from pdd.backbones import vmamba_tiny_v0, wide_resnet50_2_features
 from pdd.calibration import Calibration
 from pdd.config import PDDConfig
+from pdd.precision import FP32, SCAN_FP32_PARAMETERS, STAGES, ModelPrecision
 from pdd.ssm import resolve_scan_impl
 
 __all__ = [
@@ -236,7 +237,8 @@ class PDDModel(nn.Module):
 
     ``forward(images)`` with images (B, 3, H, W) ImageNet-normalised: in training mode returns
     :class:`PDDFeatures` for the loss; in eval mode :class:`PDDOutput`. ``graph``: build the layer forms
-    that export well (ConvTranspose instead of the eager GEMM of :class:`UpConv2x2`).
+    that export well (ConvTranspose instead of the eager GEMM of :class:`UpConv2x2`). ``precision``: what the
+    model computes in (:meth:`to_precision`); each stage's input is cast to the policy's dtype at its entry.
     """
 
     def __init__(self, cfg: PDDConfig, teachers: Teachers, graph: bool = False) -> None:
@@ -254,6 +256,31 @@ class PDDModel(nn.Module):
             part.apply(_init_trainable)
         # The operating point (pdd.calibration), set after training or by `pdd calibrate`; None until then.
         self.calibration: Calibration | None = None
+        self.precision = FP32
+
+    def to_precision(self, precision: ModelPrecision) -> PDDModel:
+        """Compute in ``precision`` from now on: every stage's weights cast once, in place, to the dtype
+        :data:`pdd.precision.POLICY` gives it (the scan's A, D and δ bias stay fp32; the head has no weights
+        and computes in fp32). Inference only; a reduced-precision model is not cast again."""
+        if precision == self.precision:
+            return self
+        if self.precision != FP32:
+            raise ValueError(f"the model already computes in {self.precision.describe()}: load it again in fp32 "
+                             f"to cast it to {precision.describe()}")
+        vmamba = {precision.dtype(s) for s in STAGES if s.startswith("vmamba.")}
+        if len(vmamba) != 1 or precision.dtype("wrn") not in vmamba:
+            raise ValueError(f"{precision.name}: the model casts its input once for both teachers and VMamba as "
+                             f"one module; the policy gives them {sorted(map(str, vmamba))} and "
+                             f"{precision.dtype('wrn')}")
+        self.eval().requires_grad_(False)
+        precision.cast_module(self.teachers.wrn, "wrn")
+        precision.cast_module(self.teachers.vmamba, "vmamba.proj", keep_fp32=SCAN_FP32_PARAMETERS)
+        for part in (self.ina, self.mmu, self.mpa):
+            precision.cast_module(part, "fusion")
+        for part in (self.prior_student, self.plain_student):  # the same module when the decoder is shared
+            precision.cast_module(part, "students")
+        self.precision = precision
+        return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("teachers.")]
@@ -264,6 +291,7 @@ class PDDModel(nn.Module):
 
     def students(self, y: tuple[Tensor, ...], z: tuple[Tensor, ...]) -> PDDFeatures:
         """The trainable part, from teacher features (so cached features can be used in training)."""
+        y, z = (tuple(self.precision.cast(t, "fusion") for t in feats) for feats in (y, z))
         targets = self.ina(y, z)
         u = self.mmu(y[3], z[3])
         p_deep, p_mid = self.mpa(u, targets[2].shape[-2:], targets[1].shape[-2:])
@@ -278,10 +306,12 @@ class PDDModel(nn.Module):
 
     def features(self, images: Tensor) -> PDDFeatures:
         self._check_images(images)
-        return self.students(*self.teachers(images))
+        return self.students(*self.teachers(self.precision.cast(images, "wrn")))
 
     def head(self, feats: PDDFeatures, image_size: tuple[int, int]) -> PDDOutput:
-        amap, score = anomaly_head(head_pairs(feats), image_size, sigma=self.cfg.sigma, impl=self.cfg.head_impl)
+        pairs = [(self.precision.cast(t, "head.cosine"), self.precision.cast(s, "head.cosine"))
+                 for t, s in head_pairs(feats)]
+        amap, score = anomaly_head(pairs, image_size, sigma=self.cfg.sigma, impl=self.cfg.head_impl)
         return PDDOutput(score, amap)
 
     def forward(self, images: Tensor) -> PDDFeatures | PDDOutput:
