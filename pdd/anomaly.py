@@ -70,24 +70,26 @@ def gaussian_blur(maps: Tensor, sigma: float = 4.0, truncate: float = 4.0) -> Te
     return x.squeeze(1)
 
 
-def cosine_distance(teacher: Tensor, student: Tensor) -> Tensor:
-    """1 − cos over channels per pixel, summed in float32: (B, C, H, W) x2 -> (B, H, W) float32."""
+def cosine_distance(teacher: Tensor, student: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """1 − cos over channels per pixel, computed and summed in ``dtype`` (float32: what pdd.precision's policy
+    gives the head in every precision): (B, C, H, W) x2 -> (B, H, W) in ``dtype``."""
     if teacher.shape != student.shape:
         raise ValueError(
             f"anomaly head: teacher {tuple(teacher.shape)} and student {tuple(student.shape)} differ in shape"
         )
-    t, s = teacher.float(), student.float()
+    t, s = teacher.to(dtype), student.to(dtype)
     dot = (t * s).sum(1)
     norm = torch.sqrt((t * t).sum(1) * (s * s).sum(1))
     return 1.0 - dot / norm.clamp_min(COS_EPS)
 
 
-def anomaly_head_ref(pairs: FeaturePairs, image_size: tuple[int, int], sigma: float = 4.0) -> tuple[Tensor, Tensor]:
-    """PyTorch anomaly head. Returns (map (B, H, W) float32, score (B,) float32)."""
+def anomaly_head_ref(pairs: FeaturePairs, image_size: tuple[int, int], sigma: float = 4.0,
+                     dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """PyTorch anomaly head, computed in ``dtype``. Returns (map (B, H, W), score (B,)) in ``dtype``."""
     check_feature_pairs(pairs)
     total = None
     for teacher, student in pairs:
-        m = cosine_distance(teacher, student).unsqueeze(1)
+        m = cosine_distance(teacher, student, dtype).unsqueeze(1)
         m = F.interpolate(m, size=image_size, mode="bilinear", align_corners=True).squeeze(1)
         total = m if total is None else total + m
     smoothed = gaussian_blur(total, sigma)
@@ -103,15 +105,19 @@ def _triton_head() -> Callable[..., tuple[Tensor, Tensor]]:
 
 
 def anomaly_head(pairs: FeaturePairs, image_size: int | tuple[int, int], sigma: float = 4.0,
-                 impl: str = "reference") -> tuple[Tensor, Tensor]:
+                 impl: str = "reference", dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """Anomaly map and image score from (teacher, student) feature pairs.
 
-    pairs: list of (teacher, student), each (B, C_l, H_l, W_l) fp16|fp32. Returns
-    (map (B, H, W) float32 smoothed, score (B,) float32 = max of the map).
+    pairs: list of (teacher, student), each (B, C_l, H_l, W_l) bf16|fp16|fp32. Returns
+    (map (B, H, W) smoothed, score (B,) = max of the map), computed in ``dtype`` (float32, the policy's; the
+    Triton kernels compute in float32 only).
     """
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
     if impl not in HEAD_IMPLS:
         raise ValueError(f"unknown anomaly head implementation {impl!r}; expected one of {HEAD_IMPLS}")
-    fn = anomaly_head_ref if impl == "reference" else _triton_head()
-    return fn(pairs, tuple(image_size), sigma)
+    if impl == "reference":
+        return anomaly_head_ref(pairs, tuple(image_size), sigma, dtype)
+    if dtype != torch.float32:
+        raise ValueError(f"the Triton anomaly head computes in float32, not {dtype}")
+    return _triton_head()(pairs, tuple(image_size), sigma)

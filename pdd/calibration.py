@@ -188,15 +188,17 @@ class Calibration:
     """The image operating point and, when pixel maps were calibrated, the pixel one.
 
     Without a pixel point, masks use the image threshold: the image score is the map's maximum, so an
-    image is then flagged exactly when its mask is not empty.
+    image is then flagged exactly when its mask is not empty. ``precision``: the precision whose scores it
+    was fitted on (``pdd.precision``; each precision's scores differ slightly, so each has its own thresholds).
     """
 
     image: OperatingPoint
     pixel: OperatingPoint | None = None
     format: str = CALIBRATION_FORMAT
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "image": self.image.to_dict(),
+        return {"format": self.format, "precision": self.precision, "image": self.image.to_dict(),
                 "pixel": None if self.pixel is None else self.pixel.to_dict()}
 
     @classmethod
@@ -206,7 +208,11 @@ class Calibration:
             raise CalibrationError(f"{where} is not a {CALIBRATION_FORMAT} record (format {found!r})")
         image = OperatingPoint.from_dict(data.get("image") or {}, f"{where} image")
         pixel = data.get("pixel")
-        return cls(image, None if pixel is None else OperatingPoint.from_dict(pixel, f"{where} pixel"))
+        precision = data.get("precision", "fp32")  # records written before precisions existed are fp32's
+        if not isinstance(precision, str):
+            raise CalibrationError(f"{where}: precision {precision!r} is not a precision name")
+        return cls(image, None if pixel is None else OperatingPoint.from_dict(pixel, f"{where} pixel"),
+                   precision=precision)
 
     @classmethod
     def manual(cls, threshold: float, source: str = "set by hand") -> Calibration:

@@ -1,6 +1,11 @@
 """Self-contained PDD checkpoints: config, every weight (teachers included), calibration and training state.
 
 Written atomically (temporary file, fsync, rename), so a kill mid-write never damages the previous file.
+
+Reduced precisions (:mod:`pdd.precision`) have their own records under ``"precisions"``: per precision its
+calibration (fitted on that precision's scores) and its fidelity gates (:mod:`pdd.fidelity`) per CPU
+instruction-set level, each with the seconds per image both precisions took; the fp32 calibration stays
+under ``"calibration"``. :func:`choose_precision` reads them for ``--precision auto``.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from pdd.backbones.weights import WeightsError, check_and_load, load_checkpoint_
 from pdd.baselines import build_model
 from pdd.calibration import Calibration, CalibrationError
 from pdd.config import ConfigError, PDDConfig, apply_overrides, atomic_file, resolve_config
+from pdd.precision import FP32, MODEL_PRECISIONS, ModelPrecision, instruction_set, missing_features
 
-__all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "load_model", "load_pdd", "read_calibration", "read_checkpoint",
-           "save_pdd", "store_calibration"]
+__all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "choose_precision", "load_model", "load_pdd", "read_calibration",
+           "read_checkpoint", "read_gates", "save_pdd", "store_calibration", "store_gate"]
 
 CHECKPOINT_FORMAT = "pdd-checkpoint/1"
 
@@ -44,22 +50,71 @@ def save_pdd(model: torch.nn.Module, path: str | os.PathLike, **extra: Any) -> N
     atomic_torch_save(payload, path)
 
 
-def read_calibration(obj: dict[str, Any], path: str | os.PathLike) -> Calibration | None:
-    """The calibration stored in a checkpoint read by :func:`read_checkpoint` (None in older checkpoints)."""
-    data = obj.get("calibration")
+def _precision_record(obj: dict[str, Any], precision: str) -> dict[str, Any]:
+    return obj.setdefault("precisions", {}).setdefault(precision, {"calibration": None, "gates": {}})
+
+
+def read_calibration(obj: dict[str, Any], path: str | os.PathLike, precision: str = "fp32") -> Calibration | None:
+    """The calibration of ``precision`` stored in a checkpoint read by :func:`read_checkpoint` (None when that
+    precision was never calibrated, or in older checkpoints)."""
+    data = obj.get("calibration") if precision == "fp32" else (obj.get("precisions", {}).get(precision) or {}).get(
+        "calibration")
     if data is None:
         return None
     try:
-        return Calibration.from_dict(data, f"PDD checkpoint {path} calibration")
+        calibration = Calibration.from_dict(data, f"PDD checkpoint {path} calibration ({precision})")
     except CalibrationError as exc:
         raise WeightsError(str(exc)) from exc
+    if calibration.precision != precision:
+        raise WeightsError(f"PDD checkpoint {path}: the {precision} calibration record says it was fitted in "
+                           f"{calibration.precision}; run `pdd calibrate --precision {precision}` again")
+    return calibration
 
 
 def store_calibration(path: str | os.PathLike, calibration: Calibration) -> None:
-    """Write ``calibration`` into the checkpoint at ``path`` (atomically; weights and training state kept)."""
+    """Write ``calibration`` into the checkpoint at ``path`` as its precision's (atomically; weights, training
+    state and the other precisions' records kept)."""
     obj = read_checkpoint(path)
-    obj["calibration"] = calibration.to_dict()
+    if calibration.precision == "fp32":
+        obj["calibration"] = calibration.to_dict()
+    else:
+        _precision_record(obj, calibration.precision)["calibration"] = calibration.to_dict()
     atomic_torch_save(obj, path)
+
+
+def store_gate(path: str | os.PathLike, gate: dict[str, Any], instruction_set: str,
+               seconds_per_image: dict[str, float]) -> None:
+    """Record a fidelity gate (:meth:`pdd.fidelity.GateResult.to_dict`) of the checkpoint at ``path``, measured on
+    a CPU of ``instruction_set`` (:func:`pdd.precision.instruction_set`), with the seconds per image each
+    precision took there; it replaces the previous gate of that precision on that level."""
+    obj = read_checkpoint(path)
+    _precision_record(obj, gate["precision"])["gates"][instruction_set] = {**gate,
+                                                                           "seconds_per_image": seconds_per_image}
+    atomic_torch_save(obj, path)
+
+
+def read_gates(obj: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{precision: {instruction_set: gate record}}`` of a checkpoint read by :func:`read_checkpoint`."""
+    return {p: dict(rec.get("gates") or {}) for p, rec in (obj.get("precisions") or {}).items()}
+
+
+def choose_precision(obj: dict[str, Any], instruction_set: str, runnable: Sequence[str]) -> tuple[str, str]:
+    """``--precision auto``: the fastest precision among ``runnable`` whose gate passed for this checkpoint on
+    ``instruction_set`` (by the seconds per image its gate measured against fp32's), else fp32; with the reason."""
+    passed = []
+    for precision, gates in read_gates(obj).items():
+        gate = gates.get(instruction_set)
+        # A gate computed by emulation proves the numbers, not the speed: auto needs one measured natively.
+        if precision in runnable and gate and gate.get("passed") and not gate.get("emulated"):
+            seconds = gate["seconds_per_image"]
+            passed.append((seconds[precision] / seconds["fp32"], precision))
+    if not passed:
+        return "fp32", f"no reduced precision passed its fidelity gate for this checkpoint on {instruction_set}"
+    ratio, best = min(passed)
+    if ratio >= 1.0:
+        return "fp32", (f"{best} passed its gate on {instruction_set} but was not faster than fp32 ({ratio:.2f}x "
+                        f"the time)")
+    return best, f"{best} passed its fidelity gate on {instruction_set} and took {ratio:.2f}x fp32's time per image"
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -75,13 +130,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
-def load_pdd(path: str | os.PathLike, device: torch.device | str = "cpu", **overrides: Any) -> torch.nn.Module:
+def load_pdd(path: str | os.PathLike, device: torch.device | str = "cpu", precision: ModelPrecision | str = FP32,
+             **overrides: Any) -> torch.nn.Module:
     """Rebuild the model of a checkpoint and load every weight strictly.
 
     ``overrides`` change settings that do not touch weights (``scan_impl``, ``head_impl``, ``image_size``:
-    the model is fully convolutional, so the input size sets shapes, not weights).
+    the model is fully convolutional, so the input size sets shapes, not weights). ``precision``: the model is
+    cast to it (:meth:`pdd.model.PDDModel.to_precision`) and takes that precision's calibration (fp32's, with
+    a warning, when the precision was never calibrated); ``"auto"``: :func:`choose_precision` for this CPU.
     """
     obj = read_checkpoint(path)
+    if precision == "auto":
+        level = instruction_set()
+        runnable = [p for p in MODEL_PRECISIONS if not missing_features(p)]
+        name, why = choose_precision(obj, level, runnable)
+        log.info("--precision auto: %s (%s)", name, why)
+        precision = ModelPrecision(name)
+    if not isinstance(precision, ModelPrecision):
+        raise ValueError(f"precision must be a pdd.precision.ModelPrecision or 'auto', got {precision!r}")
     try:
         cfg = PDDConfig.from_dict(obj["config"], source=f"{path} config")
     except ConfigError as exc:
@@ -96,7 +162,16 @@ def load_pdd(path: str | os.PathLike, device: torch.device | str = "cpu", **over
     check_and_load(model, obj["state_dict"], f"PDD checkpoint {path}")
     model.cfg = dataclasses.replace(cfg, vmamba_weights=obj["config"].get("vmamba_weights"),
                                     wrn_weights=obj["config"].get("wrn_weights"))
-    model.calibration = read_calibration(obj, path)
+    model.calibration = read_calibration(obj, path, precision.name)
+    if precision != FP32:
+        if model.cfg.model != "pdd":
+            raise ValueError(f"{path}: reduced precision is defined for PDD, not {model.cfg.model!r}")
+        if model.calibration is None and read_calibration(obj, path) is not None:
+            model.calibration = read_calibration(obj, path)
+            log.warning("%s has no %s calibration: using fp32's thresholds (run `pdd calibrate --precision %s`)",
+                        path, precision.name, precision.name)
+        del obj
+        model.to_precision(precision)
     random = model.cfg.teachers_without_weights()
     if random:
         log.warning("%s was trained with randomly initialised %s teacher(s): its scores only show that the "
@@ -107,13 +182,14 @@ def load_pdd(path: str | os.PathLike, device: torch.device | str = "cpu", **over
 
 def load_model(checkpoint: str | os.PathLike | None = None, config: str | os.PathLike | PDDConfig | None = None, *,
                overrides: Sequence[str] = (), device: torch.device | str = "cpu", scan_impl: str | None = None,
-               image_size: int | None = None) -> torch.nn.Module:
+               image_size: int | None = None, precision: ModelPrecision | str = FP32) -> torch.nn.Module:
     """The model every command, exporter and benchmark uses: a checkpoint's, or a fresh one from a config.
 
     checkpoint: a PDD (or RD4AD) checkpoint, every weight loaded strictly. config: instead of a checkpoint, a
     config name, YAML file or :class:`PDDConfig` for a freshly initialised model (random teachers unless the
     config names weight files), with ``overrides`` (``key=value`` strings). ``scan_impl`` and ``image_size``
-    change the config before the model is built, for either source. Returns the model in eval mode.
+    change the config before the model is built, for either source. ``precision``: what the model computes in
+    (see :func:`load_pdd`; ``"auto"`` needs a checkpoint's gates). Returns the model in eval mode.
 
     >>> model = load_model(config="brain-synth", image_size=64, scan_impl="reference")  # doctest: +SKIP
     """
@@ -121,7 +197,7 @@ def load_model(checkpoint: str | os.PathLike | None = None, config: str | os.Pat
     if checkpoint is not None:
         if config is not None or overrides:
             raise ValueError(f"give a checkpoint ({checkpoint}) or a config with overrides, not both")
-        return load_pdd(checkpoint, device=device, **run_time).eval()
+        return load_pdd(checkpoint, device=device, precision=precision, **run_time).eval()
     if config is None:
         raise ValueError("load_model needs a checkpoint, or a config for a freshly initialised model")
     cfg = config if isinstance(config, PDDConfig) else resolve_config(config)
@@ -130,4 +206,11 @@ def load_model(checkpoint: str | os.PathLike | None = None, config: str | os.Pat
         cfg = cfg.replace(image_size=image_size)
     log.info("freshly initialised %s model from config %s (no checkpoint)", cfg.model,
              "object" if isinstance(config, PDDConfig) else config)
-    return build_model(cfg, device).eval()
+    model = build_model(cfg, device).eval()
+    if precision == "auto":
+        raise ValueError("--precision auto chooses by a checkpoint's fidelity gates: give --checkpoint")
+    if precision != FP32:
+        if cfg.model != "pdd":
+            raise ValueError(f"reduced precision is defined for PDD, not {cfg.model!r}")
+        model.to_precision(precision)
+    return model

@@ -42,15 +42,41 @@ def _device(name: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _model(args: argparse.Namespace, device: str):
-    """The model named by --checkpoint, or a fresh one from --config (--set, --scan-impl, --image-size)."""
+def _precision(args: argparse.Namespace, device: str, name: str | None = None) -> Any:
+    """--precision (and --emulate) as a :class:`pdd.precision.ModelPrecision`, or "auto" (the checkpoint chooses).
+
+    A native reduced precision this CPU lacks is refused (PrecisionUnavailable names the missing feature);
+    emulation is never chosen silently: it is asked for with --emulate, and says so."""
+    from pdd.precision import FP32, ModelPrecision
+
+    name = name or getattr(args, "precision", None) or "fp32"
+    emulate = getattr(args, "emulate", False)
+    if emulate and name in ("fp32", "auto"):
+        raise SystemExit(f"--emulate emulates a reduced precision: give --precision bf16, not {name}")
+    if name == "auto":
+        return name
+    if name == "fp32":
+        return FP32
+    if emulate:
+        log.warning("emulating %s in fp32 (--emulate): its numbers up to summation order, several times slower "
+                    "than fp32; for measuring them, not for speed", name)
+        return ModelPrecision(name, emulate=True)
+    if str(device).startswith("cuda"):
+        return ModelPrecision(name)
+    return ModelPrecision.native(name, where=f"pdd {args.command} --precision {name}")
+
+
+def _model(args: argparse.Namespace, device: str, precision: str | None = None):
+    """The model named by --checkpoint, or a fresh one from --config (--set, --scan-impl, --image-size), in
+    --precision (or ``precision``)."""
     from pdd.checkpoint import load_model
 
     if not (getattr(args, "checkpoint", None) or getattr(args, "config", None)):
         raise SystemExit("give --checkpoint CKPT, or --config NAME for a freshly initialised model")
     return load_model(getattr(args, "checkpoint", None), getattr(args, "config", None),
                       overrides=getattr(args, "set", None) or (), device=device,
-                      scan_impl=getattr(args, "scan_impl", None), image_size=getattr(args, "image_size", None))
+                      scan_impl=getattr(args, "scan_impl", None), image_size=getattr(args, "image_size", None),
+                      precision=_precision(args, device, precision))
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -100,14 +126,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from pdd.train import open_dataset
 
     device = _device(args.device)
-    model = load_model(args.checkpoint, device=device)
+    model = load_model(args.checkpoint, device=device, precision=_precision(args, device))
     data = model.cfg.data
     data = DataConfig(root=str(args.data), layout=args.layout or data.layout, class_names=data.class_names,
                       skip_bad=args.skip_bad or data.skip_bad)
     dataset = open_dataset(data, args.split, model.cfg.image_size)
     method, target = _calibration_choice(args)
     calibration = calibrate(model, dataset, method, target, source=f"{args.data} ({args.split} split)",
-                            batch_size=args.batch_size, device=device)
+                            batch_size=args.batch_size, device=device, precision=model.precision.name)
     store_calibration(args.checkpoint, calibration)
     text = json.dumps(calibration.to_dict(), indent=2) + "\n"
     if args.out:
@@ -118,7 +144,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"calibration written to {store_calibration(target_path, calibration)}")
     print(f"image: {calibration.image.describe()}")
     print(f"pixel: {calibration.pixel_point.describe()}")
-    print(f"stored in {args.checkpoint}" + (f" and {args.out}" if args.out else ""))
+    print(f"stored in {args.checkpoint} as its {calibration.precision} calibration"
+          + (f" and {args.out}" if args.out else ""))
     return 0
 
 
@@ -139,10 +166,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = _test_set(args, model)
     source = args.checkpoint or f"config {args.config} (fresh)"
     result = evaluate(model, dataset, args.out, batch_size=args.batch_size, device=device,
-                      title=f"{model.cfg.model.upper()} evaluation", extra={"model": source, "data": str(args.data)})
+                      title=f"{model.cfg.model.upper()} evaluation ({model.precision.describe()})",
+                      extra={"model": source, "data": str(args.data), "precision": model.precision.describe()})
     print(metrics_table(result.metrics))
     print(f"report: {Path(args.out) / 'report.html'}")
+    if args.against:
+        return _gate(args, model, result, dataset, device)
     return 0
+
+
+def _gate(args: argparse.Namespace, model: Any, result: Any, dataset: Any, device: str) -> int:
+    """``pdd eval --precision P --against fp32``: score the same images in fp32, print the fidelity gate, write
+    it to OUT/gate.json and record it in the checkpoint; non-zero exit status when it fails."""
+    from pdd.checkpoint import store_gate
+    from pdd.evaluate import predict_dataset
+    from pdd.fidelity import fidelity_gate
+    from pdd.precision import cpu_model, instruction_set
+
+    precision = model.precision
+    if precision.name == args.against:
+        raise SystemExit(f"--against {args.against}: the model already runs in {args.against}; give --precision")
+    reference_model = _model(args, device, precision=args.against)
+    reference = predict_dataset(reference_model, dataset, args.batch_size, device)
+    gate = fidelity_gate(precision.name, reference, result.predictions, reference_model.calibration,
+                         model.calibration, reference_name=args.against)
+    print(gate.table())
+    n = len(reference.scores)
+    seconds = {args.against: reference.seconds / n, precision.name: result.predictions.seconds / n}
+    record = {**gate.to_dict(), "emulated": precision.emulate, "cpu": cpu_model(), "instruction_set": instruction_set()}
+    atomic_write_text(Path(args.out) / "gate.json", json.dumps({**record, "seconds_per_image": seconds}, indent=2))
+    if args.checkpoint:
+        store_gate(args.checkpoint, record, instruction_set(), seconds)
+        print(f"gate recorded in {args.checkpoint} for {instruction_set()} CPUs"
+              + (" (emulated: --precision auto will not choose by it)" if precision.emulate else ""))
+    return 0 if gate.passed else 1
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -255,10 +312,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------------
 
 
+def _precision_args(p: argparse.ArgumentParser, auto: bool = True) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16", *(["auto"] if auto else [])], default="fp32",
+                   help="what the model computes in (pdd/precision.py): bf16 needs a CPU with AMX or AVX512-BF16"
+                        + ("; auto: the fastest precision whose fidelity gate passed for the checkpoint on this CPU"
+                           if auto else ""))
+    p.add_argument("--emulate", action="store_true",
+                   help="emulate --precision in fp32 on any CPU (its numbers, slowly; for the fidelity gate)")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="a PDD checkpoint (best.pt / last.pt)")
     g.add_argument("--config", help="config name or YAML file: a freshly initialised model")
+    _precision_args(p)
     p.add_argument("--scan-impl", choices=SCAN_CHOICES, help="scan implementation (default: the config's); for "
                    "`export onnx` graph-sequential or graph-parallel also choose the portable form's scan")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (with --config)")
@@ -297,6 +364,10 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--against", choices=["fp32"],
+                   help="also score the images in this precision and print the fidelity gate (pdd/fidelity.py) of "
+                        "--precision against it; written to OUT/gate.json and recorded in the checkpoint; exit "
+                        "status 1 when a figure fails")
     p.set_defaults(fn=cmd_eval, image_size=None)
 
 
@@ -320,6 +391,7 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--device")
+    _precision_args(p, auto=False)
     p.set_defaults(fn=cmd_calibrate)
 
 
@@ -421,10 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from pdd.backbones.weights import WeightsError  # lazily: it imports torch
+    from pdd.precision import PrecisionUnavailable
 
     try:
         return args.fn(args)
-    except (ConfigError, WeightsError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, WeightsError, PrecisionUnavailable, FileNotFoundError, ValueError) as exc:
         print(f"pdd {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -26,8 +26,8 @@ from pdd.config import atomic_write_text
 from pdd.metrics import METRIC_NAMES, compute_metrics, pixel_metrics
 from pdd.report import metrics_table, write_report
 
-__all__ = ["EvalResult", "calibrate", "calibrate_predictions", "evaluate", "metrics_table", "operating_point_metrics",
-           "predict_dataset"]
+__all__ = ["EvalResult", "Predictions", "calibrate", "calibrate_predictions", "evaluate", "metrics_table",
+           "operating_point_metrics", "predict_dataset", "prediction_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def predict_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 8,
                        np.concatenate(masks), np.concatenate(has_mask), paths, names, time.perf_counter() - t0)
 
 
-def _metrics(p: Predictions) -> dict[str, Any]:
+def prediction_metrics(p: Predictions) -> dict[str, Any]:
     """Image metrics on every image; pixel metrics on the normal images and the anomalous ones with masks."""
     anomalous = p.labels == 1
     if not (anomalous & p.has_mask).any():
@@ -131,10 +131,12 @@ def calibrate_predictions(p: Predictions, method: str | None = None, target: flo
 
 
 def calibrate(model: nn.Module, dataset: Dataset, method: str | None = None, target: float | None = None,
-              source: str = "calibration set", batch_size: int = 8, device: torch.device | str = "cpu"
-              ) -> Calibration:
-    """Score ``dataset`` and return its calibration (:func:`calibrate_predictions`); the model is unchanged."""
-    return calibrate_predictions(predict_dataset(model, dataset, batch_size, device), method, target, source)
+              source: str = "calibration set", batch_size: int = 8, device: torch.device | str = "cpu",
+              precision: str = "fp32") -> Calibration:
+    """Score ``dataset`` and return its calibration (:func:`calibrate_predictions`), recorded as fitted on
+    ``precision``'s scores (the model's); the model is unchanged."""
+    calibration = calibrate_predictions(predict_dataset(model, dataset, batch_size, device), method, target, source)
+    return dataclasses.replace(calibration, precision=precision)
 
 
 def operating_point_metrics(calibration: Calibration, p: Predictions, source: str) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def evaluate(model: nn.Module, dataset: Dataset, out_dir: str | os.PathLike | No
     if len(set(preds.labels.tolist())) < 2:
         raise ValueError(f"the test set has only {'normal' if preds.labels.max() == 0 else 'anomalous'} images; "
                          f"image metrics need both")
-    metrics = _metrics(preds)
+    metrics = prediction_metrics(preds)
     metrics["images"] = {"total": len(preds.scores), "anomalous": int(preds.labels.sum()),
                          "with_mask": int(preds.has_mask.sum()), "seconds": preds.seconds}
     skipped = getattr(dataset, "skipped", [])

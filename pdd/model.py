@@ -267,11 +267,12 @@ class PDDModel(nn.Module):
         if self.precision != FP32:
             raise ValueError(f"the model already computes in {self.precision.describe()}: load it again in fp32 "
                              f"to cast it to {precision.describe()}")
-        vmamba = {precision.dtype(s) for s in STAGES if s.startswith("vmamba.")}
-        if len(vmamba) != 1 or precision.dtype("wrn") not in vmamba:
-            raise ValueError(f"{precision.name}: the model casts its input once for both teachers and VMamba as "
-                             f"one module; the policy gives them {sorted(map(str, vmamba))} and "
-                             f"{precision.dtype('wrn')}")
+        for group in ("vmamba.", "head."):  # cast as one module / computed by one function
+            dtypes = {precision.dtype(s) for s in STAGES if s.startswith(group)}
+            if len(dtypes) != 1 or (group == "vmamba." and precision.dtype("wrn") not in dtypes):
+                raise ValueError(f"{precision.name}: the model casts its input once for both teachers, VMamba as "
+                                 f"one module and the head as one function; the policy gives {group}* "
+                                 f"{sorted(map(str, dtypes))} and WRN {precision.dtype('wrn')}")
         self.eval().requires_grad_(False)
         precision.cast_module(self.teachers.wrn, "wrn")
         precision.cast_module(self.teachers.vmamba, "vmamba.proj", keep_fp32=SCAN_FP32_PARAMETERS)
@@ -309,10 +310,11 @@ class PDDModel(nn.Module):
         return self.students(*self.teachers(self.precision.cast(images, "wrn")))
 
     def head(self, feats: PDDFeatures, image_size: tuple[int, int]) -> PDDOutput:
-        pairs = [(self.precision.cast(t, "head.cosine"), self.precision.cast(s, "head.cosine"))
-                 for t, s in head_pairs(feats)]
-        amap, score = anomaly_head(pairs, image_size, sigma=self.cfg.sigma, impl=self.cfg.head_impl)
-        return PDDOutput(score, amap)
+        p = self.precision
+        pairs = [(p.cast(t, "head.cosine"), p.cast(s, "head.cosine")) for t, s in head_pairs(feats)]
+        amap, score = anomaly_head(pairs, image_size, sigma=self.cfg.sigma, impl=self.cfg.head_impl,
+                                   dtype=p.dtype("head.cosine"))
+        return PDDOutput(p.cast(score, "head.max").float(), p.cast(amap, "head.blur").float())
 
     def forward(self, images: Tensor) -> PDDFeatures | PDDOutput:
         feats = self.features(images)
