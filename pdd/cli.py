@@ -49,8 +49,8 @@ def _precision(args: argparse.Namespace, device: str, name: str | None = None) -
     emulation is never chosen silently: it is asked for with --emulate, and says so."""
     from pdd.precision import FP32, ModelPrecision
 
+    emulate = name is None and getattr(args, "emulate", False)  # a named precision (the gate's reference) is native
     name = name or getattr(args, "precision", None) or "fp32"
-    emulate = getattr(args, "emulate", False)
     if emulate and name in ("fp32", "auto"):
         raise SystemExit(f"--emulate emulates a reduced precision: give --precision bf16, not {name}")
     if name == "auto":

@@ -323,7 +323,10 @@ def _meta(a: Any) -> Any:
 
 
 def _real(a: Any) -> Any:
-    """The op's argument for the fp32 computation: an emulated tensor's values, reduced dtypes as fp32."""
+    """The op's argument for the fp32 computation: an emulated tensor's values, a plain reduced-precision tensor
+    (made by a factory with the dtype an emulated tensor reports) widened, reduced dtypes as fp32."""
     if isinstance(a, EmulatedTensor):
         return a.inner
+    if isinstance(a, Tensor) and a.dtype in _REDUCED:
+        return a.float()
     return torch.float32 if isinstance(a, torch.dtype) and a in _REDUCED else a

@@ -1,0 +1,141 @@
+"""The fidelity gate of a reduced precision (pdd/fidelity.py) and the commands around it, on a tiny trained
+brain-synth model (64², random teachers): per-precision calibration, `pdd eval --precision P --against fp32`
+(a pass, and a deliberately broken precision that fails), the gate recorded for `--precision auto`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from pdd.calibration import Calibration, fit_operating_point
+from pdd.checkpoint import choose_precision, load_model, read_checkpoint, read_gates, store_gate
+from pdd.cli import main as pdd_main
+from pdd.config import apply_overrides, resolve_config
+from pdd.evaluate import Predictions
+from pdd.fidelity import LIMITS, fidelity_gate
+from pdd.precision import POLICY, ModelPrecision, Rule, instruction_set, missing_features
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(data root, best.pt) of one epoch on 12 normal images; both precisions calibrated on the same split."""
+    from pdd.data import generate_brain_synth
+    from pdd.train import train
+
+    root = tmp_path_factory.mktemp("fidelity")
+    data = root / "data"
+    generate_brain_synth(data, seed=5, image_size=64, n_train=12, n_test_good=6, n_test_anomalous=6)
+    cfg = apply_overrides(resolve_config("brain-synth"), [
+        "image_size=64", "train.epochs=1", "train.batch_size=4", "train.eval_every=1", "train.amp=false",
+        "train.val_fraction=0.25", f"data.root={data}"])
+    best = train(cfg, root / "run").best_checkpoint
+    for precision in (["--precision", "fp32"], ["--precision", "bf16", "--emulate"]):
+        assert pdd_main(["calibrate", "--checkpoint", str(best), "--data", str(data), "--split", "train",
+                         "--target-fpr", "0.1", *precision]) == 0
+    return data, best
+
+
+def _predictions(scores, maps, labels) -> Predictions:
+    n = len(scores)
+    return Predictions(np.asarray(scores, np.float32), np.asarray(maps, np.float32), np.asarray(labels),
+                       np.zeros(np.shape(maps), bool), np.zeros(n, bool), [f"{i}.png" for i in range(n)],
+                       ["all"] * n, 1.0)
+
+
+def test_the_gate_passes_on_identical_predictions_and_names_what_fails() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 50 + [1] * 50)
+    maps = rng.random((100, 8, 8)) + labels[:, None, None]
+    scores = maps.reshape(100, -1).max(1)
+    ref = _predictions(scores, maps, labels)
+    cal = Calibration(fit_operating_point(scores[labels == 0], target=0.1))
+    same = fidelity_gate("bf16", ref, ref, cal, cal)
+    assert same.passed and {r.name: r.value for r in same.rows}["normalised_map_max_abs"] == 0.0
+    # A candidate whose maps are off by 5 % of the range and whose scores are re-ordered fails those rows.
+    noisy = _predictions(scores[::-1], maps + 0.05 * (maps.max() - maps.min()) * rng.standard_normal(maps.shape),
+                         labels)
+    bad = fidelity_gate("bf16", ref, noisy, cal, cal)
+    assert not bad.passed
+    assert {"spearman_scores", "pearson_maps_min", "normalised_map_max_abs", "image_auroc_pp"} <= set(bad.failed())
+    assert "FAIL" in bad.table() and "bf16: FAILED" in bad.table()
+    assert LIMITS["int8"]["spearman_scores"] == 0.99 and LIMITS["bf16"]["spearman_scores"] == 0.999
+    with pytest.raises(ValueError, match="same images in the same order"):
+        fidelity_gate("bf16", ref, dataclasses.replace(ref, paths=ref.paths[::-1]), cal, cal)
+
+
+def test_each_precision_has_its_own_calibration(trained) -> None:
+    _, best = trained
+    obj = read_checkpoint(best)
+    assert obj["calibration"]["precision"] == "fp32"
+    assert obj["precisions"]["bf16"]["calibration"]["precision"] == "bf16"
+    fp32 = load_model(best)
+    bf16 = load_model(best, precision=ModelPrecision("bf16", emulate=True))
+    assert fp32.calibration.precision == "fp32" and bf16.calibration.precision == "bf16"
+    assert bf16.calibration.image.threshold != fp32.calibration.image.threshold  # fitted on each one's scores
+    assert bf16.calibration.image.source == fp32.calibration.image.source
+
+
+def test_eval_against_fp32_passes_writes_the_gate_and_records_it(trained, tmp_path, capsys) -> None:
+    data, best = trained
+    rc = pdd_main(["eval", "--checkpoint", str(best), "--data", str(data), "--out", str(tmp_path), "--batch-size",
+                   "6", "--precision", "bf16", "--emulate", "--against", "fp32"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "fidelity gate: bf16 against fp32, 12 images" in out and "bf16: PASSED" in out
+    assert (tmp_path / "metrics.json").is_file() and len((tmp_path / "scores.csv").read_text().splitlines()) == 13
+    gate = json.loads((tmp_path / "gate.json").read_text())
+    assert gate["passed"] and gate["emulated"] and gate["instruction_set"] == instruction_set()
+    rows = {r["name"]: r for r in gate["rows"]}
+    assert rows["flipped_fraction"]["value"] == 0.0 and rows["pearson_maps_min"]["value"] > 0.99
+    assert json.loads((tmp_path / "metrics.json").read_text())["run"]["precision"] == "bf16 (emulated in fp32)"
+    recorded = read_gates(read_checkpoint(best))["bf16"][instruction_set()]
+    assert recorded["passed"] and recorded["emulated"] and set(recorded["seconds_per_image"]) == {"fp32", "bf16"}
+    # An emulated gate proves the numbers, not the speed: auto does not choose by it.
+    assert choose_precision(read_checkpoint(best), instruction_set(), ["fp32", "bf16"])[0] == "fp32"
+
+
+def test_a_broken_precision_fails_its_gate(trained, tmp_path, capsys, monkeypatch) -> None:
+    """bf16 with the anomaly head computed in bf16 too (against the policy): 1 − cos of nearly equal features
+    cancels in bf16, which scrambles the scores' order, and the gate says so with a non-zero exit status."""
+    data, best = trained
+    for stage in ("head.cosine", "head.upsample", "head.blur", "head.max"):
+        monkeypatch.setitem(POLICY["bf16"], stage, Rule("bf16", "bf16", "deliberately broken"))
+    rc = pdd_main(["eval", "--checkpoint", str(best), "--data", str(data), "--out", str(tmp_path), "--batch-size",
+                   "6", "--precision", "bf16", "--emulate", "--against", "fp32"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "bf16: FAILED" in out
+    failed = {r["name"] for r in json.loads((tmp_path / "gate.json").read_text())["rows"] if not r["passed"]}
+    assert failed & {"spearman_scores", "image_auroc_pp", "pearson_maps_min", "normalised_map_max_abs"}, failed
+
+
+def test_auto_chooses_the_fastest_precision_that_passed_here(trained) -> None:
+    _, best = trained
+    level = instruction_set()
+    passed = {"precision": "bf16", "passed": True, "emulated": False}
+    store_gate(best, passed, level, {"fp32": 0.30, "bf16": 0.10})
+    obj = read_checkpoint(best)
+    assert choose_precision(obj, level, ["fp32", "bf16"]) == (
+        "bf16", f"bf16 passed its fidelity gate on {level} and took 0.33x fp32's time per image")
+    assert choose_precision(obj, "some-other-level", ["fp32", "bf16"])[0] == "fp32"
+    assert choose_precision(obj, level, ["fp32"])[0] == "fp32"  # bf16 cannot run natively on this CPU
+    store_gate(best, {**passed, "passed": False}, level, {"fp32": 0.30, "bf16": 0.10})
+    assert choose_precision(read_checkpoint(best), level, ["fp32", "bf16"])[0] == "fp32"
+    store_gate(best, passed, level, {"fp32": 0.30, "bf16": 0.10})
+    model = load_model(best, precision="auto")
+    assert model.precision.name == ("fp32" if missing_features("bf16") else "bf16")
+    assert model.calibration.precision == model.precision.name
+
+
+def test_precision_refusals_on_the_command_line(trained, capsys, monkeypatch) -> None:
+    data, best = trained
+    monkeypatch.setattr("pdd.precision.cpu_features", lambda: frozenset({"avx2"}))
+    assert pdd_main(["eval", "--checkpoint", str(best), "--data", str(data), "--out", "unused",
+                     "--precision", "bf16"]) == 2
+    assert "bf16 needs a CPU with AMX_BF16 or AVX512_BF16" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--emulate emulates a reduced precision"):
+        pdd_main(["predict", "--checkpoint", str(best), str(data), "--emulate"])
