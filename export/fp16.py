@@ -1,7 +1,8 @@
 """fp16 conversion of an exported ONNX graph for strongly typed TensorRT (:func:`to_fp16`).
 
-Activations and weights become fp16 except the nodes a predicate keeps fp32 (by default the anomaly head and
-the portable form's scan arithmetic, tagged by the exporter with :data:`STAGE_KEY`) and inputs whose schema
+Activations and weights become fp16 except the nodes a predicate keeps fp32 (by default those
+:data:`pdd.precision.POLICY` ["fp16"] keeps: the anomaly head and the portable form's scan arithmetic, tagged
+by the exporter with :data:`STAGE_KEY`) and inputs whose schema
 fixes them to fp32 (the scan's A, D, δ bias). Follows each node's ONNX schema: a type variable bound to float
 becomes float16; Cast nodes go where fp16 and fp32 meet.
 """
@@ -16,8 +17,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from export.custom_ops import DOMAIN, SS2D_OP
+from pdd.precision import POLICY, STAGES
 
-__all__ = ["STAGE_KEY", "keep_fp32_for_head_and_scan", "to_fp16"]
+__all__ = ["STAGE_KEY", "keep_fp32_by_policy", "to_fp16"]
 
 # Node metadata key naming the model stage a node computes ("scan", "head"); written by the exporter.
 STAGE_KEY = "pdd.stage"
@@ -26,13 +28,27 @@ _DEFAULT_OPSET = 18
 _F32, _F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
 
-def keep_fp32_for_head_and_scan(node: onnx.NodeProto) -> bool:
-    """Nodes that stay fp32 in an fp16 graph: the anomaly head (cosines over ≤2048 channels overflow
-    fp16) and, in the portable form, SS2D's scan arithmetic (cumulative sums of δ and exp(A·Δ) need fp32's
-    range); the plugin scan reads fp16 and computes in fp32 inside its kernel."""
+def _policy_keeps_fp32(tag: str) -> bool:
+    """Whether pdd.precision's fp16 policy keeps the nodes the exporter tagged ``tag`` in fp32: the head when
+    its dtype is fp32, the portable form's scan arithmetic when the scan accumulates in fp32."""
+    rules = POLICY["fp16"]
+    if tag == "head":
+        return all(rules[s].dtype == "fp32" for s in STAGES if s.startswith("head."))
+    if tag == "scan":
+        return rules["vmamba.scan"].accumulate == "fp32"
+    raise ValueError(f"unknown stage tag {tag!r} on an exported node")
+
+
+def keep_fp32_by_policy(node: onnx.NodeProto) -> bool:
+    """Nodes that stay fp32 in an fp16 graph, as :data:`pdd.precision.POLICY` ["fp16"] says: the anomaly head
+    (its custom nodes in the plugin form, its tagged nodes in the portable form) and the portable form's scan
+    arithmetic (cumulative sums of δ and exp(A·Δ) need fp32's range); the SS2DScan plugin reads the scan's
+    dtype (fp16) and computes in fp32 inside its kernel."""
     if node.domain == DOMAIN:
-        return node.op_type != SS2D_OP  # the SS2D kernels read fp16 and compute in fp32; head ops stay fp32
-    return any(p.key == STAGE_KEY and p.value in ("head", "scan") for p in node.metadata_props)
+        if node.op_type == SS2D_OP:
+            return POLICY["fp16"]["vmamba.scan"].dtype == "fp32"
+        return _policy_keeps_fp32("head")
+    return any(p.key == STAGE_KEY and _policy_keeps_fp32(p.value) for p in node.metadata_props)
 
 
 def _schema(node: onnx.NodeProto, opsets: dict[str, int]) -> onnx.defs.OpSchema:
@@ -166,7 +182,7 @@ def _rewrite(g: onnx.GraphProto, plan: _Plan, new_types: dict[str, int]) -> list
     return infos
 
 
-def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool] = keep_fp32_for_head_and_scan
+def to_fp16(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool] = keep_fp32_by_policy
             ) -> onnx.ModelProto:
     """A typed fp16 copy of ``model`` for strongly typed TensorRT: activations and weights in fp16, except
     the nodes ``keep_fp32`` selects and inputs whose schema fixes them to fp32 (the scan's A, D, δ bias).

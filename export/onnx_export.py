@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 import pdd
 from export.custom_ops import DOMAIN, HEAD_MAP_STRIDE, anomaly_head_op, translation_table
-from export.fp16 import STAGE_KEY, keep_fp32_for_head_and_scan, to_fp16
+from export.fp16 import STAGE_KEY, keep_fp32_by_policy, to_fp16
 from export.metadata import (
     OnnxMetadata,
     TensorSpec,
@@ -77,7 +77,7 @@ __all__ = [
     "ExportReport",
     "ExportablePDD",
     "export_onnx",
-    "keep_fp32_for_head_and_scan",
+    "keep_fp32_by_policy",
     "load_onnx",
     "op_counts",
     "save_onnx",
