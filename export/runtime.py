@@ -52,7 +52,17 @@ from export.metadata import (
     read_onnx_metadata,
     sha256_file,
 )
-from export.onnx_export import FORMS, INPUT_NAME, OUTPUT_NAMES, build_for_export, load_onnx, weight_sharing_copy
+from export.onnx_export import (
+    FORMS,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    build_for_export,
+    export_onnx,
+    load_onnx,
+    save_onnx,
+    to_fp16,
+    weight_sharing_copy,
+)
 from kernels.ort_ops import configure_session
 from kernels.target import driver_ptx_isa
 from pdd.calibration import Calibration, apply_calibration
@@ -66,10 +76,12 @@ __all__ = [
     "RUNTIMES",
     "OnnxRuntime",
     "Runtime",
+    "RuntimeModel",
     "RuntimeUnavailable",
     "TensorRTRuntime",
     "TorchRuntime",
     "make_runtime",
+    "typed_fp16_runtime",
 ]
 
 log = logging.getLogger(__name__)
@@ -346,6 +358,42 @@ class TensorRTRuntime(Runtime):
 
     def close(self) -> None:
         self.context = self.engine = None
+
+
+def typed_fp16_runtime(model: PDDModel, out_dir: str | os.PathLike, batch: int = 8,
+                       threads: int | None = None) -> OnnxRuntime:
+    """The typed fp16 graph TensorRT builds (``export/build_trt.py --onnx-form portable --precision fp16``:
+    the portable form with the graph-parallel scan, :func:`export.fp16.to_fp16` by pdd.precision's policy), run
+    by ONNX Runtime's CPU provider: fp16 TensorRT's numbers measured without a GPU.
+
+    Why it is faithful: the graph is the one TensorRT parses, with its fp16 tensors where TensorRT has them;
+    ONNX Runtime's CPU provider runs the few ops it has fp16 kernels for (LayerNormalization, casts, shape ops)
+    in fp16 and wraps every other fp16 node in casts (its InsertCastTransformer), computing it in fp32 and
+    rounding the result to fp16 — fp32 accumulation and fp16 rounding at each layer's output, as TensorRT's
+    fp16 tactics with fp32 accumulators. What it cannot show: tactics that accumulate in fp16, and TensorRT's
+    layer fusions, which round less often. Writes ``out_dir/onnx/`` (the fp32 export) and ``out_dir/fp16.onnx``.
+    """
+    out = Path(out_dir)
+    report = export_onnx(model, out / "onnx", form="portable", batch=(1, max(batch, 1)), scan_impl="graph-parallel")
+    path = out / "fp16.onnx"
+    save_onnx(to_fp16(load_onnx(report.path)), path)
+    return OnnxRuntime(path, threads=threads, name="onnxruntime:cpu:portable:fp16")
+
+
+class RuntimeModel(torch.nn.Module):
+    """A :class:`Runtime` behind the PyTorch model interface ``pdd.evaluate`` and ``pdd.predict`` use:
+    ``forward(images)`` -> :class:`pdd.model.PDDOutput`; ``cfg`` and ``calibration`` as given."""
+
+    def __init__(self, runtime: Runtime, cfg: Any, calibration: Calibration | None, precision_label: str) -> None:
+        super().__init__()
+        self.runtime, self.cfg, self.calibration = runtime, cfg, calibration
+        self.precision_label = precision_label
+
+    def forward(self, images: torch.Tensor) -> Any:
+        from pdd.model import PDDOutput
+
+        out = self.runtime.predict(images.detach().float().cpu().numpy())
+        return PDDOutput(torch.from_numpy(out["pred_score"]), torch.from_numpy(out["anomaly_map"]))
 
 
 def make_runtime(spec: str, *, model: torch.nn.Module | None = None, onnx_path: str | os.PathLike | None = None,

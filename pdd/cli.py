@@ -66,6 +66,36 @@ def _precision(args: argparse.Namespace, device: str, name: str | None = None) -
     return ModelPrecision.native(name, where=f"pdd {args.command} --precision {name}")
 
 
+def _precision_label(model: Any) -> str:
+    from pdd.precision import FP32
+
+    return getattr(model, "precision_label", None) or getattr(model, "precision", FP32).describe()
+
+
+def _typed_fp16_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """--precision fp16 (eval, calibrate): TensorRT's typed fp16 graph run by ONNX Runtime's CPU provider
+    (:func:`export.runtime.typed_fp16_runtime`), as a model, with the checkpoint's fp16 calibration; and the
+    fp32 model it was exported from."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from export.runtime import RuntimeModel, typed_fp16_runtime
+    from pdd.checkpoint import read_calibration, read_checkpoint
+
+    if getattr(args, "emulate", False):
+        raise SystemExit("--precision fp16 is always TensorRT's typed fp16 graph run by ONNX Runtime (it rounds "
+                         "where the graph does): drop --emulate")
+    base = _model(args, "cpu", precision="fp32")
+    work = Path(tempfile.mkdtemp(prefix="pdd-fp16-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    runtime = typed_fp16_runtime(base, work, batch=getattr(args, "batch_size", 8))
+    calibration = (read_calibration(read_checkpoint(args.checkpoint), args.checkpoint, "fp16")
+                   if getattr(args, "checkpoint", None) else None)
+    label = "fp16 (TensorRT's typed graph on ONNX Runtime's CPU provider)"
+    return RuntimeModel(runtime, base.cfg, calibration, label), base
+
+
 def _model(args: argparse.Namespace, device: str, precision: str | None = None):
     """The model named by --checkpoint, or a fresh one from --config (--set, --scan-impl, --image-size), in
     --precision (or ``precision``)."""
@@ -126,14 +156,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from pdd.train import open_dataset
 
     device = _device(args.device)
-    model = load_model(args.checkpoint, device=device, precision=_precision(args, device))
+    if args.precision == "fp16":
+        model, _ = _typed_fp16_model(args)
+    else:
+        model = load_model(args.checkpoint, device=device, precision=_precision(args, device))
     data = model.cfg.data
     data = DataConfig(root=str(args.data), layout=args.layout or data.layout, class_names=data.class_names,
                       skip_bad=args.skip_bad or data.skip_bad)
     dataset = open_dataset(data, args.split, model.cfg.image_size)
     method, target = _calibration_choice(args)
     calibration = calibrate(model, dataset, method, target, source=f"{args.data} ({args.split} split)",
-                            batch_size=args.batch_size, device=device, precision=model.precision.name)
+                            batch_size=args.batch_size, device=device, precision=args.precision)
     store_calibration(args.checkpoint, calibration)
     text = json.dumps(calibration.to_dict(), indent=2) + "\n"
     if args.out:
@@ -162,20 +195,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pdd.evaluate import evaluate, metrics_table
 
     device = _device(args.device)
-    model = _model(args, device)
+    reference = None
+    if args.precision == "fp16":
+        model, reference = _typed_fp16_model(args)
+    else:
+        model = _model(args, device)
     dataset = _test_set(args, model)
     source = args.checkpoint or f"config {args.config} (fresh)"
+    label = _precision_label(model)
     result = evaluate(model, dataset, args.out, batch_size=args.batch_size, device=device,
-                      title=f"{model.cfg.model.upper()} evaluation ({model.precision.describe()})",
-                      extra={"model": source, "data": str(args.data), "precision": model.precision.describe()})
+                      title=f"{model.cfg.model.upper()} evaluation ({label})",
+                      extra={"model": source, "data": str(args.data), "precision": label})
     print(metrics_table(result.metrics))
     print(f"report: {Path(args.out) / 'report.html'}")
     if args.against:
-        return _gate(args, model, result, dataset, device)
+        return _gate(args, model, result, dataset, device, reference)
     return 0
 
 
-def _gate(args: argparse.Namespace, model: Any, result: Any, dataset: Any, device: str) -> int:
+def _gate(args: argparse.Namespace, model: Any, result: Any, dataset: Any, device: str,
+          reference_model: Any = None) -> int:
     """``pdd eval --precision P --against fp32``: score the same images in fp32, print the fidelity gate, write
     it to OUT/gate.json and record it in the checkpoint; non-zero exit status when it fails."""
     from pdd.checkpoint import store_gate
@@ -183,22 +222,24 @@ def _gate(args: argparse.Namespace, model: Any, result: Any, dataset: Any, devic
     from pdd.fidelity import fidelity_gate
     from pdd.precision import cpu_model, instruction_set
 
-    precision = model.precision
-    if precision.name == args.against:
-        raise SystemExit(f"--against {args.against}: the model already runs in {args.against}; give --precision")
-    reference_model = _model(args, device, precision=args.against)
+    name, emulated = args.precision, bool(getattr(args, "emulate", False))
+    if name in (args.against, "auto"):
+        raise SystemExit(f"--against {args.against}: name the precision to gate with --precision (not {name})")
+    reference_model = reference_model or _model(args, device, precision=args.against)
     reference = predict_dataset(reference_model, dataset, args.batch_size, device)
-    gate = fidelity_gate(precision.name, reference, result.predictions, reference_model.calibration,
+    gate = fidelity_gate(name, reference, result.predictions, reference_model.calibration,
                          model.calibration, reference_name=args.against)
     print(gate.table())
     n = len(reference.scores)
-    seconds = {args.against: reference.seconds / n, precision.name: result.predictions.seconds / n}
-    record = {**gate.to_dict(), "emulated": precision.emulate, "cpu": cpu_model(), "instruction_set": instruction_set()}
+    seconds = {args.against: reference.seconds / n, name: result.predictions.seconds / n}
+    # fp16 is measured through ONNX Runtime's stand-in: its numbers are TensorRT's, its speed is not.
+    record = {**gate.to_dict(), "emulated": emulated or name == "fp16", "cpu": cpu_model(),
+              "instruction_set": instruction_set(), "measured_as": _precision_label(model)}
     atomic_write_text(Path(args.out) / "gate.json", json.dumps({**record, "seconds_per_image": seconds}, indent=2))
     if args.checkpoint:
         store_gate(args.checkpoint, record, instruction_set(), seconds)
         print(f"gate recorded in {args.checkpoint} for {instruction_set()} CPUs"
-              + (" (emulated: --precision auto will not choose by it)" if precision.emulate else ""))
+              + (" (emulated: --precision auto will not choose by it)" if record["emulated"] else ""))
     return 0 if gate.passed else 1
 
 
@@ -312,20 +353,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------------
 
 
-def _precision_args(p: argparse.ArgumentParser, auto: bool = True) -> None:
-    p.add_argument("--precision", choices=["fp32", "bf16", *(["auto"] if auto else [])], default="fp32",
+def _precision_args(p: argparse.ArgumentParser, auto: bool = True, fp16: bool = False) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16", *(["fp16"] if fp16 else []), *(["auto"] if auto else [])],
+                   default="fp32",
                    help="what the model computes in (pdd/precision.py): bf16 needs a CPU with AMX or AVX512-BF16"
+                        + ("; fp16: TensorRT's typed fp16 graph, run by ONNX Runtime's CPU provider" if fp16 else "")
                         + ("; auto: the fastest precision whose fidelity gate passed for the checkpoint on this CPU"
                            if auto else ""))
     p.add_argument("--emulate", action="store_true",
                    help="emulate --precision in fp32 on any CPU (its numbers, slowly; for the fidelity gate)")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, fp16: bool = False) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="a PDD checkpoint (best.pt / last.pt)")
     g.add_argument("--config", help="config name or YAML file: a freshly initialised model")
-    _precision_args(p)
+    _precision_args(p, fp16=fp16)
     p.add_argument("--scan-impl", choices=SCAN_CHOICES, help="scan implementation (default: the config's); for "
                    "`export onnx` graph-sequential or graph-parallel also choose the portable form's scan")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (with --config)")
@@ -358,7 +401,7 @@ def _add_train(sub: Any) -> None:
 
 def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="score a test set, compute metrics, write the report")
-    _model_args(p)
+    _model_args(p, fp16=True)
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--layout", choices=["mvtec", "meta_json"])
     p.add_argument("--out", required=True, type=Path)
@@ -391,7 +434,7 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--device")
-    _precision_args(p, auto=False)
+    _precision_args(p, auto=False, fp16=True)
     p.set_defaults(fn=cmd_calibrate)
 
 

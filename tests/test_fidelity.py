@@ -139,3 +139,18 @@ def test_precision_refusals_on_the_command_line(trained, capsys, monkeypatch) ->
     assert "bf16 needs a CPU with AMX_BF16 or AVX512_BF16" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--emulate emulates a reduced precision"):
         pdd_main(["predict", "--checkpoint", str(best), str(data), "--emulate"])
+
+
+def test_fp16_is_gated_as_tensorrts_typed_graph_on_onnx_runtime(trained, tmp_path, capsys) -> None:
+    """(`pdd calibrate --precision fp16` builds the same model; without its calibration the fp16 decisions are
+    taken at fp32's threshold.)"""
+    data, best = trained
+    rc = pdd_main(["eval", "--checkpoint", str(best), "--data", str(data), "--out", str(tmp_path), "--batch-size",
+                   "6", "--precision", "fp16", "--against", "fp32"])
+    out = capsys.readouterr().out
+    assert "fidelity gate: fp16 against fp32, 12 images" in out
+    gate = json.loads((tmp_path / "gate.json").read_text())
+    assert rc == (0 if gate["passed"] else 1) and gate["emulated"]
+    assert gate["measured_as"] == "fp16 (TensorRT's typed graph on ONNX Runtime's CPU provider)"
+    rows = {r["name"]: r["value"] for r in gate["rows"]}
+    assert 0 < rows["normalised_map_max_abs"] < 2e-2 and rows["pearson_maps_min"] > 0.99
