@@ -25,6 +25,7 @@ import numpy as np
 from pdd.data import generate_brain_synth
 from pdd.data.readers import to_model_input
 from pdd.metrics import auroc
+from pdd.precision import cpu_features, cpu_model, instruction_set
 
 __all__ = [
     "PERCENTILES",
@@ -321,7 +322,10 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        # The CPU model and the flags that decide which precision pays: numbers from different CPUs never mix.
+        "cpu": cpu_model(),
+        "cpu_features": sorted(cpu_features()),
+        "instruction_set": instruction_set(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()),
@@ -361,12 +365,14 @@ def exit_on_termination() -> None:
         signal.signal(signum, _exit)
 
 
-def gemm_rate(size: int = 2048, warmup: int = 2, repeats: int = 7) -> dict[str, float]:
-    """This machine's fp32 matrix-multiply rate with torch's current threads: the yardstick CPU runtimes are
-    compared with. Median GFLOP/s of ``size``² x ``size``² products."""
+def gemm_rate(size: int = 2048, warmup: int = 2, repeats: int = 7, dtype: str = "fp32") -> dict[str, float]:
+    """This machine's matrix-multiply rate in ``dtype`` (fp32 or bf16) with torch's current threads: the
+    yardstick CPU runtimes of that precision are compared with. Median GFLOP/s of ``size``² x ``size``² products."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    from pdd.precision import DTYPES
+
+    a, b = torch.randn(size, size, dtype=DTYPES[dtype]), torch.randn(size, size, dtype=DTYPES[dtype])
     with torch.inference_mode():
         times = time_calls(lambda: torch.mm(a, b), warmup, repeats)
     median = latency_stats(times)["median_ms"] / 1e3
@@ -374,23 +380,23 @@ def gemm_rate(size: int = 2048, warmup: int = 2, repeats: int = 7) -> dict[str, 
             "median_ms": median * 1e3}
 
 
-def alternate_with_gemm(call: Callable[[], Any], rounds: int) -> dict[str, Any]:
-    """Median ms of ``call`` and median GFLOP/s of the GEMM yardstick (:func:`gemm_rate`, 3 products a
-    round) timed in alternation (call, GEMM, GEMM, call, ...), after one warm-up call: the share of the GEMM
-    rate then compares the two under one condition of the machine."""
+def alternate_with_gemm(call: Callable[[], Any], rounds: int, dtype: str = "fp32") -> dict[str, Any]:
+    """Median ms of ``call`` and median GFLOP/s of the GEMM yardstick in ``dtype`` (:func:`gemm_rate`, 3
+    products a round) timed in alternation (call, GEMM, GEMM, call, ...), after one warm-up call: the share of
+    the GEMM rate then compares the two under one condition of the machine."""
     call()
     model_ms, gemm_gflops, size = [], [], 0
     for i in range(rounds):
         for step in (("model", "gemm") if i % 2 == 0 else ("gemm", "model")):
             if step == "gemm":
-                gemm = gemm_rate(warmup=1, repeats=3)
+                gemm = gemm_rate(warmup=1, repeats=3, dtype=dtype)
                 gemm_gflops.append(gemm["gflops"])
                 size = gemm["size"]
             else:
                 start = time.perf_counter()
                 call()
                 model_ms.append((time.perf_counter() - start) * 1e3)
-    return {"order": "alternating, one warm-up call", "model_ms": statistics.median(model_ms),
+    return {"order": "alternating, one warm-up call", "dtype": dtype, "model_ms": statistics.median(model_ms),
             "gemm_gflops": statistics.median(gemm_gflops), "gemm_size": size, "times_ms": model_ms,
             "gemm_gflops_each": gemm_gflops}
 

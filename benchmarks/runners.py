@@ -61,7 +61,9 @@ PRESETS = {
     "gpu": ("torch:reference", "torch:eager", "torch:triton", "torch:graph-parallel:compile", "torch:triton:compile",
             "onnxruntime:cuda:portable", "onnxruntime:tensorrt:portable", *TENSORRT),
 }
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
+# The runtimes that compute in bf16 on the CPU (pdd.precision's policy; their scan reads bf16 itself).
+BF16_CPU = ("torch:cpu_kernel", "torch:cpu_kernel:compile")
 CPU_COMPILED = "torch:cpu_kernel:compile"  # its per-stage times are measured compiled
 REFERENCE = "torch:eager"  # accuracy is measured against this runtime in fp32
 SLOW = "torch:reference"
@@ -125,12 +127,17 @@ class Bench:
                                          "fp16 convolutions, so it is not measured there")
             if device == "cuda" and not torch.cuda.is_available():
                 raise RuntimeUnavailable(f"{name} needs a CUDA device; none is visible here")
+            if precision == "bf16":
+                if name not in BF16_CPU:
+                    raise RuntimeUnavailable(f"bf16 is measured for {', '.join(BF16_CPU)} (the C scan reads bf16)")
+                return make_runtime(f"{name}:bf16", model=self.model_on(device), device=device)
             return make_runtime(name, model=self.model_on(device), device=device)
         if kind == "onnxruntime":
             provider, form = rest
             if precision != "fp32":
-                raise RuntimeUnavailable("ONNX Runtime runs the exported fp32 graph; the typed fp16 graph is built "
-                                         "for TensorRT (export/build_trt.py)")
+                raise RuntimeUnavailable("ONNX Runtime runs the exported fp32 graph here: its CPU provider has no "
+                                         "AMX bf16 path (onnxruntime issue 19937), and the typed fp16 graph is "
+                                         "built for TensorRT (export/build_trt.py)")
             try:
                 import onnxruntime
             except ImportError:
@@ -143,6 +150,8 @@ class Bench:
                 raise RuntimeUnavailable("the plugin form runs its custom ops through onnxruntime-extensions, "
                                          "which is not installed")
             return make_runtime(name, onnx_path=self.artifacts.onnx(form), threads=self.args.threads)
+        if precision == "bf16":
+            raise RuntimeUnavailable("TensorRT engines are built in fp32 or fp16 (export/build_trt.py)")
         try:
             import tensorrt  # noqa: F401
         except ImportError:
@@ -347,6 +356,7 @@ class Bench:
         size = (self.size, self.size)
         freezing = inductor_config.patch(freezing=True) if compiled else contextlib.nullcontext()
         with torch.inference_mode(), self._autocast(name, precision), freezing:
+            x = model.precision.cast(x, "wrn")  # the teachers' input in the model's precision (pdd.precision)
             y, z = tuple(model.teachers.wrn(x)), tuple(model.teachers.vmamba(x))
             feats = model.students(y, z)
             parts = {"wrn_teacher": lambda: model.teachers.wrn(x), "vmamba_teacher": lambda: model.teachers.vmamba(x),
