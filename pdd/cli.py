@@ -321,13 +321,53 @@ def cmd_export_trt(args: argparse.Namespace) -> int:
     return build_trt(args.passthrough, prog="pdd export trt")
 
 
-def cmd_export_triton_repo(args: argparse.Namespace) -> int:
-    from export.triton_repo import build_triton_repo
+def _served_precision(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None, Any]:
+    """The precision a repository serves (a TensorRT engine's own, else --precision), and for a reduced one
+    the checkpoint's passed fidelity gate and that precision's calibration; refused without a passed gate
+    unless --force."""
+    from export.metadata import read_engine_metadata
+    from pdd.checkpoint import read_calibration, read_checkpoint, read_gates
 
-    model = None if args.engine else _model(args, "cpu")
+    engine = read_engine_metadata(args.engine).precision if args.engine and args.flavour == "tensorrt" else None
+    if engine and args.precision not in ("fp32", engine):
+        raise SystemExit(f"--precision {args.precision}: the engine {args.engine} was built in {engine}")
+    served = engine or args.precision
+    if served == "auto" or args.emulate:
+        raise SystemExit("pdd export triton-repo: name the precision served (an emulated or automatic one is not "
+                         "a served precision)")
+    if served == "bf16":
+        raise SystemExit("pdd export triton-repo: no served bf16 flavour: the CPU flavours run ONNX Runtime, whose CPU "
+                         "provider has no bf16 path (onnxruntime issue 19937); serve fp32, or run bf16 in process "
+                         "(pdd predict / eval --precision bf16)")
+    if served == "fp32":
+        return served, None, None
+    if not args.checkpoint:
+        if args.force:
+            return served, None, None
+        raise SystemExit(f"pdd export triton-repo: a {served} engine is served only with its fidelity gate: give the "
+                         f"--checkpoint it was built from (or --force)")
+    obj = read_checkpoint(args.checkpoint)
+    gates = [g for g in read_gates(obj).get(served, {}).values() if g.get("passed")]
+    if not gates and not args.force:
+        raise SystemExit(f"pdd export triton-repo: {served} has no passed fidelity gate for {args.checkpoint}; run "
+                         f"`pdd eval --checkpoint {args.checkpoint} --precision {served} --against fp32` (or --force)")
+    return served, (gates[0] if gates else None), read_calibration(obj, args.checkpoint, served)
+
+
+def cmd_export_triton_repo(args: argparse.Namespace) -> int:
+    from export.triton_repo import build_triton_repo, store_calibration
+
+    served, gate, calibration = _served_precision(args)
+    model = None if args.engine else _model(args, "cpu", precision="fp32")
     path = build_triton_repo(args.out, flavour=args.flavour, model=model, engine_dir=args.engine,
                              max_batch_size=args.max_batch_size, onnx_form=args.onnx_form)
-    print(f"Triton model repository written to {path}")
+    if calibration is not None:
+        store_calibration(path, calibration)
+    record = {"precision": served, "calibration_precision": calibration.precision if calibration else served,
+              "fidelity_gate": gate, "forced": bool(args.force and served != "fp32" and gate is None)}
+    atomic_write_text(Path(path) / "precision.json", json.dumps(record, indent=2) + "\n")
+    print(f"Triton model repository written to {path} ({served}"
+          + (", fidelity gate passed" if gate else ", no fidelity gate (forced)" if record["forced"] else "") + ")")
     return 0
 
 
@@ -498,6 +538,8 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int)
+    p.add_argument("--force", action="store_true", help="serve a reduced precision whose fidelity gate did not "
+                                                        "pass (recorded as forced in OUT/precision.json)")
     p.set_defaults(fn=cmd_export_triton_repo)
 
 

@@ -154,3 +154,36 @@ def test_fp16_is_gated_as_tensorrts_typed_graph_on_onnx_runtime(trained, tmp_pat
     assert gate["measured_as"] == "fp16 (TensorRT's typed graph on ONNX Runtime's CPU provider)"
     rows = {r["name"]: r["value"] for r in gate["rows"]}
     assert 0 < rows["normalised_map_max_abs"] < 2e-2 and rows["pearson_maps_min"] > 0.99
+
+
+def test_a_served_reduced_precision_carries_its_gate_and_calibration(trained, tmp_path, capsys) -> None:
+    """An fp16 TensorRT engine is served only with a passed fp16 gate of its checkpoint (or --force), and the
+    repository gets that precision's thresholds and the gate's figures; bf16 has no served flavour."""
+    from triton_fakes import make_engine_dir
+
+    _, best = trained
+    engine = make_engine_dir(tmp_path / "engine", dtype="float16")
+    common = ["export", "triton-repo", "--engine", str(engine), "--flavour", "tensorrt"]
+    with pytest.raises(SystemExit, match="give the --checkpoint it was built from"):
+        pdd_main([*common, "--out", str(tmp_path / "r0")])
+    fp16 = Calibration(fit_operating_point(np.linspace(1.0, 2.0, 20), target=0.1), precision="fp16")
+    from pdd.checkpoint import store_calibration
+
+    store_calibration(best, fp16)
+    store_gate(best, {"precision": "fp16", "passed": False, "emulated": True}, "amx", {"fp32": 1.0, "fp16": 1.0})
+    with pytest.raises(SystemExit, match="fp16 has no passed fidelity gate"):
+        pdd_main([*common, "--checkpoint", str(best), "--out", str(tmp_path / "r1")])
+    assert pdd_main([*common, "--checkpoint", str(best), "--force", "--out", str(tmp_path / "r1")]) == 0
+    assert json.loads((tmp_path / "r1" / "precision.json").read_text())["forced"] is True
+    gate = {"precision": "fp16", "passed": True, "emulated": True, "rows": []}
+    store_gate(best, gate, "amx", {"fp32": 1.0, "fp16": 1.0})
+    assert pdd_main([*common, "--checkpoint", str(best), "--out", str(tmp_path / "r2")]) == 0
+    record = json.loads((tmp_path / "r2" / "precision.json").read_text())
+    assert record["precision"] == "fp16" and record["fidelity_gate"]["passed"] and not record["forced"]
+    assert record["calibration_precision"] == "fp16"
+    served = json.loads((tmp_path / "r2" / "pdd_engine" / "1" / "engine.json").read_text())["calibration"]
+    assert Calibration.from_dict(served) == fp16
+    with pytest.raises(SystemExit, match="no served bf16 flavour"):
+        pdd_main(["export", "triton-repo", "--checkpoint", str(best), "--precision", "bf16", "--out",
+                  str(tmp_path / "r3")])
+    capsys.readouterr()
