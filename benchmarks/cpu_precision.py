@@ -12,7 +12,10 @@ process that loads the model in that precision, compiles and runs it (``resource
 fp32 on labelled brain-synth images (map error over the fp32 maps' range, per-image Pearson, ΔAUROC). The
 fidelity gate proper (on a test set, per-precision thresholds) is ``pdd eval --precision P --against fp32``.
 
-int8 is not offered: see the notes this writes (measured on this project's machines, pdd/precision.py).
+int8 is probed, not offered: the WRN teacher (most of the FLOPs) statically quantized by torchao's PT2E flow
+(X86InductorQuantizer: per-channel s8 weights, u8 activations, calibrated on the normal images) and compiled, timed
+in alternation with the same teacher compiled in fp32 and bf16, with its features' error; the numbers say why
+int8 stays refused (``--no-int8`` skips it).
 
 Writes ``results.json`` and ``results.md`` (with the command, the CPU model and its flags) to ``--out``.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import resource
@@ -48,15 +52,22 @@ from benchmarks.common import (
 from export.runtime import RuntimeUnavailable, TorchRuntime
 from pdd.checkpoint import load_model
 from pdd.config import PDDConfig, atomic_write_text
-from pdd.precision import FP32, MODEL_PRECISIONS, ModelPrecision, PrecisionUnavailable, cpu_model, instruction_set
+from pdd.precision import (
+    FP32,
+    MODEL_PRECISIONS,
+    ModelPrecision,
+    PrecisionUnavailable,
+    cpu_model,
+    instruction_set,
+    missing_features,
+)
 
 __all__ = ["main"]
 
 RUNTIME = "cpu_kernel"  # the scan of every measured runtime: the C kernel, which reads bf16 itself
-INT8_NOTE = ("int8 is not offered: static int8 of the teachers (torchao PT2E, X86InductorQuantizer, compiled) "
-             "ran the WRN teacher no faster than fp32 here and moved its features by 10-18% of their magnitude "
-             "with 3 calibration images; ONNX Runtime's QDQ int8 of the portable graph ran 0.84x fp32 on an AVX2 "
-             "CPU with 9.6% map error (pdd/precision.py's int8 row is the policy it would follow)")
+INT8_NOTE = ("int8 is not offered: see the int8 probe below (the WRN teacher statically quantized, against fp32 and "
+             "bf16 in the same run); ONNX Runtime's QDQ int8 of the portable graph ran 0.84x fp32 on an AVX2 CPU "
+             "with 9.6% map error (pdd/precision.py's int8 row is the policy it would follow)")
 
 
 def _model(args: argparse.Namespace, precision: ModelPrecision) -> torch.nn.Module:
@@ -115,6 +126,45 @@ def _stages(rt: TorchRuntime, x: np.ndarray, repeats: int) -> dict[str, float]:
             compiled()
             ms[stage] = statistics.median(_timed(compiled) for _ in range(repeats))
     return ms
+
+
+def _int8_probe(model: torch.nn.Module, images: np.ndarray, rounds: int) -> dict[str, Any]:
+    """The WRN teacher in int8 (torchao PT2E static quantization, compiled) against fp32 and bf16 compiled:
+    median ms at batch 1 in alternation, and the int8 features' largest error over their magnitude."""
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as exc:
+        return {"status": "skipped", "reason": f"torchao is not installed ({exc})"}
+    from export.onnx_export import build_for_export
+
+    wrn = build_for_export(model, RUNTIME).teachers.wrn.eval()
+    x = torch.from_numpy(images[:1])
+    with torch.inference_mode():
+        exported = torch.export.export(wrn, (x,)).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.inference_mode():
+        for i in range(0, len(images), 2):  # the normal images (even indices) calibrate the activations
+            prepared(torch.from_numpy(images[i:i + 1]))
+    quantized = convert_pt2e(prepared)
+    cases = {"fp32": (wrn, x)}
+    if not missing_features("bf16"):
+        cases["bf16"] = (copy.deepcopy(wrn).to(torch.bfloat16), x.bfloat16())
+    cases["int8"] = (quantized, x)
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    with torch.inference_mode(), inductor_config.patch(freezing=True):
+        compiled = {k: torch.compile(m) for k, (m, _) in cases.items()}
+        outs = {k: compiled[k](a) for k, (_, a) in cases.items()}
+        for i in range(rounds):
+            for k in list(cases)[i % len(cases):] + list(cases)[:i % len(cases)]:
+                times[k].append(_timed(lambda k=k: compiled[k](cases[k][1])))
+    err = [float((a - b.float()).abs().max() / a.abs().max()) for a, b in zip(outs["fp32"], outs["int8"])]
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    return {"status": "ok", "median_ms": ms, "int8_vs_fp32": ms["fp32"] / ms["int8"],
+            "feature_max_err_over_max": err, "calibration_images": (len(images) + 1) // 2,
+            "method": "torch.export + torchao prepare_pt2e/convert_pt2e (X86InductorQuantizer default config), "
+                      "torch.compile with frozen weights; rounds alternate"}
 
 
 def _child_rss(args: argparse.Namespace) -> None:
@@ -200,6 +250,17 @@ def _markdown(res: dict[str, Any]) -> str:
     for t in res["targets"]:
         value = "–" if t["value"] is None else f"{t['value']:.2f}"
         lines.append(f"| {t['target']} | {t['goal']} | {value} | {t['met']} | {t['detail']} |")
+    probe = res.get("int8_probe") or {}
+    if probe.get("status") == "ok":
+        ms = probe["median_ms"]
+        lines += ["", f"int8 probe (WRN teacher alone, batch 1, {probe['method']}; activations calibrated on "
+                      f"{probe['calibration_images']} normal images): " + ", ".join(f"{k} {v:.1f} ms" for k, v in
+                                                                                  ms.items())
+                  + f"; int8 {probe['int8_vs_fp32']:.2f}x fp32's speed; int8 features' largest error "
+                    f"{', '.join(f'{e:.1%}' for e in probe['feature_max_err_over_max'])} of their magnitude "
+                    "(levels 1-4)."]
+    elif probe:
+        lines += ["", f"int8 probe: {probe['status']}: {probe['reason']}"]
     lines += ["", "Not run here:", ""] + [f"- {k}: {v}" for k, v in res["refused"].items()]
     return "\n".join(lines) + "\n"
 
@@ -214,6 +275,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=8, help="labelled brain-synth images for the agreement columns")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage table")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 probe")
     ap.add_argument("--out", type=Path, default=Path("bench-precision"))
     ap.add_argument("--child-rss", choices=MODEL_PRECISIONS, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -268,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{name}: stages {res['stages'][name]}", flush=True)
     for rt in runtimes.values():
         rt.close()
+    if not args.no_int8:
+        res["int8_probe"] = _int8_probe(base, images.normalised, args.rounds)
+        print(f"int8 probe: {res['int8_probe']}", flush=True)
     if not args.no_rss:
         res["peak_rss_mib"] = {name: _peak_rss(args, name) for name in runtimes}
         print(f"peak RSS: {res['peak_rss_mib']}", flush=True)
