@@ -214,10 +214,11 @@ class TorchRuntime(Runtime):
         self.model = (weight_sharing_copy(model) if current == dev else copy.deepcopy(model).to(dev)).eval()
         if hasattr(self.model, "set_scan_impl"):  # PDD; the RD4AD baseline has no scan
             self.model.set_scan_impl(scan_impl)
+        if (compile or precision != FP32) and isinstance(self.model, PDDModel):
+            # The graph layer forms: what inductor compiles, and oneDNN's bf16 convolutions (pdd.checkpoint).
+            self.model = build_for_export(self.model, scan_impl)
         if precision != getattr(self.model, "precision", FP32):
             self.model.to_precision(precision)  # the copy's weights are replaced; the caller's are not touched
-        if compile and isinstance(self.model, PDDModel):
-            self.model = build_for_export(self.model, scan_impl)
         self._forward = torch.compile(self.model) if compile else self.model
         self._freezing = compile and dev.type == "cpu"
         self.calibration = getattr(model, "calibration", None)

@@ -118,13 +118,15 @@ def build_rd4ad(cfg: PDDConfig, device: torch.device | str = "cpu") -> RD4ADMode
     return RD4ADModel(cfg, wide_resnet50_2_features(cfg.wrn_weights, out_indices=(1, 2, 3))).to(device)
 
 
-def build_model(cfg: PDDConfig, device: torch.device | str = "cpu", quiet: bool = False) -> nn.Module:
-    """PDD or RD4AD, as ``cfg.model`` says. ``quiet`` silences the random-teacher warning (checkpoint loads)."""
+def build_model(cfg: PDDConfig, device: torch.device | str = "cpu", quiet: bool = False, graph: bool = False
+                ) -> nn.Module:
+    """PDD or RD4AD, as ``cfg.model`` says. ``quiet`` silences the random-teacher warning (checkpoint loads);
+    ``graph``: PDD in its graph layer forms (:func:`pdd.model.build_pdd`)."""
     logger = logging.getLogger("pdd.model")
     level = logger.level
     if quiet:
         logger.setLevel(logging.ERROR)
     try:
-        return build_pdd(cfg, device) if cfg.model == "pdd" else build_rd4ad(cfg, device)
+        return build_pdd(cfg, device, graph=graph) if cfg.model == "pdd" else build_rd4ad(cfg, device)
     finally:
         logger.setLevel(level)
