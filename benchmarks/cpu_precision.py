@@ -8,7 +8,7 @@ the compiled C-kernel runtime (``torch:cpu_kernel:compile[:bf16]``, export/runti
 interleaved rounds (each round times every precision once and that precision's 2048² GEMM right after it, in
 rotating order), so the ratios and each precision's share of its own GEMM rate over the model's FLOPs
 compare like with like; batch 8 throughput; each stage compiled and timed alone; peak RSS of a fresh
-process that loads the model in that precision, compiles and runs it (``resource.getrusage``); agreement with
+process that loads the model in that precision, compiles and runs it (its VmHWM); agreement with
 fp32 on labelled brain-synth images (map error over the fp32 maps' range, per-image Pearson, ΔAUROC). The
 fidelity gate proper (on a test set, per-precision thresholds) is ``pdd eval --precision P --against fp32``.
 
@@ -27,7 +27,6 @@ import contextlib
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -170,20 +169,22 @@ def _int8_probe(model: torch.nn.Module, images: np.ndarray, rounds: int) -> dict
 def _child_rss(args: argparse.Namespace) -> None:
     """--child-rss P: load, compile and run one precision in this fresh process; print its peak RSS."""
     precision = ModelPrecision(args.child_rss)
-    imports = _rss_now_mib()
+    imports = _status_mib("VmRSS")
     model = _model(args, precision)
     rt = TorchRuntime(model, RUNTIME, compile=True, precision=precision)
     del model
     x = np.zeros((1, 3, args.image_size, args.image_size), np.float32)
     for _ in range(3):
         rt.predict(x)
-    print(json.dumps({"precision": precision.name, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                      / 1024, "after_imports_mib": imports, "after_calls_mib": _rss_now_mib()}))
+    # VmHWM, not getrusage's ru_maxrss: that one keeps the parent's RSS at the fork that started this process.
+    print(json.dumps({"precision": precision.name, "peak_rss_mib": _status_mib("VmHWM"),
+                      "after_imports_mib": imports, "after_calls_mib": _status_mib("VmRSS")}))
 
 
-def _rss_now_mib() -> float:
+def _status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: its peak), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
