@@ -145,11 +145,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decode_budget(args: argparse.Namespace):
+    """The readers' DecodeBudget with the limits given by --max-pixels … --max-seconds."""
+    from pdd.data.readers import DecodeBudget
+
+    return DecodeBudget().replace(**{name: getattr(args, name) for name in _BUDGET_OPTIONS})
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from pdd.predict import ModelPredictor, predict_with
 
     common = {"batch_size": args.batch_size, "nifti_axis": args.nifti_axis, "dicom_window": args.dicom_window,
-              "skip_bad": args.skip_bad}
+              "skip_bad": args.skip_bad, "budget": _decode_budget(args)}
     if args.server:
         from export.client import PDDClient, ServerPredictor
 
@@ -228,7 +235,8 @@ def cmd_export_triton_repo(args: argparse.Namespace) -> int:
 
     model = None if args.engine else _model(args, "cpu")
     path = build_triton_repo(args.out, flavour=args.flavour, model=model, engine_dir=args.engine,
-                             max_batch_size=args.max_batch_size, onnx_form=args.onnx_form)
+                             max_batch_size=args.max_batch_size, onnx_form=args.onnx_form,
+                             decode_budget=_decode_budget(args))
     print(f"Triton model repository written to {path}")
     return 0
 
@@ -323,6 +331,23 @@ def _add_calibrate(sub: Any) -> None:
     p.set_defaults(fn=cmd_calibrate)
 
 
+# The decode budget's limits (pdd.data.readers.DecodeBudget fields) and what each option's help says.
+_BUDGET_OPTIONS = {
+    "max_pixels": (int, "pixels (rows x columns) of one image, frame or slice"),
+    "max_voxels": (int, "voxels of one volume (the first of a NIfTI series)"),
+    "max_frames": (int, "frames of one multi-frame DICOM file"),
+    "max_bytes": (int, "bytes a file's pixel data claims once decompressed"),
+    "max_seconds": (float, "seconds to decode one file"),
+}
+
+
+def _add_budget_args(p: argparse.ArgumentParser, whose: str) -> None:
+    g = p.add_argument_group("decode budget", f"what one file may claim before {whose} refuses it (checked from "
+                                              "its header; default: pdd.data.readers.DecodeBudget's limits)")
+    for name, (kind, text) in _BUDGET_OPTIONS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
+
+
 def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="score images, folders, DICOM or NIfTI files (locally or on a server)")
     _model_args(p)
@@ -340,6 +365,7 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--shm", action="store_true", help="send inputs through system shared memory")
     p.add_argument("--model-name", default="pdd")
+    _add_budget_args(p, "prediction (with --server: the files this side reads, NIfTI slices and heatmaps)")
     p.set_defaults(fn=cmd_predict, image_size=None)
 
 
@@ -383,6 +409,7 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int)
+    _add_budget_args(p, "the server's preprocess model")
     p.set_defaults(fn=cmd_export_triton_repo)
 
 
