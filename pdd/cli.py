@@ -158,10 +158,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     common = {"batch_size": args.batch_size, "nifti_axis": args.nifti_axis, "dicom_window": args.dicom_window,
               "skip_bad": args.skip_bad, "budget": _decode_budget(args)}
     if args.server:
-        from export.client import PDDClient, ServerPredictor
+        from export.client import InferenceError, PDDClient, ServerPredictor
 
-        with PDDClient(args.server, protocol=args.protocol, model_name=args.model_name, shm=args.shm) as client:
-            results = predict_with(ServerPredictor(client, args.dicom_window), args.inputs, args.out, **common)
+        try:
+            with PDDClient(args.server, protocol=args.protocol, model_name=args.model_name, shm=args.shm) as client:
+                results = predict_with(ServerPredictor(client, args.dicom_window), args.inputs, args.out, **common)
+        except InferenceError as exc:  # the server's own words, on one line
+            print(f"pdd predict: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
     else:
         device = _device(args.device)
         predictor = ModelPredictor(_model(args, device), device, threshold=args.threshold,

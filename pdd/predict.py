@@ -26,6 +26,7 @@ from torch import nn
 from pdd.calibration import Calibration, apply_calibration
 from pdd.config import atomic_write_text
 from pdd.data.readers import (
+    DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
     NIFTI_SUFFIXES,
     DecodeBudget,
@@ -49,7 +50,7 @@ class Item:
 
     name: str                        # file, or file#slice for volumes
     image: np.ndarray | None = None  # (H, W) or (H, W, 3) in [0, 1]
-    data: bytes | None = None        # the encoded file, when the predictor decodes it (``Predictor.reads_dicom``)
+    data: bytes | None = None        # the encoded file, when the predictor decodes it (``Predictor.reads_files``)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class BatchPrediction:
 class Predictor(Protocol):
     """What :func:`predict_with` runs: a local model, a server, any runtime that scores batches of items."""
 
-    reads_dicom: bool   # True: DICOM files arrive as ``Item.data`` bytes, decoded by the predictor
+    reads_files: bool   # True: image and DICOM files arrive as ``Item.data`` bytes, decoded by the predictor
     max_batch_size: int | None
 
     def batch_key(self, item: Item) -> Hashable:
@@ -107,15 +108,16 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _items(files: Sequence[Path], nifti_axis: int, dicom_window: tuple[float, float] | None, skip_bad: bool,
-           skipped: list[dict[str, str]], budget: DecodeBudget, dicom_as_bytes: bool = False) -> Iterator[Item]:
-    """Every image of ``files`` (a NIfTI volume's slices, one at a time); DICOM files as bytes with
-    ``dicom_as_bytes``."""
+           skipped: list[dict[str, str]], budget: DecodeBudget, files_as_bytes: bool = False) -> Iterator[Item]:
+    """Every image of ``files`` (a NIfTI volume's slices, one at a time); with ``files_as_bytes``, the image
+    and DICOM files as they are on disk (their size within ``budget.max_bytes``), undecoded."""
     for path in files:
         try:
             if _is_nifti(path):
                 for k, sl in enumerate(iter_volume_slices(path, axis=nifti_axis, budget=budget)):
                     yield Item(f"{path}#slice{k}", sl)
-            elif dicom_as_bytes and _starts_as_dicom(path):
+            elif files_as_bytes and _sendable(path):
+                budget.check_file_size(path, path.stat().st_size)
                 yield Item(str(path), data=path.read_bytes())
             else:
                 yield Item(str(path), read_image(path, dicom_window=dicom_window, budget=budget))
@@ -126,9 +128,11 @@ def _items(files: Sequence[Path], nifti_axis: int, dicom_window: tuple[float, fl
             skipped.append({"path": str(exc.path), "reason": exc.reason})
 
 
-def _starts_as_dicom(path: Path) -> bool:
+def _sendable(path: Path) -> bool:
+    """Whether a file's bytes can go to a predictor as they are: anything but DICOM without its preamble,
+    which only the local reader recognises (by its extension)."""
     with open(path, "rb") as fh:
-        return has_dicom_preamble(fh.read(132))
+        return has_dicom_preamble(fh.read(132)) or path.suffix.lower() not in DICOM_SUFFIXES
 
 
 def _heatmap_png(image: np.ndarray, amap: np.ndarray, path: Path, vmax: float) -> None:
@@ -157,7 +161,7 @@ class ModelPredictor:
     ones, and a model without calibration makes decisions only when ``threshold`` is given.
     """
 
-    reads_dicom = False
+    reads_files = False
     max_batch_size = None
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", threshold: float | None = None,
@@ -256,7 +260,7 @@ def predict_with(predictor: Predictor, inputs: Sequence[str | os.PathLike],
             results.extend(_records(batch, pred, len(results), out, window, budget))
             batch.clear()
 
-    for item in _items(files, nifti_axis, window, skip_bad, skipped, budget, dicom_as_bytes=predictor.reads_dicom):
+    for item in _items(files, nifti_axis, window, skip_bad, skipped, budget, files_as_bytes=predictor.reads_files):
         if batch and (len(batch) == limit or predictor.batch_key(item) != predictor.batch_key(batch[0])):
             flush()
         batch.append(item)

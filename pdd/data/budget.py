@@ -57,8 +57,9 @@ class ImageReadError(ValueError):
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot read image {self.path}: {reason}")
+        # One line, whatever the library below said: errors end up in logs and on terminals.
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"cannot read image {self.path}: {self.reason}")
 
 
 class DecodeBudgetError(ImageReadError):
