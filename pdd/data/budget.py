@@ -189,7 +189,12 @@ class Deadline:
 
 
 class TimedReader(io.RawIOBase):
-    """A binary file object that checks a :class:`Deadline` at every read: decoders read through it."""
+    """A binary file object that checks a :class:`Deadline` at every read: decoders read through it.
+
+    ``read(n)`` reads at most :data:`_READ_PIECE` bytes at a time and returns at the end of the data, so a
+    length field that claims gigabytes (a PNG chunk, a TIFF tag, a NIfTI extension) costs what the file
+    holds, not what it claims: ``io`` file objects allocate the ``n`` bytes asked for before reading.
+    """
 
     def __init__(self, raw: IO[bytes], deadline: Deadline) -> None:
         super().__init__()
@@ -205,6 +210,20 @@ class TimedReader(io.RawIOBase):
         self.deadline.check("reading the file")
         return self.raw.readinto(buffer)
 
+    def read(self, size: int | None = -1) -> bytes:
+        parts, left = [], -1 if size is None or size < 0 else size
+        while left != 0:
+            self.deadline.check("reading the file")
+            piece = self.raw.read(_READ_PIECE if left < 0 else min(left, _READ_PIECE))
+            if not piece:
+                break
+            parts.append(piece)
+            left = left if left < 0 else left - len(piece)
+        return b"".join(parts)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         return self.raw.seek(offset, whence)
 
@@ -212,6 +231,7 @@ class TimedReader(io.RawIOBase):
         return self.raw.tell()
 
 
+_READ_PIECE = 4 << 20
 # Compressed input fed to zlib per call, and the most output taken per call: small enough that a deadline
 # check comes every few milliseconds, large enough that the calls cost nothing.
 _INFLATE_IN = 1 << 20

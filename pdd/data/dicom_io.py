@@ -95,7 +95,7 @@ def _claim(name: str, ds: Any, frame: int, budget: DecodeBudget, max_side: int |
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         bits = int(ds.get("BitsAllocated", 8) or 8)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ImageReadError(name, f"DICOM header has a malformed image size ({exc})") from None
     budget.check_image(name, rows, columns, samples=samples, bytes_per_sample=bits / 8, frames=frames)
     check_side(name, rows, columns, max_side)
@@ -148,16 +148,29 @@ def _check_codestream(name: str, ds: Any, syntax: str, index: int) -> None:
                                    f"{ds.Rows} x {ds.Columns}")
 
 
+def _converted(name: str, ds: Any) -> Any:
+    """``ds`` with every element's value converted now: pydicom converts them when first used, and a corrupt
+    value (an unknown VR, a number that is not one) fails then with any exception type."""
+    try:
+        ds.walk(lambda dataset, element: element.value)
+    except Exception as exc:
+        # pydicom appends the whole traceback to the message of a failure inside walk(): keep its first words.
+        said = str(exc).split("Traceback")[0].strip()
+        raise ImageReadError(name, f"corrupt DICOM header element ({type(exc).__name__}: {said})") from None
+    return ds
+
+
 def _parse(fp: IO[bytes], name: str, **kwargs: Any) -> Any:
     import pydicom
 
     try:
-        return pydicom.dcmread(fp, force=True, **kwargs)
+        ds = pydicom.dcmread(fp, force=True, **kwargs)
     except ImageReadError:
         raise
     except Exception as exc:
         # force=True parses anything, so garbage fails with arbitrary exception types; all mean "not DICOM".
         raise ImageReadError(name, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    return _converted(name, ds)
 
 
 def _no_pixels(name: str, ds: Any) -> ImageReadError:
@@ -186,6 +199,8 @@ def _read_stored(fp: IO[bytes], name: str, meta: Any, frame: int, budget: Decode
         raise _no_pixels(name, ds)
     index = _claim(name, ds, frame, budget, max_side)
     syntax = UID(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
+    if syntax is not None and not syntax.is_transfer_syntax:
+        raise ImageReadError(name, f"its transfer syntax UID {str(syntax)!r} names no transfer syntax")
     fp.seek(0)
     if syntax is not None and syntax.is_compressed:
         full = _parse(fp, name)
@@ -225,6 +240,7 @@ def _read_deflated(fp: IO[bytes], name: str, meta: Any, start: int, frame: int, 
             raise ImageReadError(name, f"the elements before its pixel data inflate to more than {MAX_HEADER_BYTES:,} "
                                        "bytes: not a plausible DICOM header")
         size *= 4
+    ds = _converted(name, ds)
     ds.file_meta = meta
     if element is None:
         raise _no_pixels(name, ds)
@@ -261,11 +277,18 @@ def read_dicom(source: IO[bytes], name: str, window: tuple[float, float] | None,
     return _to_unit(name, ds, pixels, index, window)
 
 
-def _first(value: object) -> float:
-    """First entry of a possibly multi-valued DICOM number (WindowCenter can hold several windows)."""
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return float(value[0])
-    return float(value)  # type: ignore[arg-type]
+def _number(name: str | Path, ds: Any, frame: int, sequence: str, keyword: str) -> float | None:
+    """A frame's numeric attribute (the first of several values: WindowCenter can hold several windows), from
+    :func:`_attr`; None where absent. A value that is not a number is a corrupt header."""
+    value = _attr(ds, frame, sequence, keyword)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            value = value[0]
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, IndexError) as exc:
+        raise ImageReadError(name, f"DICOM attribute {keyword} is not a number ({value!r}: {exc})") from None
 
 
 def _attr(ds: object, frame: int, sequence: str, keyword: str) -> object | None:
@@ -289,20 +312,23 @@ def _to_unit(name: str | Path, ds: Any, pixels: np.ndarray, frame: int,
              window: tuple[float, float] | None) -> np.ndarray:
     """Stored values of one frame -> [0, 1]: rescale, window (or robust range), MONOCHROME1 inverted."""
     if int(ds.get("SamplesPerPixel", 1) or 1) == 3:
-        bits = int(getattr(ds, "BitsStored", 8) or 8)
+        bits = int(_number(name, ds, frame, "", "BitsStored") or 8)
+        if not 1 <= bits <= 32:
+            raise ImageReadError(name, f"DICOM attribute BitsStored is {bits}, not 1 to 32")
         return np.clip(pixels.astype(np.float32) / np.float32(2**bits - 1), 0.0, 1.0)
     if pixels.ndim != 2:
         raise ImageReadError(name, f"expected a 2-D grey frame, got pixel array of shape {pixels.shape}")
     values = pixels.astype(np.float64)
-    slope = _attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
-    intercept = _attr(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
-    values = values * (1.0 if slope is None else _first(slope)) + (0.0 if intercept is None else _first(intercept))
+    slope = _number(name, ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = _number(name, ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
+    values = values * (1.0 if slope is None else slope) + (0.0 if intercept is None else intercept)
 
     if window is None:
-        centre = _attr(ds, frame, "FrameVOILUTSequence", "WindowCenter")
-        width = _attr(ds, frame, "FrameVOILUTSequence", "WindowWidth")
-        if centre is not None and width is not None and _first(width) >= 1:
-            window = (_first(centre), _first(width))
+        centre = _number(name, ds, frame, "FrameVOILUTSequence", "WindowCenter")
+        width = _number(name, ds, frame, "FrameVOILUTSequence", "WindowWidth")
+        # A file's window that is absent, narrower than 1 or not finite is no window: the robust range instead.
+        if centre is not None and width is not None and width >= 1 and np.isfinite([centre, width]).all():
+            window = (centre, width)
     if window is not None:
         centre, width = float(window[0]), float(window[1])
         if width < 1:

@@ -20,10 +20,11 @@ import gzip
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
-from .budget import Deadline, DecodeBudget, ImageReadError
+from .budget import Deadline, DecodeBudget, ImageReadError, TimedReader
 from .intensity import apply_range, robust_range
 
 __all__ = ["NiftiVolume", "check_axis"]
@@ -47,30 +48,48 @@ class NiftiVolume:
         import nibabel as nib
         from nibabel.filebasedimages import ImageFileError
         from nibabel.orientations import io_orientation
+        from nibabel.spatialimages import HeaderDataError, HeaderTypeError
+        from nibabel.wrapstruct import WrapStructError
 
         self.path, self.budget, self.deadline = path, budget, deadline
+        self.compressed = path.name.lower().endswith(".gz")
         try:
-            img = nib.load(path)
-            # The array proxy holds what the file's header says about its data (offset, type, scaling).
-            proxy = img.dataobj
-            shape = tuple(int(s) for s in proxy.shape)
-            self.dtype = np.dtype(proxy.dtype)
-            self.offset = int(proxy.offset)
-            self.slope, self.inter = float(proxy.slope), float(proxy.inter)
-            self.ornt = io_orientation(img.affine)
-        except (ImageFileError, OSError, EOFError, ValueError, zlib.error, np.linalg.LinAlgError) as exc:
+            # Read through the deadline's reader: a header extension that claims gigabytes costs what the file
+            # holds. NIfTI-1 and -2 are told apart by their header size (348 or 540, either byte order).
+            with self._open() as fh:
+                stream = TimedReader(fh, deadline)
+                size = stream.read(4)
+                kind = nib.Nifti2Image if size in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Image
+                stream.seek(0)
+                img = kind.from_stream(stream)
+                # The array proxy holds what the file's header says about its data (offset, type, scaling).
+                proxy = img.dataobj
+                shape = tuple(int(s) for s in proxy.shape)
+                self.dtype = np.dtype(proxy.dtype)
+                self.offset = int(proxy.offset)
+                self.slope, self.inter = float(proxy.slope), float(proxy.inter)
+                self.ornt = io_orientation(img.affine)
+        except ImageReadError:
+            raise
+        except (ImageFileError, HeaderDataError, HeaderTypeError, WrapStructError, OSError, EOFError, ValueError,
+                zlib.error, np.linalg.LinAlgError) as exc:
             raise ImageReadError(path, f"corrupt or truncated NIfTI file ({type(exc).__name__}: {exc})") from None
+        if not np.isfinite(self.ornt).all() or sorted(self.ornt[:, 0]) != [0, 1, 2]:
+            raise ImageReadError(path, "its affine (sform/qform) maps the voxel axes to no set of RAS axes: the "
+                                       "header is corrupt")
         if self.dtype.fields is not None or self.dtype.kind not in "biuf":
             raise ImageReadError(path, f"NIfTI data type {self.dtype} is not supported (expected integers or floats)")
         # 2-D images are one plane; time series and vector volumes: the first volume is the anatomy.
         self.shape = (*shape, 1, 1)[:3] if len(shape) < 3 else shape[:3]
         budget.check_volume(path, self.shape, self.dtype.itemsize)
-        self.compressed = path.name.lower().endswith(".gz")
         if not self.compressed:
             needed = self.offset + int(np.prod(self.shape)) * self.dtype.itemsize
             if path.stat().st_size < needed:
                 raise ImageReadError(path, f"corrupt or truncated NIfTI file: its header claims {needed:,} bytes, "
                                            f"the file has {path.stat().st_size:,}")
+
+    def _open(self) -> IO[bytes]:
+        return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
 
     def depth(self, axis: int) -> int:
         """Slices along RAS axis ``axis``."""
@@ -84,7 +103,7 @@ class NiftiVolume:
         x, y, z = self.shape
         size = x * y * self.dtype.itemsize
         try:
-            with (gzip.open if self.compressed else open)(self.path, "rb") as fh:
+            with self._open() as fh:
                 fh.seek(self.offset)
                 for k in range(z):
                     self.deadline.check(f"reading plane {k} of {z}")
