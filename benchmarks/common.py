@@ -417,3 +417,43 @@ def model_gflop(model: Any, image_size: int) -> float:
     with torch.inference_mode(), counter:
         model(torch.zeros(1, 3, image_size, image_size))
     return counter.get_total_flops() / 1e9
+
+
+def group_rss_mb(group: int) -> float:
+    """Resident memory of the processes of process group ``group`` (a server and its stubs), in MB."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[2]) != group:
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, ValueError):  # exited meanwhile
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total / 1024
+
+
+class RssSampler:
+    """Samples :func:`group_rss_mb` of ``group`` every ``interval_s`` in a thread; ``peak_mb`` is the largest."""
+
+    def __init__(self, group: int, interval_s: float = 0.05) -> None:
+        import threading
+
+        self.group, self.interval_s, self.peak_mb = group, interval_s, group_rss_mb(group)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, group_rss_mb(self.group))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

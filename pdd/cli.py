@@ -248,7 +248,8 @@ def cmd_export_triton_repo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from export.serve import serve
 
-    return serve(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+    return serve(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                 restart=not args.no_restart)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -423,6 +424,9 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--no-restart", action="store_true",
+                   help="do not restart the server when it or a Python-backend stub dies (Triton does not restart a "
+                        "killed stub: its model fails every request until the server restarts)")
     p.set_defaults(fn=cmd_serve)
 
 
