@@ -78,9 +78,12 @@ FINDINGS = Path(__file__).resolve().parent / "data" / "fuzz-findings"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in FINDINGS.glob("*.bin")))
-def test_length_fields_that_claim_gigabytes_cost_what_the_file_holds(tmp_path, name):
-    """The inputs of the first 600-s run (benchmarks/results/fuzz-readers/run1-results.md): 11 MemoryErrors
-    under a 4 GiB address space. A PNG chunk, a TIFF tag and a NIfTI-2 header extension whose length fields
+def test_the_inputs_the_fuzz_runs_found(tmp_path, name):
+    """The inputs the 600-s runs found, each an image or an ImageReadError now, in bounded memory.
+
+    Second run (results.md): a TIFF whose strip offset is stored as a fraction (RATIONAL), which Pillow hands
+    to seek(): TypeError, now a corrupt-image error. First run (run1-results.md): 11 MemoryErrors under a
+    4 GiB address space. A PNG chunk, a TIFF tag and a NIfTI-2 header extension whose length fields
     claim up to 4 GiB made Pillow and nibabel ask for that many bytes in one read (4.3 GB, 1.2 GB and 0.56 GB
     allocated for files of 61 bytes to 1.5 KB); io file objects allocate what read(n) asks for before
     reading. They now read through TimedReader, which reads 4 MiB pieces up to the end of the data."""

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import struct
 import warnings
 import zlib
 from collections.abc import Iterator, Sequence
@@ -266,8 +267,9 @@ def _read_pillow(source: IO[bytes], name: str, formats: str, budget: DecodeBudge
                                     budget.max_pixels) from None
         raise ImageReadError(name, f"its header claims more than {pillow:,} pixels per image, over Pillow's own "
                                    "limit (PIL.Image.MAX_IMAGE_PIXELS)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(name, f"corrupt or truncated image data ({exc})") from None
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, struct.error) as exc:
+        # Pillow's plugins fail on corrupt data with these too (a TIFF strip offset stored as a fraction: TypeError).
+        raise ImageReadError(name, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from None
 
 
 def _pillow_to_array(img: Image.Image) -> np.ndarray:
