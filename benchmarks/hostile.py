@@ -45,18 +45,22 @@ FILES = [
 ]
 
 
-def _child(cmd: list[str]) -> dict[str, Any]:
-    """Run ``cmd``; its exit status, wall time, peak RSS (its own, from wait4) and last line of stderr."""
-    with tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        lines = [line for line in err.read().strip().splitlines() if line.strip()]
-    return {"status": proc.returncode, "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "message": lines[-1] if lines else ""}
+# Runs `pdd` in the child and reports the child's own peak RSS (VmHWM) last on stderr: ru_maxrss would
+# count the pages of this process that the child had between fork and exec.
+_LAUNCH = ("import atexit, runpy, sys; atexit.register(lambda: print('VmHWM ' + next(l for l in open("
+           "'/proc/self/status') if l.startswith('VmHWM')).split()[1], file=sys.stderr)); "
+           "sys.argv = ['pdd', *sys.argv[1:]]; runpy.run_module('pdd.cli', run_name='__main__')")
+
+
+def _child(args: list[str]) -> dict[str, Any]:
+    """Run ``pdd ARGS``; its exit status, wall time, peak RSS and the last line of stderr before the peak."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _LAUNCH, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    peak = int(lines.pop().split()[1]) / 1024
+    return {"status": proc.returncode, "wall_s": wall, "peak_rss_mb": peak, "message": lines[-1] if lines else ""}
 
 
 def _reader(path: Path) -> dict[str, Any]:
@@ -92,7 +96,7 @@ def _kill(server: Any, target: str, image: np.ndarray, reference: dict, watch: b
             t0 = time.monotonic()
             try:
                 outcome = "right" if _same(_answer(server.http_url, image), reference) else "WRONG"
-            except (InferenceError, OSError) as exc:
+            except InferenceError as exc:
                 outcome = f"error: {exc}"
                 time.sleep(0.2)
             results.append((t0, time.monotonic(), outcome))
@@ -128,6 +132,7 @@ def _kill(server: Any, target: str, image: np.ndarray, reference: dict, watch: b
 def _big_request(server: Any, image: np.ndarray, reference: dict) -> dict:
     """A real 10^9-element uint8 request (one 31623 x 31623 image, 1.0 GB) over HTTP."""
     big = np.zeros((1, 31623, 31623, 1), np.uint8)
+    before = group_rss_mb(server.pid)
     start = time.perf_counter()
     with RssSampler(server.pid) as rss:
         try:
@@ -137,7 +142,9 @@ def _big_request(server: Any, image: np.ndarray, reference: dict) -> dict:
             message = str(exc)
     elapsed = time.perf_counter() - start
     del big
-    return {"elements": 31623 * 31623, "seconds": elapsed, "message": message, "server_peak_rss_mb": rss.peak_mb,
+    time.sleep(10)
+    return {"elements": 31623 * 31623, "seconds": elapsed, "message": message, "server_rss_before_mb": before,
+            "server_peak_rss_mb": rss.peak_mb,
             "server_rss_after_mb": group_rss_mb(server.pid), "next_answer_right": _same(
                 _answer(server.http_url, image), reference)}
 
@@ -157,7 +164,8 @@ def _table(rows: list[dict], where: str) -> list[str]:
     out = [f"| file ({where}) | on disk | exit | wall (s) | peak RSS (MB) | reader alone (s) | message |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        server = f" (server {r['server_peak_rss_mb']:,.0f})" if "server_peak_rss_mb" in r else ""
+        server = (f" (server {r['server_rss_before_mb']:,.0f} before, peak {r['server_peak_rss_mb']:,.0f})"
+                  if "server_peak_rss_mb" in r else "")
         reader = f"{r['reader_s']:.3f}" if "reader_s" in r else ""
         out.append(f"| {r['label']} | {r['size_kb']:,.0f} KB | {r['status']} | {r['wall_s']:.2f} | "
                    f"{r['peak_rss_mb']:,.0f}{server} | {reader} | {r['message'][:220].replace('|', '/')} |")
@@ -180,7 +188,8 @@ def _report(data: dict, command: str) -> str:
     big = data["big_request"]
     lines += ["## A 10^9-element request", "",
               f"One uint8 image of 31623 x 31623 (1.0 GB) over HTTP: answered in {big['seconds']:.1f} s with "
-              f"`{big['message'][:200]}`; the server group's RSS peaked at {big['server_peak_rss_mb']:,.0f} MB "
+              f"`{big['message'][:200]}`; the server group's RSS went from {big['server_rss_before_mb']:,.0f} MB to a "
+              f"peak of {big['server_peak_rss_mb']:,.0f} MB "
               f"({big['server_rss_after_mb']:,.0f} MB after); next answer right: {big['next_answer_right']}. Triton "
               "2.51 has no request-size limit: it receives the whole tensor before the preprocess model refuses it, "
               "so a proxy in front of the server should cap request bodies (deploy/README.md).", "",
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {"local": [], "server": [], "kills": []}
     for label, path in files:
         row = {"label": label, "size_kb": path.stat().st_size / 1024, **_reader(path),
-               **_child([sys.executable, "-m", "pdd.cli", "predict", *CONFIG, str(path), "--out", str(work / "out")])}
+               **_child(["predict", *CONFIG, str(path), "--out", str(work / "out")])}
         data["local"].append(row)
         print(row, flush=True)
     server = TritonServer(_repo(work), *free_ports(3), log=work / "tritonserver.log").start(timeout_s=600)
@@ -221,20 +230,22 @@ def main(argv: list[str] | None = None) -> int:
         image = (np.random.default_rng(0).random((128, 128, 3)) * 255).astype(np.uint8)
         reference = _answer(server.http_url, image)
         for label, path in files:
+            before = group_rss_mb(server.pid)
             with RssSampler(server.pid) as rss:
                 row = {"label": label, "size_kb": path.stat().st_size / 1024,
-                       **_child([sys.executable, "-m", "pdd.cli", "predict", "--server", server.http_url, str(path)])}
-            row.update(server_peak_rss_mb=rss.peak_mb, next_answer_right=_same(_answer(server.http_url, image),
-                                                                                  reference))
+                       **_child(["predict", "--server", server.http_url, str(path)])}
+            right = _same(_answer(server.http_url, image), reference)
+            row.update(server_rss_before_mb=before, server_peak_rss_mb=rss.peak_mb, next_answer_right=right)
             data["server"].append(row)
             print(row, flush=True)
-        data["big_request"] = _big_request(server, image, reference)
-        print(data["big_request"], flush=True)
         data["kills"].append(_kill(server, "pdd_engine", image, reference, watch=False, observe_s=args.observe_s))
         Watchdog(server).restart("after the unwatched kill")
         for target in ("preprocess", "pdd_engine", "postprocess", "tritonserver"):
             data["kills"].append(_kill(server, target, image, reference, watch=True, observe_s=300))
             print(data["kills"][-1], flush=True)
+        # Last: Triton keeps much of the memory such a request took.
+        data["big_request"] = _big_request(server, image, reference)
+        print(data["big_request"], flush=True)
     finally:
         server.stop()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -116,8 +116,9 @@ class PDDClient:
         except InferenceServerException as exc:
             raise InferenceError(f"{self.url}: cannot read the config of {model_name or self.model_name!r}: "
                                  f"{exc.message()}") from None
-        except OSError as exc:  # refused, reset or timed out before the server answered
-            raise InferenceError(f"{self.url} ({self.protocol}): cannot reach the server: {exc}") from None
+        except Exception as exc:  # refused, reset, closed or timed out: the transport's own types
+            raise InferenceError(f"{self.url} ({self.protocol}): cannot reach the server ({type(exc).__name__}: "
+                                 f"{exc})") from None
         return cfg
 
     def _ensemble(self) -> dict[str, Any]:
@@ -255,9 +256,9 @@ class PDDClient:
                 result = self.client.infer(self.model_name, inputs, outputs=outputs, **extra)
         except InferenceServerException as exc:
             raise InferenceError(f"{self.url} ({self.protocol}): request failed: {exc.message()}") from None
-        except OSError as exc:
-            raise InferenceError(f"{self.url} ({self.protocol}): request failed, no answer from the server: "
-                                 f"{exc}") from None
+        except Exception as exc:  # the transport's own types (OSError, geventhttpclient's HTTPConnectionClosed, ...)
+            raise InferenceError(f"{self.url} ({self.protocol}): request failed, no answer from the server "
+                                 f"({type(exc).__name__}: {exc})") from None
         arrays = {}
         if self.shm:
             for name, dtype, shape, start, _ in layout:

@@ -78,10 +78,13 @@ class Watchdog:
     """
 
     def __init__(self, server: TritonServer, interval_s: float = 1.0, start_timeout_s: float = 300.0,
-                 on_restart: Callable[[Restart], None] | None = None) -> None:
+                 drain_s: float = 2.0, on_restart: Callable[[Restart], None] | None = None) -> None:
         if server.pid is None:
             raise ValueError("start the server before watching it")
         self.server, self.interval_s, self.start_timeout_s = server, interval_s, start_timeout_s
+        # How long a broken server may drain before its group is killed: asked to stop, Triton waits its full
+        # exit timeout for the model whose stub is gone (10 s), which only delays the restart.
+        self.drain_s = drain_s
         self.on_restart = on_restart
         self.restarts: list[Restart] = []
         self._expected = self._stubs()
@@ -101,7 +104,7 @@ class Watchdog:
     def restart(self, reason: str) -> Restart:
         """Stop the server and its group, start it again (waiting until it is ready); the record of it."""
         detected = time.monotonic()
-        self.server.stop()
+        self.server.stop(timeout_s=self.drain_s)
         self.server.start(timeout_s=self.start_timeout_s)
         self._expected = self._stubs()
         record = Restart(reason, detected, time.monotonic() - detected)
