@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -315,6 +316,16 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` reports it ("unknown" where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                "unknown")
+
+
 def environment() -> dict[str, Any]:
     """Versions, device, CPU count, threads and load average of this machine, for the results file."""
     import torch
@@ -412,3 +423,43 @@ def model_gflop(model: Any, image_size: int) -> float:
     with torch.inference_mode(), counter:
         model(torch.zeros(1, 3, image_size, image_size))
     return counter.get_total_flops() / 1e9
+
+
+def group_rss_mb(group: int) -> float:
+    """Resident memory of the processes of process group ``group`` (a server and its stubs), in MB."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[2]) != group:
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, ValueError):  # exited meanwhile
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total / 1024
+
+
+class RssSampler:
+    """Samples :func:`group_rss_mb` of ``group`` every ``interval_s`` in a thread; ``peak_mb`` is the largest."""
+
+    def __init__(self, group: int, interval_s: float = 0.05) -> None:
+        import threading
+
+        self.group, self.interval_s, self.peak_mb = group, interval_s, group_rss_mb(group)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, group_rss_mb(self.group))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

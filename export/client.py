@@ -116,6 +116,9 @@ class PDDClient:
         except InferenceServerException as exc:
             raise InferenceError(f"{self.url}: cannot read the config of {model_name or self.model_name!r}: "
                                  f"{exc.message()}") from None
+        except Exception as exc:  # refused, reset, closed or timed out: the transport's own types
+            raise InferenceError(f"{self.url} ({self.protocol}): cannot reach the server ({type(exc).__name__}: "
+                                 f"{exc})") from None
         return cfg
 
     def _ensemble(self) -> dict[str, Any]:
@@ -253,6 +256,9 @@ class PDDClient:
                 result = self.client.infer(self.model_name, inputs, outputs=outputs, **extra)
         except InferenceServerException as exc:
             raise InferenceError(f"{self.url} ({self.protocol}): request failed: {exc.message()}") from None
+        except Exception as exc:  # the transport's own types (OSError, geventhttpclient's HTTPConnectionClosed, ...)
+            raise InferenceError(f"{self.url} ({self.protocol}): request failed, no answer from the server "
+                                 f"({type(exc).__name__}: {exc})") from None
         arrays = {}
         if self.shm:
             for name, dtype, shape, start, _ in layout:
@@ -295,14 +301,15 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 class ServerPredictor:
     """The served ensemble as a :class:`pdd.predict.Predictor`: ``pdd predict --server``.
 
-    DICOM files go to the server as they are, with ``dicom_window`` when given: its preprocess decodes them
-    with ``pdd/data/readers.py``, as ``pdd predict`` does locally. NIfTI slices and other images arrive read
-    by the same readers and are sent as uint8 pixels, batched while consecutive images share a size. A file
-    the server cannot decode raises :class:`pdd.data.ImageReadError` naming it, as locally. Decisions are
+    Image and DICOM files go to the server as they are on disk, undecoded (``dicom_window`` with them when
+    given): its preprocess decodes them with ``pdd/data/readers.py`` under its own decode budget, as
+    ``pdd predict`` does locally. NIfTI slices (and DICOM files without a preamble) are read here by the same
+    readers and sent as uint8 pixels, batched while consecutive images share a size. A file the server
+    refuses or cannot decode raises :class:`pdd.data.ImageReadError` naming it, as locally. Decisions are
     reported when the server has a threshold.
     """
 
-    reads_dicom = True
+    reads_files = True
 
     def __init__(self, client: PDDClient, dicom_window: Sequence[float] | None = None) -> None:
         self.client = client

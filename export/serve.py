@@ -47,6 +47,7 @@ from typing import IO
 
 from export.metadata import read_engine_metadata
 from export.triton_config import ENGINE, check_repository, parse_config, repository_flavour
+from export.watchdog import Watchdog, has_exited
 
 __all__ = [
     "BACKEND_REQUIREMENTS",
@@ -208,14 +209,6 @@ def _help_text(binary: Path, env: dict[str, str]) -> str:
     return proc.stdout + proc.stderr
 
 
-def _exited(pid: int) -> bool:
-    """Whether a child has exited, without reaping it: an unreaped child keeps its process group id taken."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:  # already reaped
-        return True
-
-
 def stop_group(proc: subprocess.Popen, timeout_s: float) -> int:
     """Stop a server that leads its own process group, and everything in that group; its exit status.
 
@@ -224,11 +217,11 @@ def stop_group(proc: subprocess.Popen, timeout_s: float) -> int:
     stop, or a server that did not stop in time. The server is reaped only after that, so its group id
     cannot have been given to another process in between.
     """
-    if not _exited(proc.pid):
+    if not has_exited(proc.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while not _exited(proc.pid) and time.monotonic() < deadline:
+        while not has_exited(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -359,7 +352,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
-            if _exited(self.pid):
+            if has_exited(self.pid):
                 code = self.stop()
                 raise ServerError(f"tritonserver exited with code {code} while starting:\n{self.log_tail()}")
             with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
@@ -452,11 +445,13 @@ def _tensorrt_note(repo: Path) -> str:
 
 
 def serve(repo: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-          host: str = "127.0.0.1") -> int:
+          host: str = "127.0.0.1", restart: bool = True) -> int:
     """Serve ``repo`` with the bundled server until Ctrl-C; return the exit status (0 after Ctrl-C).
 
     Prints the NGC container's ``docker run`` line first. A repository of the TensorRT or ONNX Runtime
     flavour needs that container (the bundled server has only the Python backend): returns 2.
+    ``restart``: a :class:`export.watchdog.Watchdog` restarts the server when it or a Python-backend stub
+    dies (Triton does not restart a killed stub); without, the server's exit ends this call.
     """
     repo = Path(repo)
     flavour = repository_flavour(repo)
@@ -473,7 +468,11 @@ def serve(repo: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001,
     print(f"Serving model 'pdd': HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}. "
           "Ctrl-C stops.", flush=True)
     try:
-        return server.wait()
+        if not restart:
+            return server.wait()
+        Watchdog(server, on_restart=lambda r: print(f"pdd serve: {r.reason}; restarted the server in "
+                                                    f"{r.seconds:.1f} s", flush=True)).run()
+        return 0
     except KeyboardInterrupt:
         print("\nstopping the server…", flush=True)
         return 0

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -19,10 +20,12 @@ from export.metadata import TensorSpec, read_engine_metadata, read_onnx_metadata
 from kernels.ort_ops import BUNDLE
 from pdd.calibration import Calibration
 from pdd.config import ConfigError, PDDConfig
+from pdd.data.readers import DecodeBudget
 
 __all__ = [
     "DEFAULT_ONNX_FORM", "DEFAULT_QUEUE_DELAY_US", "ENGINE", "ENSEMBLE", "FLAVOURS", "INSTANCE_KINDS",
-    "KERNELS_FOLDER", "MAX_SIDE", "MODEL_NAMES", "POSTPROCESS", "PREPROCESS", "EngineArtifact", "RepositoryError",
+    "KERNELS_FOLDER", "MAX_SIDE", "MODEL_NAMES", "POSTPROCESS", "PREPROCESS", "READERS_FOLDER", "EngineArtifact",
+    "RepositoryError",
     "artifact_from_engine", "artifact_from_onnx", "check_repository", "config_text", "engine_config",
     "ensemble_config", "parse_config", "postprocess_config", "postprocess_note", "preprocess_config",
     "repository_flavour", "write_config",
@@ -36,6 +39,9 @@ DEFAULT_ONNX_FORM = {"python": "plugin", "onnxruntime": "portable"}
 # Where a plugin-form python engine finds the torch-free kernels package (kernels.ort_ops.BUNDLE) beside
 # its model.py; export/triton_models/ort_engine.py reads the same name.
 KERNELS_FOLDER = "kernels"
+# Where the preprocess model finds the image readers (pdd.data.readers.BUNDLE) beside its model.py, imported
+# from there as a package; export/triton_models/preprocess.py reads the same name.
+READERS_FOLDER = "readers"
 ENSEMBLE, PREPROCESS, ENGINE, POSTPROCESS = "pdd", "preprocess", "pdd_engine", "postprocess"
 MODEL_NAMES = (ENSEMBLE, PREPROCESS, ENGINE, POSTPROCESS)
 # Largest image side the preprocess model accepts: a 4096² RGB image is 48 MiB of uint8 and ~200 MiB as
@@ -187,7 +193,8 @@ def _python_model(name: str, max_batch_size: int) -> mc.ModelConfig:
                           instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)])
 
 
-def preprocess_config(art: EngineArtifact, max_batch_size: int) -> mc.ModelConfig:
+def preprocess_config(art: EngineArtifact, max_batch_size: int, budget: DecodeBudget) -> mc.ModelConfig:
+    """``budget``: the decode budget the server's readers apply to files sent as bytes (its fields as parameters)."""
     s, out_type = art.image_size, _TYPES[art.input.dtype]
     cfg = _python_model(PREPROCESS, max_batch_size)
     cfg.input.extend([
@@ -197,7 +204,8 @@ def preprocess_config(art: EngineArtifact, max_batch_size: int) -> mc.ModelConfi
     ])
     cfg.output.append(_tensor(mc.ModelOutput, "normalised", out_type, [3, s, s]))
     _set_params(cfg, image_size=str(s), max_side=str(MAX_SIDE), output_dtype=art.input.dtype,
-                                  mean=",".join(repr(v) for v in art.mean), std=",".join(repr(v) for v in art.std))
+                                  mean=",".join(repr(v) for v in art.mean), std=",".join(repr(v) for v in art.std),
+                **{f.name: str(getattr(budget, f.name)) for f in dataclasses.fields(budget)})
     cfg.model_warmup.extend(_warmup([1], {"images": (mc.TYPE_UINT8, [s, s, 3])}))
     return cfg
 

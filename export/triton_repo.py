@@ -6,7 +6,8 @@ is checked before the repository is moved into place)::
     <out>/pdd/config.pbtxt           ensemble: preprocess -> pdd_engine -> postprocess
     <out>/preprocess/1/model.py      Python backend: uint8 (B, H, W, C) pixels or image / DICOM file bytes
                                      -> resized, ImageNet-normalised (B, 3, S, S)
-    <out>/preprocess/1/readers.py    pdd/data/readers.py, which decodes the files as `pdd predict` does
+    <out>/preprocess/1/readers/      pdd/data/readers.py and the modules it imports (readers.BUNDLE), which
+                                     decode the files as `pdd predict` does, under the same decode budget
     <out>/pdd_engine/1/...           the network, one of three flavours:
                                        "tensorrt"    model.plan + engine.json   (TensorRT backend, GPU)
                                        "onnxruntime" model.onnx + model.json    (ONNX Runtime backend,
@@ -68,6 +69,7 @@ from export.triton_config import (
     MODEL_NAMES,
     POSTPROCESS,
     PREPROCESS,
+    READERS_FOLDER,
     EngineArtifact,
     RepositoryError,
     artifact_from_engine,
@@ -87,11 +89,14 @@ from kernels import ort_ops
 from pdd.calibration import Calibration
 from pdd.config import atomic_write_text
 from pdd.data import readers
+from pdd.data.readers import DecodeBudget
 
 _TEMPLATES = Path(__file__).resolve().parent / "triton_models"
 # The calibration maths (numpy only), copied beside the postprocess model: one implementation for both sides.
 _CALIBRATION_SOURCE = Path(pdd.calibration.__file__)
 _CALIBRATION_COPY = "pdd_calibration.py"
+# The image readers (pdd.data.readers.BUNDLE), copied into READERS_FOLDER beside the preprocess model.
+_READERS_SOURCE = Path(readers.__file__).resolve().parent
 # The torch-free kernels package (ONNX Runtime ops, CPU scan kernel source), copied beside a plugin-form
 # python engine.
 _KERNELS_SOURCE = Path(ort_ops.__file__).resolve().parent
@@ -177,7 +182,7 @@ def _check_choices(flavour: str, model: object | None, engine_dir: object | None
 
 def _write_models(repo: Path, art: EngineArtifact, flavour: str, max_batch_size: int, threshold: float | None,
                   pixel_threshold: float | None, instance_count: int, instance_kind: str | None,
-                  queue_delay_us: int) -> None:
+                  queue_delay_us: int, budget: DecodeBudget) -> None:
     """The four model folders under ``repo``: configs, Python models and the files they carry (no weights)."""
     note = postprocess_note(art.calibration, threshold, pixel_threshold)
     write_config(repo / ENSEMBLE, ensemble_config(art, max_batch_size),
@@ -185,9 +190,9 @@ def _write_models(repo: Path, art: EngineArtifact, flavour: str, max_batch_size:
     (repo / ENSEMBLE / "1").mkdir()
     # Keeps the (empty) version folder in version control.
     (repo / ENSEMBLE / "1" / ".gitkeep").touch()
-    write_config(repo / PREPROCESS, preprocess_config(art, max_batch_size),
+    write_config(repo / PREPROCESS, preprocess_config(art, max_batch_size, budget),
                  f"uint8 pixels, or image / DICOM file bytes -> {art.image_size}² normalised; sides over "
-                 f"{MAX_SIDE} refused.")
+                 f"{MAX_SIDE} refused, files over the decode budget (max_*) refused.")
     write_config(repo / ENGINE, engine_config(art, flavour, max_batch_size, instance_count, instance_kind,
                                               queue_delay_us),
                  f"PDD network, {flavour} flavour: {art.description}.")
@@ -197,7 +202,9 @@ def _write_models(repo: Path, art: EngineArtifact, flavour: str, max_batch_size:
         shutil.copy2(_TEMPLATES / template, repo / name / "1" / "model.py")
     # The repository is deployed without this project: it carries the image reader and the calibration
     # maths with it, one implementation each for local and served results.
-    shutil.copy2(readers.__file__, repo / PREPROCESS / "1" / "readers.py")
+    (repo / PREPROCESS / "1" / READERS_FOLDER).mkdir()
+    for name in readers.BUNDLE:
+        shutil.copy2(_READERS_SOURCE / name, repo / PREPROCESS / "1" / READERS_FOLDER / name)
     shutil.copy2(_CALIBRATION_SOURCE, repo / POSTPROCESS / "1" / _CALIBRATION_COPY)
     version = repo / ENGINE / "1"
     version.mkdir()
@@ -225,7 +232,7 @@ def build_triton_repo(out: str | os.PathLike, flavour: str = "python", model: ob
                       image_size: int | None = None, *, threshold: float | None = None,
                       pixel_threshold: float | None = None, instance_count: int = 1,
                       instance_kind: str | None = None, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
-                      onnx_form: str | None = None) -> Path:
+                      onnx_form: str | None = None, decode_budget: DecodeBudget | None = None) -> Path:
     """Write the PDD model repository to ``out`` and return its path.
 
     The network comes from ``model`` (a :class:`pdd.model.PDDModel`, exported here to ONNX at
@@ -236,7 +243,9 @@ def build_triton_repo(out: str | os.PathLike, flavour: str = "python", model: ob
     given, must name it). The metadata's calibration drives the postprocess model;
     ``threshold`` / ``pixel_threshold`` (raw) replace its image / pixel threshold.
     ``instance_kind``: "cpu", "gpu" or "auto" for the engine (default: gpu for TensorRT, auto for ONNX
-    Runtime, cpu for the Python flavour), with ``instance_count`` instances.
+    Runtime, cpu for the Python flavour), with ``instance_count`` instances. ``decode_budget``: what the
+    preprocess model lets a file sent as bytes claim (:class:`pdd.data.readers.DecodeBudget`; its defaults
+    when None), written into its config.
 
     The four model folders in ``out`` are replaced; other files there (a README) are kept.
     """
@@ -264,7 +273,7 @@ def build_triton_repo(out: str | os.PathLike, flavour: str = "python", model: ob
                                   f"requests as batch 1 and warms up with it; rebuild with --batch 1:OPT:MAX")
         repo = staging / "repo"
         _write_models(repo, art, flavour, max_batch_size, threshold, pixel_threshold, instance_count, instance_kind,
-                      queue_delay_us)
+                      queue_delay_us, decode_budget or DecodeBudget())
         for name, src_file in art.files.items():
             _place(src_file, repo / ENGINE / "1" / name, move=model is not None)
         check_repository(repo)

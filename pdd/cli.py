@@ -243,16 +243,27 @@ def _gate(args: argparse.Namespace, model: Any, result: Any, dataset: Any, devic
     return 0 if gate.passed else 1
 
 
+def _decode_budget(args: argparse.Namespace):
+    """The readers' DecodeBudget with the limits given by --max-pixels … --max-seconds."""
+    from pdd.data.readers import DecodeBudget
+
+    return DecodeBudget().replace(**{name: getattr(args, name) for name in _BUDGET_OPTIONS})
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from pdd.predict import ModelPredictor, predict_with
 
     common = {"batch_size": args.batch_size, "nifti_axis": args.nifti_axis, "dicom_window": args.dicom_window,
-              "skip_bad": args.skip_bad}
+              "skip_bad": args.skip_bad, "budget": _decode_budget(args)}
     if args.server:
-        from export.client import PDDClient, ServerPredictor
+        from export.client import InferenceError, PDDClient, ServerPredictor
 
-        with PDDClient(args.server, protocol=args.protocol, model_name=args.model_name, shm=args.shm) as client:
-            results = predict_with(ServerPredictor(client, args.dicom_window), args.inputs, args.out, **common)
+        try:
+            with PDDClient(args.server, protocol=args.protocol, model_name=args.model_name, shm=args.shm) as client:
+                results = predict_with(ServerPredictor(client, args.dicom_window), args.inputs, args.out, **common)
+        except InferenceError as exc:  # the server's own words, on one line
+            print(f"pdd predict: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
     else:
         device = _device(args.device)
         predictor = ModelPredictor(_model(args, device), device, threshold=args.threshold,
@@ -360,7 +371,8 @@ def cmd_export_triton_repo(args: argparse.Namespace) -> int:
     served, gate, calibration = _served_precision(args)
     model = None if args.engine else _model(args, "cpu", precision="fp32")
     path = build_triton_repo(args.out, flavour=args.flavour, model=model, engine_dir=args.engine,
-                             max_batch_size=args.max_batch_size, onnx_form=args.onnx_form)
+                             max_batch_size=args.max_batch_size, onnx_form=args.onnx_form,
+                             decode_budget=_decode_budget(args))
     if calibration is not None:
         store_calibration(path, calibration)
     record = {"precision": served, "calibration_precision": calibration.precision if calibration else served,
@@ -374,7 +386,8 @@ def cmd_export_triton_repo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from export.serve import serve
 
-    return serve(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+    return serve(args.repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                 restart=not args.no_restart)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -478,6 +491,23 @@ def _add_calibrate(sub: Any) -> None:
     p.set_defaults(fn=cmd_calibrate)
 
 
+# The decode budget's limits (pdd.data.readers.DecodeBudget fields) and what each option's help says.
+_BUDGET_OPTIONS = {
+    "max_pixels": (int, "pixels (rows x columns) of one image, frame or slice"),
+    "max_voxels": (int, "voxels of one volume (the first of a NIfTI series)"),
+    "max_frames": (int, "frames of one multi-frame DICOM file"),
+    "max_bytes": (int, "bytes a file's pixel data claims once decompressed"),
+    "max_seconds": (float, "seconds to decode one file"),
+}
+
+
+def _add_budget_args(p: argparse.ArgumentParser, whose: str) -> None:
+    g = p.add_argument_group("decode budget", f"what one file may claim before {whose} refuses it (checked from "
+                                              "its header; default: pdd.data.readers.DecodeBudget's limits)")
+    for name, (kind, text) in _BUDGET_OPTIONS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
+
+
 def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="score images, folders, DICOM or NIfTI files (locally or on a server)")
     _model_args(p)
@@ -495,6 +525,7 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--shm", action="store_true", help="send inputs through system shared memory")
     p.add_argument("--model-name", default="pdd")
+    _add_budget_args(p, "prediction (with --server: the files this side reads, NIfTI slices and heatmaps)")
     p.set_defaults(fn=cmd_predict, image_size=None)
 
 
@@ -540,6 +571,7 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--image-size", type=int)
     p.add_argument("--force", action="store_true", help="serve a reduced precision whose fidelity gate did not "
                                                         "pass (recorded as forced in OUT/precision.json)")
+    _add_budget_args(p, "the server's preprocess model")
     p.set_defaults(fn=cmd_export_triton_repo)
 
 
@@ -549,6 +581,9 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--no-restart", action="store_true",
+                   help="do not restart the server when it or a Python-backend stub dies (Triton does not restart a "
+                        "killed stub: its model fails every request until the server restarts)")
     p.set_defaults(fn=cmd_serve)
 
 

@@ -130,12 +130,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the images are and how they are read."""
+    """Where the images are and how they are read.
+
+    ``max_pixels``, ``max_voxels``, ``max_frames``, ``max_bytes``, ``max_seconds``: the decode budget's
+    limits (``pdd.data.readers.DecodeBudget``) where set; None keeps the readers' defaults.
+    """
 
     root: str | None = None
     layout: str = "mvtec"
     class_names: tuple[str, ...] = ()
     skip_bad: bool = False
+    max_pixels: int | None = None
+    max_voxels: int | None = None
+    max_frames: int | None = None
+    max_bytes: int | None = None
+    max_seconds: float | None = None
 
     def validate(self) -> None:
         if self.layout not in ("mvtec", "meta_json"):

@@ -26,12 +26,14 @@ from torch import nn
 from pdd.calibration import Calibration, apply_calibration
 from pdd.config import atomic_write_text
 from pdd.data.readers import (
+    DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
     NIFTI_SUFFIXES,
+    DecodeBudget,
     ImageReadError,
     has_dicom_preamble,
+    iter_volume_slices,
     read_image,
-    read_volume_slices,
     to_model_input,
 )
 from pdd.report import heatmap_overlay
@@ -48,7 +50,7 @@ class Item:
 
     name: str                        # file, or file#slice for volumes
     image: np.ndarray | None = None  # (H, W) or (H, W, 3) in [0, 1]
-    data: bytes | None = None        # the encoded file, when the predictor decodes it (``Predictor.reads_dicom``)
+    data: bytes | None = None        # the encoded file, when the predictor decodes it (``Predictor.reads_files``)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class BatchPrediction:
 class Predictor(Protocol):
     """What :func:`predict_with` runs: a local model, a server, any runtime that scores batches of items."""
 
-    reads_dicom: bool   # True: DICOM files arrive as ``Item.data`` bytes, decoded by the predictor
+    reads_files: bool   # True: image and DICOM files arrive as ``Item.data`` bytes, decoded by the predictor
     max_batch_size: int | None
 
     def batch_key(self, item: Item) -> Hashable:
@@ -106,17 +108,19 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _items(files: Sequence[Path], nifti_axis: int, dicom_window: tuple[float, float] | None, skip_bad: bool,
-           skipped: list[dict[str, str]], dicom_as_bytes: bool = False) -> Iterator[Item]:
-    """Every image of ``files`` (a NIfTI volume's slices); DICOM files as bytes with ``dicom_as_bytes``."""
+           skipped: list[dict[str, str]], budget: DecodeBudget, files_as_bytes: bool = False) -> Iterator[Item]:
+    """Every image of ``files`` (a NIfTI volume's slices, one at a time); with ``files_as_bytes``, the image
+    and DICOM files as they are on disk (their size within ``budget.max_bytes``), undecoded."""
     for path in files:
         try:
             if _is_nifti(path):
-                for k, sl in enumerate(read_volume_slices(path, axis=nifti_axis)):
+                for k, sl in enumerate(iter_volume_slices(path, axis=nifti_axis, budget=budget)):
                     yield Item(f"{path}#slice{k}", sl)
-            elif dicom_as_bytes and _starts_as_dicom(path):
+            elif files_as_bytes and _sendable(path):
+                budget.check_file_size(path, path.stat().st_size)
                 yield Item(str(path), data=path.read_bytes())
             else:
-                yield Item(str(path), read_image(path, dicom_window=dicom_window))
+                yield Item(str(path), read_image(path, dicom_window=dicom_window, budget=budget))
         except ImageReadError as exc:
             if not skip_bad:
                 raise
@@ -124,9 +128,11 @@ def _items(files: Sequence[Path], nifti_axis: int, dicom_window: tuple[float, fl
             skipped.append({"path": str(exc.path), "reason": exc.reason})
 
 
-def _starts_as_dicom(path: Path) -> bool:
+def _sendable(path: Path) -> bool:
+    """Whether a file's bytes can go to a predictor as they are: anything but DICOM without its preamble,
+    which only the local reader recognises (by its extension)."""
     with open(path, "rb") as fh:
-        return has_dicom_preamble(fh.read(132))
+        return has_dicom_preamble(fh.read(132)) or path.suffix.lower() not in DICOM_SUFFIXES
 
 
 def _heatmap_png(image: np.ndarray, amap: np.ndarray, path: Path, vmax: float) -> None:
@@ -155,7 +161,7 @@ class ModelPredictor:
     ones, and a model without calibration makes decisions only when ``threshold`` is given.
     """
 
-    reads_dicom = False
+    reads_files = False
     max_batch_size = None
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", threshold: float | None = None,
@@ -191,7 +197,7 @@ class ModelPredictor:
 
 
 def _records(items: Sequence[Item], pred: BatchPrediction, first: int, out: Path | None,
-             dicom_window: tuple[float, float] | None) -> Iterator[dict[str, Any]]:
+             dicom_window: tuple[float, float] | None, budget: DecodeBudget) -> Iterator[dict[str, Any]]:
     """``results.json`` entries of one batch (numbered from ``first``), writing its heatmaps and masks."""
     vmax = max(float(pred.maps.max()), 1e-6)
     for k, it in enumerate(items):
@@ -208,7 +214,8 @@ def _records(items: Sequence[Item], pred: BatchPrediction, first: int, out: Path
                 _mask_png(pred.masks[k], out / "masks" / name)
                 rec["mask"] = f"masks/{name}"
         if out is not None:
-            image = it.image if it.image is not None else read_image(it.name, dicom_window=dicom_window)
+            image = it.image if it.image is not None else read_image(it.name, dicom_window=dicom_window,
+                                                                     budget=budget)
             _heatmap_png(image, pred.maps[k], out / "heatmaps" / name, vmax=vmax)
             rec["heatmap"] = f"heatmaps/{name}"
         yield rec
@@ -216,15 +223,18 @@ def _records(items: Sequence[Item], pred: BatchPrediction, first: int, out: Path
 
 def predict_with(predictor: Predictor, inputs: Sequence[str | os.PathLike],
                  out_dir: str | os.PathLike | None = None, *, batch_size: int = 8, nifti_axis: int = 2,
-                 dicom_window: Sequence[float] | None = None, skip_bad: bool = False) -> dict[str, Any]:
+                 dicom_window: Sequence[float] | None = None, skip_bad: bool = False,
+                 budget: DecodeBudget | None = None) -> dict[str, Any]:
     """Score every input with ``predictor``; writes heatmaps, masks and results.json to ``out_dir`` if given.
 
     Each result has ``input`` and the raw ``score``; with an operating point, ``normalised_score`` (in [0, 1],
     0.5 at the threshold) and ``anomalous``; with masks, ``anomalous_pixels``. A file the predictor cannot
-    decode raises :class:`ImageReadError` naming it, or with ``skip_bad`` is listed in ``skipped``.
+    decode raises :class:`ImageReadError` naming it, or with ``skip_bad`` is listed in ``skipped``; so does a
+    file over ``budget`` (what the files read here may claim: :class:`DecodeBudget`, its defaults when None).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    budget = budget or DecodeBudget()
     limit = min(batch_size, predictor.max_batch_size or batch_size)
     files = collect_inputs(inputs)
     window = (float(dicom_window[0]), float(dicom_window[1])) if dicom_window else None
@@ -247,10 +257,10 @@ def predict_with(predictor: Predictor, inputs: Sequence[str | os.PathLike],
                 log.warning("skipping unreadable file %s: %s", exc.path, exc.reason)
                 skipped.append({"path": str(exc.path), "reason": exc.reason})
                 continue
-            results.extend(_records(batch, pred, len(results), out, window))
+            results.extend(_records(batch, pred, len(results), out, window, budget))
             batch.clear()
 
-    for item in _items(files, nifti_axis, window, skip_bad, skipped, dicom_as_bytes=predictor.reads_dicom):
+    for item in _items(files, nifti_axis, window, skip_bad, skipped, budget, files_as_bytes=predictor.reads_files):
         if batch and (len(batch) == limit or predictor.batch_key(item) != predictor.batch_key(batch[0])):
             flush()
         batch.append(item)
@@ -264,17 +274,18 @@ def predict_with(predictor: Predictor, inputs: Sequence[str | os.PathLike],
 def predict_files(model: nn.Module, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
                   device: torch.device | str = "cpu", batch_size: int = 8, nifti_axis: int = 2,
                   dicom_window: Sequence[float] | None = None, skip_bad: bool = False,
-                  threshold: float | None = None, pixel_threshold: float | None = None) -> dict[str, Any]:
+                  threshold: float | None = None, pixel_threshold: float | None = None,
+                  budget: DecodeBudget | None = None) -> dict[str, Any]:
     """Score every input with a local model: :func:`predict_with` over a :class:`ModelPredictor`.
 
     Decisions use the model's calibration (``model.calibration``): each result has ``normalised_score``
     (in [0, 1], 0.5 at the threshold), ``anomalous`` and ``anomalous_pixels`` (pixels of the mask).
     ``threshold`` / ``pixel_threshold`` (raw scores) replace the calibrated ones; a model without
-    calibration makes decisions only when ``threshold`` is given.
+    calibration makes decisions only when ``threshold`` is given. ``budget``: what each file may claim.
     """
     predictor = ModelPredictor(model, device, threshold=threshold, pixel_threshold=pixel_threshold)
     return predict_with(predictor, inputs, out_dir, batch_size=batch_size, nifti_axis=nifti_axis,
-                        dicom_window=dicom_window, skip_bad=skip_bad)
+                        dicom_window=dicom_window, skip_bad=skip_bad, budget=budget)
 
 
 def _decision_summary(calibration: Calibration | None, threshold: float | None,

@@ -38,7 +38,7 @@ from pdd.baselines import RD4ADModel, build_model, rd4ad_loss
 from pdd.calibration import Calibration
 from pdd.checkpoint import read_checkpoint, save_pdd, store_calibration
 from pdd.config import ConfigError, DataConfig, PDDConfig, atomic_write_text
-from pdd.data import MetaJsonDataset, MVTecStyleDataset, split_train_val
+from pdd.data import DecodeBudget, MetaJsonDataset, MVTecStyleDataset, split_train_val
 from pdd.evaluate import calibrate
 from pdd.losses import pdd_loss
 from pdd.model import TeacherFeatures
@@ -55,10 +55,12 @@ def open_dataset(data: DataConfig, split: str, image_size: int, root: str | os.P
     root = root or data.root
     if root is None:
         raise ConfigError("no data root: set data.root in the config or pass --data DIR")
+    budget = DecodeBudget().replace(max_pixels=data.max_pixels, max_voxels=data.max_voxels, max_frames=data.max_frames,
+                                    max_bytes=data.max_bytes, max_seconds=data.max_seconds)
     if data.layout == "meta_json":
         return MetaJsonDataset(root, split=split, image_size=image_size, class_names=list(data.class_names) or None,
-                               skip_bad=data.skip_bad)
-    return MVTecStyleDataset(root, split=split, image_size=image_size, skip_bad=data.skip_bad)
+                               skip_bad=data.skip_bad, budget=budget)
+    return MVTecStyleDataset(root, split=split, image_size=image_size, skip_bad=data.skip_bad, budget=budget)
 
 
 def teacher_features(model: nn.Module, images: Tensor) -> tuple[Tensor, ...]:

@@ -208,18 +208,27 @@ def test_read_image_bytes_refusals_name_the_data(tmp_path: Path, write_dicom) ->
 
 
 def test_readers_run_without_torch(tmp_path: Path, write_dicom) -> None:
-    """The server's preprocess runs readers.py in an environment without torch (or this package)."""
+    """The server's preprocess runs the bundled readers in an environment without torch (or this package)."""
+    import shutil
     import subprocess
     import sys
 
     import pdd.data.readers as readers
 
+    version = tmp_path / "1"
+    (version / "readers").mkdir(parents=True)
+    for name in readers.BUNDLE:
+        shutil.copy2(Path(readers.__file__).parent / name, version / "readers" / name)
     path = write_dicom(tmp_path / "ct.dcm", np.arange(64).reshape(8, 8) * 40, centre=[40.0], width=[400.0])
-    code = ("import importlib.util, sys; sys.modules['torch'] = None; "
-            f"spec = importlib.util.spec_from_file_location('readers', {readers.__file__!r}); "
+    template = Path(__file__).resolve().parents[1] / "export" / "triton_models" / "preprocess.py"
+    # The preprocess model's own loader, with a stand-in for the module only Triton provides.
+    code = ("import importlib.util, sys, types; sys.modules['torch'] = None; sys.modules['pdd'] = None; "
+            "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils'); "
+            f"spec = importlib.util.spec_from_file_location('preprocess', {str(template)!r}); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            f"print(float(m.read_image_bytes(open({str(path)!r}, 'rb').read()).sum()))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            f"r = m.load_readers(__import__('pathlib').Path({str(version)!r})); "
+            f"print(float(r.read_image_bytes(open({str(path)!r}, 'rb').read()).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) == pytest.approx(float(read_image(path).sum()), rel=1e-6)
 

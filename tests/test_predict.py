@@ -18,7 +18,7 @@ from pdd.predict import BatchPrediction, Item, predict_with
 class _Predictor:
     """Scores an image by its mean; batches only images of one shape; refuses the items named ``bad``."""
 
-    reads_dicom = False
+    reads_files = False
 
     def __init__(self, max_batch_size: int | None = None, bad: Sequence[str] = (), decide: bool = True) -> None:
         self.max_batch_size, self.bad, self.decide = max_batch_size, set(bad), decide
@@ -102,3 +102,65 @@ def test_load_model_sets_the_image_size_through_the_config(tmp_path):
         load_model(ckpt, config="brain-synth")
     with pytest.raises(ValueError, match="needs a checkpoint"):
         load_model()
+
+
+class _FileReader(_Predictor):
+    """A predictor that decodes files itself (as the server does): records what it was sent, refuses ``bad``."""
+
+    reads_files = True
+
+    def __init__(self, bad: Sequence[str] = ()) -> None:
+        super().__init__(bad=bad)
+        self.sent: list[tuple[str, bytes | None]] = []
+
+    def batch_key(self, item: Item) -> Hashable:
+        return "bytes" if item.data is not None else item.image.shape
+
+    def predict(self, items: Sequence[Item]) -> BatchPrediction:
+        for it in items:
+            if it.name in self.bad:
+                raise ImageReadError(it.name, "refused by the stand-in server")
+        self.sent += [(Path(it.name).name, it.data) for it in items]
+        scores = np.zeros(len(items), np.float32)
+        return BatchPrediction(scores, np.zeros((len(items), 4, 4), np.float32))
+
+
+def test_files_go_to_a_file_reading_predictor_undecoded(tmp_path, write_dicom):
+    """`pdd predict --server`: images and DICOM files are sent as they are (a bomb is never decoded on this
+    side); NIfTI slices and preamble-less DICOM files are read here and sent as pixels."""
+    import nibabel as nib
+    from pydicom import dcmread
+
+    from benchmarks.hostile_files import png
+
+    bomb = png(tmp_path / "bomb.png", 12000, 12000)
+    good = _write(tmp_path, "good.png", 10, (8, 8))
+    dicom = write_dicom(tmp_path / "ct.dcm", np.arange(64).reshape(8, 8))
+    bare = tmp_path / "bare.dcm"
+    ds = dcmread(dicom)
+    ds.preamble = None
+    ds.save_as(bare, enforce_file_format=False, little_endian=True, implicit_vr=False)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 2), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    predictor = _FileReader(bad=[str(bomb)])
+    inputs = [bomb, good, dicom, bare, tmp_path / "v.nii.gz"]
+    summary = predict_with(predictor, inputs, skip_bad=True)
+    assert summary["skipped"] == [{"path": str(bomb), "reason": "refused by the stand-in server"}]
+    sent = dict(predictor.sent)
+    assert sent["good.png"] == good.read_bytes() and sent["ct.dcm"] == dicom.read_bytes()
+    assert sent["bare.dcm"] is None and sent["v.nii.gz#slice0"] is None and sent["v.nii.gz#slice1"] is None
+    with pytest.raises(ImageReadError, match=r"bomb\.png: refused by the stand-in server"):
+        predict_with(predictor, inputs)
+
+
+def test_local_prediction_refuses_an_over_budget_file_or_skips_it(tmp_path):
+    from benchmarks.hostile_files import png
+    from pdd.data.readers import DecodeBudget, DecodeBudgetError
+
+    bomb = png(tmp_path / "bomb.png", 12000, 12000)
+    good = _write(tmp_path, "good.png", 10, (8, 8))
+    with pytest.raises(DecodeBudgetError, match=r"bomb\.png: its header claims 12000 x 12000"):
+        predict_with(_Predictor(), [good, bomb])
+    summary = predict_with(_Predictor(), [good, bomb], skip_bad=True)
+    assert summary["scored"] == 1 and "max_pixels = 33,554,432" in summary["skipped"][0]["reason"]
+    strict = predict_with(_Predictor(), [good, bomb], skip_bad=True, budget=DecodeBudget(max_pixels=63))
+    assert strict["scored"] == 0 and "max_pixels = 63" in strict["skipped"][0]["reason"]

@@ -369,7 +369,7 @@ def test_serve_prints_docker_line_and_stops_on_ctrl_c(repo, monkeypatch, capsys)
             events.append("stop")
 
     monkeypatch.setattr(serve_module, "TritonServer", Interrupted)
-    assert serve_module.serve(repo, 9000, 9001, 9002) == 0
+    assert serve_module.serve(repo, 9000, 9001, 9002, restart=False) == 0
     assert events[0] == ("start", 9000, 9001, 9002, "127.0.0.1") and "stop" in events
     out = capsys.readouterr().out
     assert "docker run --rm --shm-size=1g --ipc=host -p 9000:8000 -p 9001:8001 -p 9002:8002" in out

@@ -33,7 +33,8 @@ from export.triton_repo import (
 )
 from kernels.ort_ops import BUNDLE
 from pdd.calibration import Calibration
-from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD
+from pdd.data import readers
+from pdd.data.readers import IMAGENET_MEAN, IMAGENET_STD, DecodeBudget
 
 
 @pytest.fixture()
@@ -108,7 +109,11 @@ def test_every_flavour_parses_and_is_wired(tmp_path, onnx_dir, engine_dir, flavo
     assert [float(v) for v in pre.parameters["std"].string_value.split(",")] == list(IMAGENET_STD)
     assert pre.parameters["image_size"].string_value == "64"
     assert (repo / "preprocess" / "1" / "model.py").read_text() == (TEMPLATES / "preprocess.py").read_text()
-    assert (repo / "preprocess" / "1" / "readers.py").read_text() == (ROOT / "pdd/data/readers.py").read_text()
+    for name in readers.BUNDLE:
+        assert (repo / "preprocess" / "1" / "readers" / name).read_text() == (ROOT / "pdd/data" / name).read_text()
+    budget = DecodeBudget()
+    for key in ("max_pixels", "max_voxels", "max_frames", "max_bytes", "max_seconds"):
+        assert pre.parameters[key].string_value == str(getattr(budget, key))
     assert [i.name for i in pre.input] == [i.name for i in ens.input]
     post = parsed["postprocess"]
     record = post.parameters["calibration"].string_value
@@ -337,3 +342,15 @@ def test_docker_command_per_flavour(tmp_path, onnx_dir, engine_dir):
     trt = docker_command(build_triton_repo(tmp_path / "trt", flavour="tensorrt", engine_dir=engine_dir))
     assert "--gpus all" in trt and "tritonserver:<yy.mm>-py3" in trt
     assert "tritonserver:25.01-py3" in docker_command(tmp_path / "trt", tag="25.01")
+
+
+def test_the_export_command_writes_the_decode_budget(tmp_path, onnx_dir):
+    """`pdd export triton-repo --max-pixels ...`: the server's preprocess decodes files under that budget."""
+    from pdd.cli import main
+
+    out = tmp_path / "repo"
+    assert main(["export", "triton-repo", "--engine", str(onnx_dir), "--out", str(out), "--max-pixels", "1000000",
+                 "--max-seconds", "5"]) == 0
+    params = parse_config(out / "preprocess" / "config.pbtxt").parameters
+    assert params["max_pixels"].string_value == "1000000" and params["max_seconds"].string_value == "5.0"
+    assert params["max_frames"].string_value == str(DecodeBudget().max_frames)

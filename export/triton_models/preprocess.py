@@ -9,16 +9,19 @@ Inputs (a request carries exactly one of ``images`` and ``images_encoded``; the 
 * ``dicom_window``    FP32 (B, 2), optional, with ``images_encoded`` only: (centre, width) per image in
   rescaled units (HU for CT), overriding the DICOM file's own window; ignored for other formats.
 
-Files are decoded, resized and normalised by ``readers.py`` beside this file: ``pdd/data/readers.py``,
-which ``export/triton_repo.py`` places there, so the server computes exactly what ``pdd predict`` does
-locally (``readers.preprocess``). Output: ``normalised`` FP32 (B, 3, S, S): the image in [0, 1] (uint8
-pixels times 1/255), resized bilinearly with antialiasing, grey replicated to three channels, then
-ImageNet-normalised by ``readers.normalise_nhwc``, the function an ONNX export traces into its graph.
+Files are decoded, resized and normalised by the ``readers/`` folder beside this file: the files of
+``pdd/data/`` named by ``pdd.data.readers.BUNDLE``, which ``export/triton_repo.py`` places there and which are
+imported as one package, so the server computes exactly what ``pdd predict`` does locally
+(``readers.preprocess``) and decodes under the same decode budget (``readers.DecodeBudget``). Output:
+``normalised`` FP32 (B, 3, S, S): the image in [0, 1] (uint8 pixels times 1/255), resized bilinearly with
+antialiasing, grey replicated to three channels, then ImageNet-normalised by ``readers.normalise_nhwc``, the
+function an ONNX export traces into its graph.
 
 Parameters from ``config.pbtxt`` (written by ``export/triton_repo.py`` from the export metadata):
 ``image_size`` (S), ``mean`` and ``std`` (three comma-separated floats each: the normalisation the model
 was exported with, which must be the readers' own), ``max_side``, ``output_dtype`` (the engine's input
-type: float32, or float16 for an fp16 TensorRT engine).
+type: float32, or float16 for an fp16 TensorRT engine), and the decode budget's fields (``max_pixels``,
+``max_voxels``, ``max_frames``, ``max_bytes``, ``max_seconds``; the readers' defaults where absent).
 
 A bad request (both or neither input, a wrong channel count, an empty or oversized image, bytes that
 are not an image) gets an error response of its own; the other requests of the batch are served. A file
@@ -29,23 +32,28 @@ The server's Python environment needs numpy and Pillow, and pydicom for DICOM fi
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
+import sys
+import types
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-READERS_FILE = "readers.py"
+# The bundled readers beside this file (the generator's READERS_FOLDER), and the package name they are
+# imported under: not "pdd", so that they never stand in for, or are shadowed by, the project.
+READERS_FOLDER = "readers"
+_READERS_PACKAGE = "pdd_served_readers"
 
 
 class RequestError(ValueError):
     """A problem with one request's data: reported to that client, never raised out of ``execute``."""
 
 
-def check_pixels(images: np.ndarray, max_side: int) -> None:
-    """Refuse a uint8 batch that is empty, not (B, H, W, 1|3) or larger than ``max_side``."""
+def check_pixels(images: np.ndarray, max_side: int, max_pixels: int) -> None:
+    """Refuse a uint8 batch that is empty, not (B, H, W, 1|3), or with images over ``max_side`` or ``max_pixels``."""
     if images.ndim != 4:
         raise RequestError(f"'images' must be uint8 (batch, height, width, channels), got shape {images.shape}")
     b, h, w, c = images.shape
@@ -59,18 +67,33 @@ def check_pixels(images: np.ndarray, max_side: int) -> None:
     if max(h, w) > max_side:
         raise RequestError(f"'images' is {h}x{w}; the largest side accepted is {max_side} pixels: "
                            "downscale before sending")
+    if h * w > max_pixels:
+        raise RequestError(f"'images' is {h}x{w} = {h * w:,} pixels per image, over the decode budget's max_pixels "
+                           f"= {max_pixels:,}: downscale before sending")
 
 
 def load_readers(version_dir: Path) -> ModuleType:
-    """The image readers bundled beside this model (``pdd/data/readers.py``), imported from their file."""
-    path = version_dir / READERS_FILE
-    if not path.is_file():
-        raise pb_utils.TritonModelException(f"{path} is missing; regenerate the repository with "
+    """The image readers bundled beside this model (``readers/readers.py`` and the modules it imports)."""
+    folder = version_dir / READERS_FOLDER
+    if not (folder / "readers.py").is_file():
+        raise pb_utils.TritonModelException(f"{folder / 'readers.py'} is missing; regenerate the repository with "
                                             "`pdd export triton-repo`, which places it there")
-    spec = importlib.util.spec_from_file_location("pdd_readers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # A package made from the folder alone (it has no __init__.py): its modules import each other relatively.
+    for name in [m for m in sys.modules if m == _READERS_PACKAGE or m.startswith(f"{_READERS_PACKAGE}.")]:
+        del sys.modules[name]
+    package = types.ModuleType(_READERS_PACKAGE)
+    package.__path__ = [str(folder)]
+    sys.modules[_READERS_PACKAGE] = package
+    return importlib.import_module(f"{_READERS_PACKAGE}.readers")
+
+
+def decode_budget(readers: ModuleType, params: dict[str, str]) -> object:
+    """The readers' DecodeBudget with the fields config.pbtxt sets (its defaults for the others)."""
+    fields = {"max_pixels": int, "max_voxels": int, "max_frames": int, "max_bytes": int, "max_seconds": float}
+    try:
+        return readers.DecodeBudget(**{k: kind(params[k]) for k, kind in fields.items() if params.get(k)})
+    except ValueError as exc:
+        raise pb_utils.TritonModelException(f"config.pbtxt: {exc}") from None
 
 
 def check_normalisation(readers: ModuleType, params: dict[str, str]) -> None:
@@ -112,6 +135,7 @@ class TritonPythonModel:
         self.size = int(params["image_size"])
         self.max_side = int(params["max_side"])
         check_normalisation(self.readers, params)
+        self.budget = decode_budget(self.readers, params)
         self.dtype = np.dtype(params["output_dtype"])
 
     def _one(self, request: pb_utils.InferenceRequest) -> np.ndarray:
@@ -125,7 +149,7 @@ class TritonPythonModel:
                 raise RequestError("'dicom_window' applies to DICOM files in 'images_encoded'; pixels in 'images' "
                                    "are already windowed")
             images = pixels.as_numpy()
-            check_pixels(images, self.max_side)
+            check_pixels(images, self.max_side, self.budget.max_pixels)
             return self.readers.preprocess(images, self.size)
         items = encoded.as_numpy().reshape(-1)
         if items.size == 0:
@@ -135,7 +159,7 @@ class TritonPythonModel:
         for i, item in enumerate(items):
             try:
                 image = self.readers.read_image_bytes(
-                    bytes(item), f"'images_encoded'[{i}]", max_side=self.max_side,
+                    bytes(item), f"'images_encoded'[{i}]", max_side=self.max_side, budget=self.budget,
                     dicom_window=None if windows is None else tuple(windows[i]))
             except ImportError as exc:
                 raise RequestError(f"'images_encoded'[{i}] needs {exc.name}, which this server's Python "

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from pdd.data.readers import IMAGE_SUFFIXES, ImageReadError, read_image, read_mask, to_model_input
+from pdd.data.readers import IMAGE_SUFFIXES, DecodeBudget, ImageReadError, read_image, read_mask, to_model_input
 
 __all__ = ["MASK_SUFFIXES", "AnomalyDataset", "MVTecStyleDataset", "MetaJsonDataset", "Sample", "split_train_val"]
 
@@ -58,13 +58,16 @@ class AnomalyDataset(Dataset):
     """Reads :class:`Sample` entries into model-ready dicts; subclasses only list the samples.
 
     ``samples`` (list of :class:`Sample`) says what each index is without reading it; ``skipped`` lists
-    ``(path, reason)`` for files dropped by ``skip_bad``.
+    ``(path, reason)`` for files dropped by ``skip_bad``. ``budget``: what each file may claim (the
+    readers' :class:`DecodeBudget`); a file over it is unreadable like a damaged one.
     """
 
-    def __init__(self, samples: list[Sample], image_size: int, skip_bad: bool, source: str) -> None:
+    def __init__(self, samples: list[Sample], image_size: int, skip_bad: bool, source: str,
+                 budget: DecodeBudget | None = None) -> None:
         if not samples:
             raise ValueError(f"{source}: no images found")
         self.image_size = int(image_size)
+        self.budget = budget
         self.skipped: list[tuple[str, str]] = []
         if skip_bad:
             samples = self._drop_unreadable(samples)
@@ -77,9 +80,9 @@ class AnomalyDataset(Dataset):
         kept = []
         for sample in samples:
             try:
-                read_image(sample.path)
+                read_image(sample.path, budget=self.budget)
                 if sample.mask_path is not None:
-                    read_mask(sample.mask_path)
+                    read_mask(sample.mask_path, budget=self.budget)
             except ImageReadError as exc:
                 warnings.warn(f"skipping unreadable file {exc.path}: {exc.reason}", stacklevel=3)
                 self.skipped.append((exc.path, exc.reason))
@@ -92,9 +95,10 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = to_model_input(read_image(sample.path), self.image_size)
+        image = to_model_input(read_image(sample.path, budget=self.budget), self.image_size)
         if sample.mask_path is not None:
-            mask = torch.from_numpy(read_mask(sample.mask_path, self.image_size).astype(np.float32))[None]
+            mask = read_mask(sample.mask_path, self.image_size, budget=self.budget)
+            mask = torch.from_numpy(mask.astype(np.float32))[None]
         else:
             mask = torch.zeros(1, self.image_size, self.image_size, dtype=torch.float32)
         return {
@@ -142,6 +146,7 @@ class MVTecStyleDataset(AnomalyDataset):
         image_size: int = 256,
         skip_bad: bool = False,
         class_name: str | None = None,
+        budget: DecodeBudget | None = None,
     ) -> None:
         _check_split(split)
         self.root = Path(root)
@@ -173,6 +178,7 @@ class MVTecStyleDataset(AnomalyDataset):
             image_size,
             skip_bad,
             f"{split_dir} (looked for {', '.join(IMAGE_SUFFIXES)} files in {', '.join(d + '/' for d in defects)})",
+            budget,
         )
 
 
@@ -191,6 +197,7 @@ class MetaJsonDataset(AnomalyDataset):
         class_names: Sequence[str] | None = None,
         image_size: int = 256,
         skip_bad: bool = False,
+        budget: DecodeBudget | None = None,
     ) -> None:
         _check_split(split)
         self.root = Path(root)
@@ -225,7 +232,7 @@ class MetaJsonDataset(AnomalyDataset):
                     ) from None
                 mask = self.root / mask_rel if mask_rel else None
                 samples.append(Sample(image, label, mask, entry.get("cls_name", name), entry.get("specie_name", "")))
-        super().__init__(samples, image_size, skip_bad, f"{meta_path} ({split}, classes {names})")
+        super().__init__(samples, image_size, skip_bad, f"{meta_path} ({split}, classes {names})", budget)
 
 
 def split_train_val(dataset: AnomalyDataset, val_fraction: float, seed: int = 0) -> tuple[Subset, Subset]:

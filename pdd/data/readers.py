@@ -5,13 +5,20 @@ How raw values reach ``[0, 1]``:
 
 * 8-bit Pillow images: ``value * PIXEL_SCALE`` (1/255; the stored bytes already are a display image);
 * 16-bit / 32-bit / float Pillow images, DICOM without a window, NIfTI: robust min/max, i.e. the 0.5th and
-  99.5th percentiles map to 0 and 1 (clipped); a constant image becomes all zeros;
+  99.5th percentiles map to 0 and 1 (clipped); a constant image becomes all zeros (:mod:`.intensity`);
 * DICOM with a window (from the file or ``dicom_window``): the DICOM linear VOI function, after
-  RescaleSlope/RescaleIntercept; MONOCHROME1 is inverted so that bright always means dense / high signal.
+  RescaleSlope/RescaleIntercept; MONOCHROME1 is inverted so that bright always means dense / high signal
+  (:mod:`.dicom_io`).
 
 NIfTI volumes are reoriented to the closest RAS+ axes first, so ``axis`` 0/1/2 are sagittal/coronal/axial
 for any well-formed file, and each slice is rotated (``np.rot90``) so anterior (axial) or superior (sagittal,
-coronal) is at the top of the image. ``np.rot90(slice_map, -1)`` undoes the rotation.
+coronal) is at the top of the image. ``np.rot90(slice_map, -1)`` undoes the rotation (:mod:`.nifti_io`).
+
+**The decode budget.** Every reader takes ``budget=`` (a :class:`DecodeBudget`; its defaults when None) and
+checks the file's header against it before any pixel is decoded: pixels per image, voxels per volume, frames,
+decompressed bytes, and a time bound per file. Over it, the reader raises :class:`DecodeBudgetError` or
+:class:`DecodeTimeoutError`, both an :class:`ImageReadError` naming the file, the claim and the limit
+(:mod:`.budget`). Volumes are read plane by plane (:func:`iter_volume_slices`).
 
 Preprocessing (decoded image -> model input) is defined here once: :func:`resize_rgb` (to float RGB
 (B, S, S, 3) in [0, 1]) then :func:`normalise_nhwc`, which takes numpy arrays or torch tensors, so local
@@ -20,8 +27,9 @@ and the server's preprocess model all run the same formula.
 
 :func:`read_image_bytes` decodes the bytes of one file the same way (what an inference server receives).
 The readers need numpy and Pillow (pydicom and nibabel load only for their formats), not torch: Triton
-Inference Server's preprocess model runs this very file, which ``export/triton_repo.py`` bundles into the
-model repository. Only :func:`to_model_input` and :func:`read_mask` import torch, when called.
+Inference Server's preprocess model runs these very files (:data:`BUNDLE`, this module and the modules it
+imports, which import each other relatively for that reason), which ``export/triton_repo.py`` bundles into
+the model repository. Only :func:`to_model_input` and :func:`read_mask` import torch, when called.
 
 Example::
 
@@ -33,27 +41,48 @@ from __future__ import annotations
 
 import gzip
 import io
+import struct
+import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .budget import (
+    DEFAULT_BUDGET,
+    Deadline,
+    DecodeBudget,
+    DecodeBudgetError,
+    DecodeTimeoutError,
+    ImageReadError,
+    TimedReader,
+    check_side,
+)
+from .dicom_io import read_dicom
+from .intensity import PIXEL_SCALE, robust_normalise
+from .nifti_io import NiftiVolume, check_axis
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "BUNDLE",
     "DICOM_SUFFIXES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",
     "PIXEL_SCALE",
+    "DecodeBudget",
+    "DecodeBudgetError",
+    "DecodeTimeoutError",
     "ImageReadError",
     "has_dicom_preamble",
     "image_batch",
+    "iter_volume_slices",
     "normalise_nhwc",
     "preprocess",
     "read_image",
@@ -66,11 +95,13 @@ __all__ = [
     "to_model_input",
 ]
 
+# The files of pdd/data/ that read images without this project around them: what the server's preprocess
+# model carries (export/triton_repo.py copies them into one folder, imported there as a package).
+BUNDLE = ("readers.py", "budget.py", "intensity.py", "dicom_io.py", "nifti_io.py")
+
 # The normalisation every model input gets; export metadata and the server's config record these values.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# uint8 pixel -> [0, 1]. A multiplication, used by every path, so 8-bit pixels give bit-identical floats.
-PIXEL_SCALE = 1.0 / 255.0
 
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -79,37 +110,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = PILLOW_SUFFIXES + DICOM_SUFFIXES
 
 _PILLOW_FORMATS = "PNG, JPEG, BMP, TIFF"
-# Percentiles for the robust min/max: ignores a few hot pixels and burnt-in labels.
-_ROBUST_PERCENTILES = (0.5, 99.5)
-
-
-class ImageReadError(ValueError):
-    """A file could not be read as an image; the message names the file and the reason."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot read image {self.path}: {reason}")
-
-
-def robust_normalise(values: np.ndarray) -> np.ndarray:
-    """Map the 0.5th/99.5th percentiles to 0/1 and clip; any real array -> float32 same shape in [0, 1].
-
-    Falls back to the exact min/max when the percentiles coincide (a small bright object on a flat
-    background), and returns zeros for a constant array instead of dividing by zero.
-    """
-    values = np.asarray(values, dtype=np.float32)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return np.zeros(values.shape, dtype=np.float32)
-    lo, hi = np.percentile(finite, _ROBUST_PERCENTILES)
-    if hi <= lo:
-        lo, hi = float(finite.min()), float(finite.max())
-    if hi <= lo:
-        return np.zeros(values.shape, dtype=np.float32)
-    out = (values - np.float32(lo)) / np.float32(hi - lo)
-    out = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0)
-    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+# Pillow warns of images over its MAX_IMAGE_PIXELS (89 M) as it opens them; the decode budget decides right
+# after, from the same header, with an error that names the file, so the warning only adds noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _suffix(path: Path) -> str:
@@ -156,6 +159,7 @@ def read_image(
     dicom_frame: int = 0,
     nifti_axis: int = 2,
     nifti_slice: int | None = None,
+    budget: DecodeBudget | None = None,
 ) -> np.ndarray:
     """Read one 2-D image as float32 ``(H, W)`` (grey) or ``(H, W, 3)`` (colour) in [0, 1].
 
@@ -163,18 +167,23 @@ def read_image(
     extension as a fallback. ``dicom_window`` is ``(centre, width)`` in rescaled units (HU for CT) and
     overrides the file's window; ``dicom_frame`` picks the frame of a multi-frame DICOM. ``nifti_axis``
     and ``nifti_slice`` pick one slice of a volume (default: the middle one; negative counts from the end).
-    Raises :class:`ImageReadError` for missing, truncated or undecodable files.
+    ``budget``: what the file may claim (default :class:`DecodeBudget`'s defaults).
+    Raises :class:`ImageReadError` for missing, truncated, undecodable or over-budget files.
     """
     path = Path(path)
+    budget = budget or DEFAULT_BUDGET
     kind = _sniff(path)
-    if kind == "dicom":
-        return _read_dicom(path, str(path), dicom_window, dicom_frame)
+    deadline = budget.deadline(path)
     if kind == "nifti":
-        _check_axis(path, nifti_axis)
-        volume = _read_nifti_volume(path)
-        index = volume.shape[nifti_axis] // 2 if nifti_slice is None else nifti_slice
-        return _nifti_slices(path, volume, nifti_axis, [index])[0]
-    return _read_pillow(path, str(path), f"{_PILLOW_FORMATS}, DICOM or NIfTI")
+        check_axis(path, nifti_axis)
+        volume = NiftiVolume(path, budget, deadline)
+        index = volume.depth(nifti_axis) // 2 if nifti_slice is None else nifti_slice
+        return next(volume.slices(nifti_axis, [index]))
+    budget.check_file_size(path, path.stat().st_size)
+    with open(path, "rb") as fh:
+        if kind == "dicom":
+            return read_dicom(fh, str(path), dicom_window, dicom_frame, budget, deadline)
+        return _read_pillow(fh, str(path), f"{_PILLOW_FORMATS}, DICOM or NIfTI", budget, deadline)
 
 
 def read_image_bytes(
@@ -184,47 +193,65 @@ def read_image_bytes(
     dicom_window: tuple[float, float] | None = None,
     dicom_frame: int = 0,
     max_side: int | None = None,
+    budget: DecodeBudget | None = None,
 ) -> np.ndarray:
     """Read one 2-D image from the bytes of a file, as :func:`read_image` reads the file itself.
 
     ``data``: a PNG / JPEG / BMP / TIFF file, or a DICOM file with its preamble (``DICM`` at byte 128; NIfTI
     volumes are sliced by the sender with :func:`read_volume_slices`). ``name`` is what errors call the data.
     ``max_side``: refuse images with a larger side, checked from the header before the pixels are decoded.
+    ``budget``: what the file may claim (default :class:`DecodeBudget`'s defaults).
     Raises :class:`ImageReadError` for data that is empty, too large, or not a readable image.
     """
+    budget = budget or DEFAULT_BUDGET
     if not data:
         raise ImageReadError(name, "file is empty")
+    deadline = budget.deadline(name)
     if has_dicom_preamble(data):
-        return _read_dicom(io.BytesIO(data), name, dicom_window, dicom_frame, max_side)
-    return _read_pillow(io.BytesIO(data), name, f"{_PILLOW_FORMATS}, or DICOM with its 128-byte preamble", max_side)
+        return read_dicom(io.BytesIO(data), name, dicom_window, dicom_frame, budget, deadline, max_side)
+    return _read_pillow(io.BytesIO(data), name, f"{_PILLOW_FORMATS}, or DICOM with its 128-byte preamble", budget,
+                        deadline, max_side)
 
 
-def _check_side(name: str, height: int, width: int, max_side: int | None) -> None:
-    if max_side is not None and max(height, width) > max_side:
-        raise ImageReadError(name, f"the image is {height}x{width} pixels; the largest side accepted is {max_side} "
-                                   "pixels: downscale it first")
-
-
-def read_volume_slices(path: str | Path, axis: int = 2, slices: Sequence[int] | None = None) -> list[np.ndarray]:
-    """Read a NIfTI volume as a list of float32 ``(H, W)`` slices in [0, 1], for per-slice prediction.
+def iter_volume_slices(path: str | Path, axis: int = 2, slices: Sequence[int] | None = None, *,
+                       budget: DecodeBudget | None = None) -> Iterator[np.ndarray]:
+    """The slices of a NIfTI volume one at a time, float32 ``(H, W)`` in [0, 1]: memory holds one plane.
 
     ``axis`` is a RAS+ axis (0 sagittal, 1 coronal, 2 axial); ``slices`` lists indices along it (all when
-    None). The whole volume shares one robust min/max so intensities are comparable between slices.
+    None). The whole volume shares one robust min/max so intensities are comparable between slices. The
+    header is checked against ``budget`` (and the whole volume read for its intensity range) before the
+    first slice is returned; ``budget.max_seconds`` counts the reading, not the time the caller spends
+    between slices.
     """
     path = Path(path)
+    budget = budget or DEFAULT_BUDGET
     if _sniff(path) != "nifti":
         raise ImageReadError(path, "not a NIfTI file (expected .nii or .nii.gz with a NIfTI header)")
-    _check_axis(path, axis)
-    volume = _read_nifti_volume(path)
-    return _nifti_slices(path, volume, axis, list(range(volume.shape[axis]) if slices is None else slices))
+    check_axis(path, axis)
+    return NiftiVolume(path, budget, budget.deadline(path)).slices(axis, slices)
 
 
-def _read_pillow(source: Path | IO[bytes], name: str, formats: str, max_side: int | None = None) -> np.ndarray:
+def read_volume_slices(path: str | Path, axis: int = 2, slices: Sequence[int] | None = None, *,
+                       budget: DecodeBudget | None = None) -> list[np.ndarray]:
+    """A NIfTI volume as a list of float32 ``(H, W)`` slices in [0, 1]: :func:`iter_volume_slices`, collected."""
+    return list(iter_volume_slices(path, axis, slices, budget=budget))
+
+
+def _bytes_per_sample(mode: str) -> int:
+    return 2 if "16" in mode else 4 if mode in ("I", "F") else 1
+
+
+def _read_pillow(source: IO[bytes], name: str, formats: str, budget: DecodeBudget, deadline: Deadline,
+                 max_side: int | None = None) -> np.ndarray:
     """``formats``: what the error for an unrecognised file says is expected instead."""
     try:
-        with Image.open(source) as img:
-            _check_side(name, img.height, img.width, max_side)
+        with Image.open(TimedReader(source, deadline)) as img:
+            # Image.open parsed the header only: the claim is checked before anything is decoded.
+            budget.check_image(name, img.height, img.width, samples=len(img.getbands()),
+                               bytes_per_sample=_bytes_per_sample(img.mode))
+            check_side(name, img.height, img.width, max_side)
             img.load()
+            deadline.check("converting the pixels")
             # Cameras and some scanners store the display orientation in EXIF only.
             img = ImageOps.exif_transpose(img)
             return _pillow_to_array(img)
@@ -232,8 +259,17 @@ def _read_pillow(source: Path | IO[bytes], name: str, formats: str, max_side: in
         raise
     except UnidentifiedImageError:
         raise ImageReadError(name, f"unrecognised image format (expected {formats})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(name, f"corrupt or truncated image data ({exc})") from None
+    except Image.DecompressionBombError:
+        # Pillow's own limit, checked in Image.open before the budget can be: the same refusal.
+        pillow = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if budget.max_pixels < pillow:
+            raise DecodeBudgetError(name, f"its header claims more than {pillow:,} pixels per image", "max_pixels",
+                                    budget.max_pixels) from None
+        raise ImageReadError(name, f"its header claims more than {pillow:,} pixels per image, over Pillow's own "
+                                   "limit (PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, struct.error) as exc:
+        # Pillow's plugins fail on corrupt data with these too (a TIFF strip offset stored as a fraction: TypeError).
+        raise ImageReadError(name, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from None
 
 
 def _pillow_to_array(img: Image.Image) -> np.ndarray:
@@ -244,126 +280,6 @@ def _pillow_to_array(img: Image.Image) -> np.ndarray:
         return np.asarray(img.convert("L"), dtype=np.float32) * np.float32(PIXEL_SCALE)
     # Palette, RGBA, CMYK, YCbCr...: alpha carries no anatomy, so it is dropped.
     return np.asarray(img.convert("RGB"), dtype=np.float32) * np.float32(PIXEL_SCALE)
-
-
-def _first(value: object) -> float:
-    """First entry of a possibly multi-valued DICOM number (WindowCenter can hold several windows)."""
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return float(value[0])
-    return float(value)  # type: ignore[arg-type]
-
-
-def _dicom_attr(ds: object, frame: int, sequence: str, keyword: str) -> object | None:
-    """A frame's attribute from the top level, else the enhanced-DICOM per-frame or shared groups."""
-    value = getattr(ds, keyword, None)
-    if value is not None:
-        return value
-    for groups_name, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        groups = getattr(ds, groups_name, None)
-        if groups is None or index >= len(groups):
-            continue
-        items = getattr(groups[index], sequence, None)
-        if items:
-            value = getattr(items[0], keyword, None)
-            if value is not None:
-                return value
-    return None
-
-
-def _read_dicom(source: Path | IO[bytes], name: str, window: tuple[float, float] | None, frame: int,
-                max_side: int | None = None) -> np.ndarray:
-    # pydicom and nibabel belong to the optional "data" extra, so they load only when such a file shows up.
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(source, force=True)
-    except Exception as exc:
-        # force=True parses anything, so garbage fails with arbitrary exception types; all mean "not DICOM".
-        raise ImageReadError(name, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        hint = "" if getattr(ds, "preamble", None) else " (and no DICOM preamble: it may not be a DICOM file at all)"
-        raise ImageReadError(name, f"DICOM file has no pixel data{hint}")
-    _check_side(name, int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0), max_side)
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:
-        # pydicom raises a wide range of types (missing codec, bad length, unknown syntax); all mean the same.
-        raise ImageReadError(name, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from None
-    n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    if n_frames > 1:
-        if not -n_frames <= frame < n_frames:
-            raise ValueError(f"{name}: dicom_frame={frame} is out of range, the file has {n_frames} frames")
-        pixels = pixels[frame]
-        frame %= n_frames
-    elif frame not in (0, -1):
-        raise ValueError(f"{name}: dicom_frame={frame} is out of range, the file has a single frame")
-    if samples == 3:
-        bits = int(getattr(ds, "BitsStored", 8) or 8)
-        return np.clip(pixels.astype(np.float32) / np.float32(2**bits - 1), 0.0, 1.0)
-    if pixels.ndim != 2:
-        raise ImageReadError(name, f"expected a 2-D grey frame, got pixel array of shape {pixels.shape}")
-
-    values = pixels.astype(np.float64)
-    slope = _dicom_attr(ds, frame, "PixelValueTransformationSequence", "RescaleSlope")
-    intercept = _dicom_attr(ds, frame, "PixelValueTransformationSequence", "RescaleIntercept")
-    values = values * (1.0 if slope is None else _first(slope)) + (0.0 if intercept is None else _first(intercept))
-
-    if window is None:
-        centre = _dicom_attr(ds, frame, "FrameVOILUTSequence", "WindowCenter")
-        width = _dicom_attr(ds, frame, "FrameVOILUTSequence", "WindowWidth")
-        if centre is not None and width is not None and _first(width) >= 1:
-            window = (_first(centre), _first(width))
-    if window is not None:
-        centre, width = float(window[0]), float(window[1])
-        if width < 1:
-            raise ValueError(f"{name}: DICOM window width must be >= 1, got {width}")
-        if width == 1:
-            # The standard's width-1 window is a threshold at centre − 0.5.
-            out = (values > centre - 0.5).astype(np.float32)
-        else:
-            # DICOM PS3.3 C.11.2.1.2.1 linear VOI function, output range [0, 1].
-            out = np.clip((values - (centre - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0).astype(np.float32)
-    else:
-        out = robust_normalise(values)
-    if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        out = 1.0 - out
-    return out
-
-
-def _read_nifti_volume(path: Path) -> np.ndarray:
-    """Whole NIfTI volume, RAS+ oriented, float32 (X, Y, Z) in [0, 1] (first volume of a 4-D series)."""
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-    from nibabel.orientations import apply_orientation, io_orientation
-
-    try:
-        img = nib.load(path)
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
-        raise ImageReadError(path, f"corrupt or truncated NIfTI file ({type(exc).__name__}: {exc})") from None
-    if data.ndim == 2:
-        data = data[:, :, None]
-    while data.ndim > 3:
-        # Time series or vector volumes: the first volume is the anatomy.
-        data = data[..., 0]
-    data = apply_orientation(data, io_orientation(img.affine))
-    return robust_normalise(data)
-
-
-def _check_axis(path: Path, axis: int) -> None:
-    if axis not in (0, 1, 2):
-        raise ValueError(f"{path}: nifti axis must be 0 (sagittal), 1 (coronal) or 2 (axial), got {axis}")
-
-
-def _nifti_slices(path: Path, volume: np.ndarray, axis: int, indices: list[int]) -> list[np.ndarray]:
-    depth = volume.shape[axis]
-    out = []
-    for index in indices:
-        if not -depth <= index < depth:
-            raise ValueError(f"{path}: slice {index} is out of range, axis {axis} has {depth} slices")
-        out.append(np.ascontiguousarray(np.rot90(np.take(volume, index, axis=axis))))
-    return out
 
 
 def image_batch(img: np.ndarray) -> np.ndarray:
@@ -464,18 +380,22 @@ def to_model_input(img: np.ndarray, image_size: int) -> torch.Tensor:
     return torch.from_numpy(preprocess(image_batch(arr), image_size)[0])
 
 
-def read_mask(path: str | Path, size: int | None = None) -> np.ndarray:
+def read_mask(path: str | Path, size: int | None = None, *, budget: DecodeBudget | None = None) -> np.ndarray:
     """Read a ground-truth mask (any non-zero pixel is anomalous) as bool ``(size, size)`` (native size if None).
 
     Shrinking uses an area-weighted majority (antialiased bilinear, >= 0.5) so thin defects survive as well
-    as they can.
+    as they can. ``budget``: as for :func:`read_image`.
     """
     import torch
     import torch.nn.functional as F
 
     path = Path(path)
+    budget = budget or DEFAULT_BUDGET
+    deadline = budget.deadline(path)
     try:
-        with Image.open(path) as img:
+        with open(path, "rb") as fh, Image.open(TimedReader(fh, deadline)) as img:
+            budget.check_image(path, img.height, img.width, samples=len(img.getbands()),
+                               bytes_per_sample=_bytes_per_sample(img.mode), what="mask")
             img.load()
             if img.mode == "P":
                 # Palette index 0 is background in every mask format we know; colours are irrelevant.

@@ -1,1 +1,0 @@
-../../../pdd/data/readers.py

@@ -1,0 +1,1 @@
+../../../../pdd/data/dicom_io.py

@@ -1,0 +1,1 @@
+../../../../pdd/data/intensity.py

@@ -1,0 +1,1 @@
+../../../../pdd/data/nifti_io.py
