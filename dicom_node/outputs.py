@@ -126,7 +126,11 @@ def _parametric_map(series: Series, scores: SeriesScores, provenance: Provenance
         series_instance_uid=uids["pm_series"], series_number=_series_number(series, "pm"),
         sop_instance_uid=uids["pm_instance"], instance_number=1, contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=window[0], window_width=window[1])],
+        # LINEAR_EXACT: the window maps [centre - width/2, centre + width/2] onto the display range exactly, for
+        # the widths below 1 that a float map needs (LINEAR reads width 1 as a threshold).
+        voi_lut_transformations=[hd.VOILUTTransformation(
+            window_center=window[0], window_width=window[1], window_explanation=label,
+            voi_lut_function=hd.VOILUTFunctionValues.LINEAR_EXACT)],
         content_label="PDD_ANOMALY", content_description=_description(provenance, "anomaly map"),
         content_qualification=hd.ContentQualificationValues.RESEARCH, **_equipment(provenance))
     pm.SeriesDescription = f"{provenance.algorithm} anomaly map"
@@ -180,6 +184,20 @@ def _frame_source(series: Series, k: int) -> hd.sr.SourceImageForMeasurementGrou
         frame.dataset, referenced_frame_numbers=[frame.frame + 1] if multi else None)
 
 
+def _derived_frame(image: Dataset, series: Series, k: int) -> int:
+    """The 1-based frame of a derived multi-frame image (the map) made from the series' frame ``k``: highdicom
+    orders the frames it writes by position, which need not be the series' order."""
+    frame = series.frames[k]
+    multi = int(frame.dataset.get("NumberOfFrames", 1) or 1) > 1
+    for j, group in enumerate(image.PerFrameFunctionalGroupsSequence):
+        ref = group.DerivationImageSequence[0].SourceImageSequence[0]
+        if ref.ReferencedSOPInstanceUID == frame.dataset.SOPInstanceUID and (
+                not multi or int(ref.ReferencedFrameNumber) == frame.frame + 1):
+            return j + 1
+    raise ValueError(f"{image.SOPInstanceUID}: no frame derived from {frame.dataset.SOPInstanceUID} frame "
+                     f"{frame.frame + 1}")
+
+
 def _report(series: Series, scores: SeriesScores, provenance: Provenance, uids: dict[str, str],
             pm: Dataset, seg: Dataset | None) -> Dataset:
     algorithm = hd.sr.AlgorithmIdentification(name=provenance.algorithm, version=provenance.version)
@@ -197,7 +215,7 @@ def _report(series: Series, scores: SeriesScores, provenance: Provenance, uids: 
                                                         uid=generate_uid(entropy_srcs=[uids["sr_instance"], "series"])),
         # The series' score is read off the map: its measurements reference the Parametric Map's frame.
         "measurements": _measurements(top, scores, provenance, [hd.sr.SourceImageForMeasurement(
-            pm.SOPClassUID, pm.SOPInstanceUID, referenced_frame_numbers=[top + 1])]),
+            pm.SOPClassUID, pm.SOPInstanceUID, referenced_frame_numbers=[_derived_frame(pm, series, top)])]),
         "algorithm_id": algorithm,
     }
     if seg is not None and scores.labels is not None:
@@ -229,11 +247,15 @@ def _report(series: Series, scores: SeriesScores, provenance: Provenance, uids: 
     return sr
 
 
-def _copy_source_attributes(out: Dataset, source: Dataset) -> None:
-    """Attributes highdicom leaves out that a viewer and the IODs want from the source series."""
-    for keyword in ("BodyPartExamined",):
-        if keyword in source and keyword not in out:
-            setattr(out, keyword, source.get(keyword))
+def _copy_source_attributes(out: Dataset, source: Dataset, kind: str) -> None:
+    """What highdicom leaves out and validators want: the source's Body Part Examined (it settles whether the
+    General Series' Laterality is needed), and for the map an enhanced source's Frame Anatomy (body part and
+    frame laterality) in its shared functional groups."""
+    if "BodyPartExamined" in source:
+        out.BodyPartExamined = source.BodyPartExamined
+    shared = source.get("SharedFunctionalGroupsSequence")
+    if kind == "pm" and shared and "FrameAnatomySequence" in shared[0]:
+        out.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = shared[0].FrameAnatomySequence
 
 
 def _save(ds: Dataset, path: Path) -> Path:
@@ -258,7 +280,7 @@ def write_outputs(series: Series, scores: SeriesScores, provenance: Provenance,
     for kind, ds in (("pm", pm), ("seg", seg), ("sr", sr)):
         if ds is not None:
             if kind != "sr":  # the SR Document Series has no Body Part Examined
-                _copy_source_attributes(ds, series.sources[0])
+                _copy_source_attributes(ds, series.sources[0], kind)
             written[kind] = _save(ds, out / f"{kind}.dcm")
     return written
 

@@ -145,7 +145,7 @@ def local_scorer(model: Any, *, device: str = "cpu", checkpoint: str | Path | No
                  dicom_window: Sequence[float] | None = None) -> SeriesScorer:
     """A scorer over a local PyTorch model (``pdd.checkpoint.load_model``'s), named by its checkpoint or config."""
     _check_local_precision(precision)
-    predictor = ModelPredictor(model, device)
+    predictor = ModelPredictor(model, device, threshold=threshold, pixel_threshold=pixel_threshold)
     point = OperatingPoint.resolve(predictor.calibration, threshold, pixel_threshold)
     if checkpoint is not None:
         weights, source = sha256_file(checkpoint), f"checkpoint {Path(checkpoint).name}"

@@ -70,7 +70,7 @@ def ct_slice(hu: np.ndarray, *, study: Dataset, series_uid: str, frame_of_refere
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.KVP = 120
     ds.SliceThickness = slice_mm
-    spacing = FIELD_OF_VIEW_MM / max(rows, cols)
+    spacing = round(FIELD_OF_VIEW_MM / max(rows, cols), 6)  # a decimal string (DS) holds 16 characters
     ds.PixelSpacing = [spacing, spacing]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.ImagePositionPatient = [-FIELD_OF_VIEW_MM / 2, -FIELD_OF_VIEW_MM / 2, index * slice_mm]
