@@ -99,7 +99,7 @@ def test_outputs_pass_dciodvfy(inferred):
 
 
 def test_outputs_keep_the_study_and_frame_of_reference(ct, inferred):
-    _, record, files = inferred
+    *_, files = inferred
     src = pydicom.dcmread(ct[0])
     assert files["pm"].SOPClassUID == ParametricMapStorage
     assert files["seg"].SOPClassUID == SegmentationStorage
