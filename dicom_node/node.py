@@ -71,8 +71,8 @@ class Node:
     def receive(self, data: bytes, origin: str) -> Job:
         """Take one instance (a Part 10 file's bytes); :class:`Refused` with the DIMSE status when not taken."""
         if self.spool.full(len(data)):
-            raise Refused(f"the spool is full ({self.spool.used_bytes / 1e9:.2f} GB of "
-                          f"{self.spool.max_bytes / 1e9:.2f} GB)", 0xA700)
+            raise Refused(f"the spool is full ({self.spool.used_bytes / 1e6:.1f} MB of "
+                          f"{self.spool.max_bytes / 1e6:.1f} MB)", 0xA700)
         tmp = self.spool.temporary()
         sop = "?"
         try:
@@ -98,6 +98,10 @@ class Node:
     # --- workers -------------------------------------------------------------------------------------------
 
     def start(self) -> Node:
+        # Series still receiving when a previous run stopped wait a full quiet period from now, so that their
+        # senders, refused meanwhile, can send the rest into the same job.
+        for job in self.spool.in_state("receiving"):
+            job.last_instance = time.monotonic()
         for name, target in (("pdd-dicom-infer", self._infer_loop), ("pdd-dicom-send", self._send_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()

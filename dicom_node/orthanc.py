@@ -146,6 +146,10 @@ class Orthanc:
     def post(self, path: str, payload: Any) -> Any:
         return json.loads(self._request("POST", path, json.dumps(payload).encode()) or b"null")
 
+    def lookup(self, uid: str) -> list[dict[str, Any]]:
+        """The resources (patient, study, series, instance) a DICOM UID or ID names; [] if none."""
+        return json.loads(self._request("POST", "/tools/lookup", uid.encode(), "text/plain"))
+
     def file(self, instance_id: str) -> bytes:
         return self._request("GET", f"/instances/{instance_id}/file")
 

@@ -58,9 +58,11 @@ def make_ae(node: Node, aet: str, allowed_aets: Sequence[str] = ()) -> tuple[AE,
     ae.maximum_associations = 16
 
     def on_requested(event: evt.Event) -> None:
-        if node.spool.full():
-            log.warning("refusing an association from %s: the spool is full", _origin(event))
+        if node.spool.full(1):  # not one more byte fits
+            log.warning("refusing an association from %s: the spool is full", event.assoc.requestor.address)
             event.assoc.acse.send_reject(*_SPOOL_FULL)
+            # As pynetdicom does for its own rejections: wait until the reject is on the wire and the peer gone.
+            event.assoc.kill()
 
     def on_store(event: evt.Event) -> int:
         try:
