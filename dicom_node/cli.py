@@ -21,7 +21,7 @@ log = logging.getLogger("pdd.dicom")
 
 def _scorer(args: argparse.Namespace):
     """The scorer named by --server, or --checkpoint / --config (a local model)."""
-    from dicom_node.scoring import local_scorer, server_scorer
+    from dicom_node.scoring import check_local_precision, local_scorer, server_scorer
 
     common = {"precision": args.precision, "threshold": args.threshold, "pixel_threshold": args.pixel_threshold,
               "batch_size": args.batch_size, "dicom_window": args.dicom_window}
@@ -32,6 +32,7 @@ def _scorer(args: argparse.Namespace):
         return server_scorer(client, **common)
     if not (args.checkpoint or args.config):
         raise SystemExit("give --checkpoint CKPT, --config NAME (a freshly initialised model) or --server URL")
+    check_local_precision(args.precision)  # before the model is built: a wrong option fails at once
     import torch
 
     from pdd.checkpoint import load_model

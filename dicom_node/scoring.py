@@ -33,7 +33,8 @@ from pdd.calibration import Calibration, apply_calibration
 from pdd.data.readers import resize_weights
 from pdd.predict import Item, ModelPredictor, Predictor
 
-__all__ = ["LOCAL_PRECISIONS", "OperatingPoint", "SeriesScorer", "local_scorer", "server_scorer"]
+__all__ = ["LOCAL_PRECISIONS", "OperatingPoint", "SeriesScorer", "check_local_precision", "local_scorer",
+           "server_scorer"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ class SeriesScorer:
         return SeriesScores(scores, normalised, decided["pred_label"], values, decided["pred_mask"])
 
 
-def _check_local_precision(precision: str) -> None:
+def check_local_precision(precision: str) -> None:
+    """ValueError unless the local model runs in ``precision``."""
     if precision not in LOCAL_PRECISIONS:
         raise ValueError(f"precision {precision!r} is not available for the local model; it runs in "
                          f"{', '.join(LOCAL_PRECISIONS)}")
@@ -144,7 +146,7 @@ def local_scorer(model: Any, *, device: str = "cpu", checkpoint: str | Path | No
                  pixel_threshold: float | None = None, batch_size: int = 8,
                  dicom_window: Sequence[float] | None = None) -> SeriesScorer:
     """A scorer over a local PyTorch model (``pdd.checkpoint.load_model``'s), named by its checkpoint or config."""
-    _check_local_precision(precision)
+    check_local_precision(precision)
     predictor = ModelPredictor(model, device, threshold=threshold, pixel_threshold=pixel_threshold)
     point = OperatingPoint.resolve(predictor.calibration, threshold, pixel_threshold)
     if checkpoint is not None:

@@ -265,3 +265,38 @@ def test_slices_are_ordered_along_the_normal_and_planar_images_by_instance_numbe
         del ds.FrameOfReferenceUID
     series = assemble([planar[k] for k in (1, 2, 0)])
     assert not series.volume and [f.dataset.InstanceNumber for f in series.frames] == [1, 2, 3]
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+
+def test_pdd_dicom_infer_writes_the_three_outputs_per_series(ct, tmp_path, capsys):
+    from pdd.cli import main
+
+    argv = ["dicom", "infer", str(ct[0].parent), "--out", str(tmp_path), "--config", "brain-synth", "--set",
+            "image_size=64", "--set", "scan_impl=eager", "--threshold", "4.0", "--pixel-threshold", "4.1"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    (record,) = summary["series"]
+    assert record["frames"] == 4 and record["finding"] in ("normal", "abnormal")
+    assert summary["provenance"]["source"] == "config brain-synth (untrained)"
+    assert summary["provenance"]["image_threshold"] == 4.0 and summary["provenance"]["pixel_threshold"] == 4.1
+    for kind in ("pm", "seg", "sr"):
+        assert_valid(tmp_path / record["series_uid"] / f"{kind}.dcm")
+    assert record["abnormal_frames"] == [k + 1 for k, s in enumerate(record["frame_scores"]) if s > 4.0]
+
+
+def test_pdd_dicom_refuses_a_precision_the_local_model_does_not_run_before_loading_it(ct, tmp_path, capsys):
+    from pdd.cli import main
+
+    code = main(["dicom", "infer", str(ct[0]), "--out", str(tmp_path), "--config", "brain-synth",
+                 "--precision", "fp16"])
+    assert code == 2 and "precision 'fp16' is not available for the local model" in capsys.readouterr().err
+
+
+def test_the_listener_decodes_every_transfer_syntax_it_accepts():
+    from pydicom.pixels import get_decoder
+
+    from dicom_node.scp import TRANSFER_SYNTAXES
+
+    assert [ts.name for ts in TRANSFER_SYNTAXES if not get_decoder(ts).is_available] == []
