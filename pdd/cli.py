@@ -1,4 +1,4 @@
-"""The ``pdd`` command: data synth, train, calibrate, eval, predict, demo, export, serve, bench.
+"""The ``pdd`` command: data synth, train, calibrate, eval, predict, demo, export, serve, bench, dicom.
 
 Every command that takes ``--checkpoint`` also accepts ``--config NAME`` alone, meaning a freshly
 initialised model (random teachers unless the config names weight files): for smoke tests and speed runs.
@@ -593,12 +593,19 @@ def _add_bench(sub: Any) -> None:
     p.set_defaults(fn=cmd_bench, passthrough=True)
 
 
+def _add_dicom(sub: Any) -> None:
+    # The DICOM node is its own package above export (dicom_node/); it registers its subcommands itself.
+    from dicom_node.cli import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pdd", description="PDD medical-image anomaly detection")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (_add_data, _add_train, _add_eval, _add_calibrate, _add_predict, _add_demo, _add_export, _add_serve,
-                _add_bench):
+                _add_bench, _add_dicom):
         add(sub)
     return ap
 

@@ -2,9 +2,9 @@
 
 What it reports (``python tests/code_health.py [--root DIR] [--json]``):
 
-- the import graph of the project packages (``pdd``, ``kernels``, ``export``, ``benchmarks``), module-level
-  and function-level imports alike (imports under ``if TYPE_CHECKING:`` never run and are left out), and
-  its cycles (strongly connected components of more than one module, or a module importing itself);
+- the import graph of the project packages (``pdd``, ``kernels``, ``export``, ``dicom_node``, ``benchmarks``),
+  module-level and function-level imports alike (imports under ``if TYPE_CHECKING:`` never run and are left
+  out), and its cycles (strongly connected components of more than one module, or a module importing itself);
 - function-level imports of project modules;
 - edits of ``sys.path``;
 - files over :data:`MAX_FILE_LINES` lines and functions over :data:`MAX_FUNCTION_LINES` lines;
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PACKAGES = ("pdd", "kernels", "export", "benchmarks")
+PACKAGES = ("pdd", "kernels", "export", "dicom_node", "benchmarks")
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
 
