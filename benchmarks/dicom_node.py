@@ -42,16 +42,9 @@ from benchmarks.common import environment, exit_on_termination, free_ports
 from dicom_node.orthanc import Orthanc
 from dicom_node.spool import read_jobs
 from dicom_node.synthetic import write_ct_series
+from pdd.precision import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown")
 
 
 def _restamped(files: list[Path], folder: Path, k: int) -> list[Path]:
@@ -178,7 +171,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             node.send_signal(signal.SIGTERM)
             node.wait(60)
     medians = {key: statistics.median(r[key] for r in rows) for key in rows[0] if key != "series"}
-    return {"command": " ".join(["python -m benchmarks.dicom_node", *sys.argv[1:]]), "cpu_model": _cpu_model(),
+    return {"command": " ".join(["python -m benchmarks.dicom_node", *sys.argv[1:]]), "cpu_model": cpu_model(),
             "environment": environment(), "settings": vars(args) | {"out": str(args.out)}, "series": rows,
             "medians": medians}
 

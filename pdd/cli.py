@@ -18,9 +18,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pdd.cli_models import (
+    add_budget_args,
+    add_model_args,
+    add_precision_args,
+    decode_budget,
+    device_of,
+    model_from_args,
+    model_precision,
+    precision_label,
+    run_gate,
+    served_precision,
+    typed_fp16_model,
+)
 from pdd.config import (
     CONFIG_DIR,
-    SCAN_CHOICES,
     ConfigError,
     DataConfig,
     apply_overrides,
@@ -32,81 +44,6 @@ from pdd.impl_names import DEPRECATED_SCAN_GRAPHS
 __all__ = ["CONFIG_DIR", "build_parser", "main", "resolve_config"]
 
 log = logging.getLogger("pdd")
-
-
-def _device(name: str | None) -> str:
-    import torch  # lazily, as every heavy import here: `pdd --help` starts in a fraction of a second
-
-    if name:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _precision(args: argparse.Namespace, device: str, name: str | None = None) -> Any:
-    """--precision (and --emulate) as a :class:`pdd.precision.ModelPrecision`, or "auto" (the checkpoint chooses).
-
-    A native reduced precision this CPU lacks is refused (PrecisionUnavailable names the missing feature);
-    emulation is never chosen silently: it is asked for with --emulate, and says so."""
-    from pdd.precision import FP32, ModelPrecision
-
-    emulate = name is None and getattr(args, "emulate", False)  # a named precision (the gate's reference) is native
-    name = name or getattr(args, "precision", None) or "fp32"
-    if emulate and name in ("fp32", "auto"):
-        raise SystemExit(f"--emulate emulates a reduced precision: give --precision bf16, not {name}")
-    if name == "auto":
-        return name
-    if name == "fp32":
-        return FP32
-    if emulate:
-        log.warning("emulating %s in fp32 (--emulate): its numbers up to summation order, several times slower "
-                    "than fp32; for measuring them, not for speed", name)
-        return ModelPrecision(name, emulate=True)
-    if str(device).startswith("cuda"):
-        return ModelPrecision(name)
-    return ModelPrecision.native(name, where=f"pdd {args.command} --precision {name}")
-
-
-def _precision_label(model: Any) -> str:
-    from pdd.precision import FP32
-
-    return getattr(model, "precision_label", None) or getattr(model, "precision", FP32).describe()
-
-
-def _typed_fp16_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """--precision fp16 (eval, calibrate): TensorRT's typed fp16 graph run by ONNX Runtime's CPU provider
-    (:func:`export.runtime.typed_fp16_runtime`), as a model, with the checkpoint's fp16 calibration; and the
-    fp32 model it was exported from."""
-    import atexit
-    import shutil
-    import tempfile
-
-    from export.runtime import RuntimeModel, typed_fp16_runtime
-    from pdd.checkpoint import read_calibration, read_checkpoint
-
-    if getattr(args, "emulate", False):
-        raise SystemExit("--precision fp16 is always TensorRT's typed fp16 graph run by ONNX Runtime (it rounds "
-                         "where the graph does): drop --emulate")
-    base = _model(args, "cpu", precision="fp32")
-    work = Path(tempfile.mkdtemp(prefix="pdd-fp16-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)
-    runtime = typed_fp16_runtime(base, work, batch=getattr(args, "batch_size", 8))
-    calibration = (read_calibration(read_checkpoint(args.checkpoint), args.checkpoint, "fp16")
-                   if getattr(args, "checkpoint", None) else None)
-    label = "fp16 (TensorRT's typed graph on ONNX Runtime's CPU provider)"
-    return RuntimeModel(runtime, base.cfg, calibration, label), base
-
-
-def _model(args: argparse.Namespace, device: str, precision: str | None = None):
-    """The model named by --checkpoint, or a fresh one from --config (--set, --scan-impl, --image-size), in
-    --precision (or ``precision``)."""
-    from pdd.checkpoint import load_model
-
-    if not (getattr(args, "checkpoint", None) or getattr(args, "config", None)):
-        raise SystemExit("give --checkpoint CKPT, or --config NAME for a freshly initialised model")
-    return load_model(getattr(args, "checkpoint", None), getattr(args, "config", None),
-                      overrides=getattr(args, "set", None) or (), device=device,
-                      scan_impl=getattr(args, "scan_impl", None), image_size=getattr(args, "image_size", None),
-                      precision=_precision(args, device, precision))
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -155,11 +92,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from pdd.evaluate import calibrate
     from pdd.train import open_dataset
 
-    device = _device(args.device)
+    device = device_of(args.device)
     if args.precision == "fp16":
-        model, _ = _typed_fp16_model(args)
+        model, _ = typed_fp16_model(args)
     else:
-        model = load_model(args.checkpoint, device=device, precision=_precision(args, device))
+        model = load_model(args.checkpoint, device=device, precision=model_precision(args, device))
     data = model.cfg.data
     data = DataConfig(root=str(args.data), layout=args.layout or data.layout, class_names=data.class_names,
                       skip_bad=args.skip_bad or data.skip_bad)
@@ -194,67 +131,30 @@ def _test_set(args: argparse.Namespace, model: Any):
 def cmd_eval(args: argparse.Namespace) -> int:
     from pdd.evaluate import evaluate, metrics_table
 
-    device = _device(args.device)
+    device = device_of(args.device)
     reference = None
     if args.precision == "fp16":
-        model, reference = _typed_fp16_model(args)
+        model, reference = typed_fp16_model(args)
     else:
-        model = _model(args, device)
+        model = model_from_args(args, device)
     dataset = _test_set(args, model)
     source = args.checkpoint or f"config {args.config} (fresh)"
-    label = _precision_label(model)
+    label = precision_label(model)
     result = evaluate(model, dataset, args.out, batch_size=args.batch_size, device=device,
                       title=f"{model.cfg.model.upper()} evaluation ({label})",
                       extra={"model": source, "data": str(args.data), "precision": label})
     print(metrics_table(result.metrics))
     print(f"report: {Path(args.out) / 'report.html'}")
     if args.against:
-        return _gate(args, model, result, dataset, device, reference)
+        return run_gate(args, model, result, dataset, device, reference)
     return 0
-
-
-def _gate(args: argparse.Namespace, model: Any, result: Any, dataset: Any, device: str,
-          reference_model: Any = None) -> int:
-    """``pdd eval --precision P --against fp32``: score the same images in fp32, print the fidelity gate, write
-    it to OUT/gate.json and record it in the checkpoint; non-zero exit status when it fails."""
-    from pdd.checkpoint import store_gate
-    from pdd.evaluate import predict_dataset
-    from pdd.fidelity import fidelity_gate
-    from pdd.precision import cpu_model, instruction_set
-
-    name, emulated = args.precision, bool(getattr(args, "emulate", False))
-    if name in (args.against, "auto"):
-        raise SystemExit(f"--against {args.against}: name the precision to gate with --precision (not {name})")
-    reference_model = reference_model or _model(args, device, precision=args.against)
-    reference = predict_dataset(reference_model, dataset, args.batch_size, device)
-    gate = fidelity_gate(name, reference, result.predictions, reference_model.calibration,
-                         model.calibration, reference_name=args.against)
-    print(gate.table())
-    n = len(reference.scores)
-    seconds = {args.against: reference.seconds / n, name: result.predictions.seconds / n}
-    # fp16 is measured through ONNX Runtime's stand-in: its numbers are TensorRT's, its speed is not.
-    record = {**gate.to_dict(), "emulated": emulated or name == "fp16", "cpu": cpu_model(),
-              "instruction_set": instruction_set(), "measured_as": _precision_label(model)}
-    atomic_write_text(Path(args.out) / "gate.json", json.dumps({**record, "seconds_per_image": seconds}, indent=2))
-    if args.checkpoint:
-        store_gate(args.checkpoint, record, instruction_set(), seconds)
-        print(f"gate recorded in {args.checkpoint} for {instruction_set()} CPUs"
-              + (" (emulated: --precision auto will not choose by it)" if record["emulated"] else ""))
-    return 0 if gate.passed else 1
-
-
-def _decode_budget(args: argparse.Namespace):
-    """The readers' DecodeBudget with the limits given by --max-pixels … --max-seconds."""
-    from pdd.data.readers import DecodeBudget
-
-    return DecodeBudget().replace(**{name: getattr(args, name) for name in _BUDGET_OPTIONS})
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pdd.predict import ModelPredictor, predict_with
 
     common = {"batch_size": args.batch_size, "nifti_axis": args.nifti_axis, "dicom_window": args.dicom_window,
-              "skip_bad": args.skip_bad, "budget": _decode_budget(args)}
+              "skip_bad": args.skip_bad, "budget": decode_budget(args)}
     if args.server:
         from export.client import InferenceError, PDDClient, ServerPredictor
 
@@ -265,8 +165,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"pdd predict: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 1
     else:
-        device = _device(args.device)
-        predictor = ModelPredictor(_model(args, device), device, threshold=args.threshold,
+        device = device_of(args.device)
+        predictor = ModelPredictor(model_from_args(args, device), device, threshold=args.threshold,
                                    pixel_threshold=args.pixel_threshold)
         results = predict_with(predictor, args.inputs, args.out, **common)
     print(json.dumps(results, indent=2))
@@ -283,7 +183,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     data = out / "brain-synth"
-    device = _device(args.device)
+    device = device_of(args.device)
     print(f"[demo] synthesising brain-synth ({args.count} images at {args.image_size}²) into {data}", flush=True)
     generate_brain_synth(data, seed=args.seed, count=args.count, image_size=args.image_size, overwrite=True)
     cfg = apply_overrides(resolve_config("brain-synth"), [
@@ -315,7 +215,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         print("pdd export onnx: --scan-graph is deprecated; use --scan-impl graph-sequential|graph-parallel",
               file=sys.stderr)
         args.scan_impl = DEPRECATED_SCAN_GRAPHS[args.scan_graph]
-    model = _model(args, "cpu")
+    model = model_from_args(args, "cpu")
     lo, _, hi = args.batch.partition(":")
     # The scan the graph is built with, when --scan-impl names one of the form's; else the form's default.
     scan = args.scan_impl if args.scan_impl in SCAN_IMPLS_BY_FORM[args.form] else None
@@ -332,47 +232,14 @@ def cmd_export_trt(args: argparse.Namespace) -> int:
     return build_trt(args.passthrough, prog="pdd export trt")
 
 
-def _served_precision(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None, Any]:
-    """The precision a repository serves (a TensorRT engine's own, else --precision), and for a reduced one
-    the checkpoint's passed fidelity gate and that precision's calibration; refused without a passed gate
-    unless --force."""
-    from export.metadata import read_engine_metadata
-    from pdd.checkpoint import read_calibration, read_checkpoint, read_gates
-
-    engine = read_engine_metadata(args.engine).precision if args.engine and args.flavour == "tensorrt" else None
-    if engine and args.precision not in ("fp32", engine):
-        raise SystemExit(f"--precision {args.precision}: the engine {args.engine} was built in {engine}")
-    served = engine or args.precision
-    if served == "auto" or args.emulate:
-        raise SystemExit("pdd export triton-repo: name the precision served (an emulated or automatic one is not "
-                         "a served precision)")
-    if served == "bf16":
-        raise SystemExit("pdd export triton-repo: no served bf16 flavour: the CPU flavours run ONNX Runtime, whose CPU "
-                         "provider has no bf16 path (onnxruntime issue 19937); serve fp32, or run bf16 in process "
-                         "(pdd predict / eval --precision bf16)")
-    if served == "fp32":
-        return served, None, None
-    if not args.checkpoint:
-        if args.force:
-            return served, None, None
-        raise SystemExit(f"pdd export triton-repo: a {served} engine is served only with its fidelity gate: give the "
-                         f"--checkpoint it was built from (or --force)")
-    obj = read_checkpoint(args.checkpoint)
-    gates = [g for g in read_gates(obj).get(served, {}).values() if g.get("passed")]
-    if not gates and not args.force:
-        raise SystemExit(f"pdd export triton-repo: {served} has no passed fidelity gate for {args.checkpoint}; run "
-                         f"`pdd eval --checkpoint {args.checkpoint} --precision {served} --against fp32` (or --force)")
-    return served, (gates[0] if gates else None), read_calibration(obj, args.checkpoint, served)
-
-
 def cmd_export_triton_repo(args: argparse.Namespace) -> int:
     from export.triton_repo import build_triton_repo, store_calibration
 
-    served, gate, calibration = _served_precision(args)
-    model = None if args.engine else _model(args, "cpu", precision="fp32")
+    served, gate, calibration = served_precision(args)
+    model = None if args.engine else model_from_args(args, "cpu", precision="fp32")
     path = build_triton_repo(args.out, flavour=args.flavour, model=model, engine_dir=args.engine,
                              max_batch_size=args.max_batch_size, onnx_form=args.onnx_form,
-                             decode_budget=_decode_budget(args))
+                             decode_budget=decode_budget(args))
     if calibration is not None:
         store_calibration(path, calibration)
     record = {"precision": served, "calibration_precision": calibration.precision if calibration else served,
@@ -406,28 +273,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------------
 
 
-def _precision_args(p: argparse.ArgumentParser, auto: bool = True, fp16: bool = False) -> None:
-    p.add_argument("--precision", choices=["fp32", "bf16", *(["fp16"] if fp16 else []), *(["auto"] if auto else [])],
-                   default="fp32",
-                   help="what the model computes in (pdd/precision.py): bf16 needs a CPU with AMX or AVX512-BF16"
-                        + ("; fp16: TensorRT's typed fp16 graph, run by ONNX Runtime's CPU provider" if fp16 else "")
-                        + ("; auto: the fastest precision whose fidelity gate passed for the checkpoint on this CPU"
-                           if auto else ""))
-    p.add_argument("--emulate", action="store_true",
-                   help="emulate --precision in fp32 on any CPU (its numbers, slowly; for the fidelity gate)")
-
-
-def _model_args(p: argparse.ArgumentParser, fp16: bool = False) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--checkpoint", help="a PDD checkpoint (best.pt / last.pt)")
-    g.add_argument("--config", help="config name or YAML file: a freshly initialised model")
-    _precision_args(p, fp16=fp16)
-    p.add_argument("--scan-impl", choices=SCAN_CHOICES, help="scan implementation (default: the config's); for "
-                   "`export onnx` graph-sequential or graph-parallel also choose the portable form's scan")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (with --config)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-
-
 def _add_data(sub: Any) -> None:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="write the brain-synth benchmark (MVTec layout)")
@@ -454,7 +299,7 @@ def _add_train(sub: Any) -> None:
 
 def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="score a test set, compute metrics, write the report")
-    _model_args(p, fp16=True)
+    add_model_args(p, fp16=True)
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--layout", choices=["mvtec", "meta_json"])
     p.add_argument("--out", required=True, type=Path)
@@ -487,30 +332,13 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--device")
-    _precision_args(p, auto=False, fp16=True)
+    add_precision_args(p, auto=False, fp16=True)
     p.set_defaults(fn=cmd_calibrate)
-
-
-# The decode budget's limits (pdd.data.readers.DecodeBudget fields) and what each option's help says.
-_BUDGET_OPTIONS = {
-    "max_pixels": (int, "pixels (rows x columns) of one image, frame or slice"),
-    "max_voxels": (int, "voxels of one volume (the first of a NIfTI series)"),
-    "max_frames": (int, "frames of one multi-frame DICOM file"),
-    "max_bytes": (int, "bytes a file's pixel data claims once decompressed"),
-    "max_seconds": (float, "seconds to decode one file"),
-}
-
-
-def _add_budget_args(p: argparse.ArgumentParser, whose: str) -> None:
-    g = p.add_argument_group("decode budget", f"what one file may claim before {whose} refuses it (checked from "
-                                              "its header; default: pdd.data.readers.DecodeBudget's limits)")
-    for name, (kind, text) in _BUDGET_OPTIONS.items():
-        g.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
 
 
 def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="score images, folders, DICOM or NIfTI files (locally or on a server)")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, help="write heatmap PNGs and results.json here")
     p.add_argument("--batch-size", type=int, default=8)
@@ -525,7 +353,7 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
     p.add_argument("--shm", action="store_true", help="send inputs through system shared memory")
     p.add_argument("--model-name", default="pdd")
-    _add_budget_args(p, "prediction (with --server: the files this side reads, NIfTI slices and heatmaps)")
+    add_budget_args(p, "prediction (with --server: the files this side reads, NIfTI slices and heatmaps)")
     p.set_defaults(fn=cmd_predict, image_size=None)
 
 
@@ -544,7 +372,7 @@ def _add_export(sub: Any) -> None:
     exp = sub.add_parser("export", help="ONNX files, TensorRT engines, Triton model repositories").add_subparsers(
         dest="export_command", required=True)
     p = exp.add_parser("onnx", help="export the eval pipeline to ONNX")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--form", choices=["plugin", "portable"], default="portable")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--batch", default="1:32", help="MIN:MAX dynamic batch range")
@@ -559,7 +387,7 @@ def _add_export(sub: Any) -> None:
                                                    "--dry-run on machines without a GPU)")
     p.set_defaults(fn=cmd_export_trt, passthrough=True)
     p = exp.add_parser("triton-repo", help="generate a Triton Inference Server model repository")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--engine", type=Path, help="a TensorRT engine folder from export/build_trt.py")
     p.add_argument("--flavour", choices=["tensorrt", "onnxruntime", "python"], default="python")
     p.add_argument("--onnx-form", choices=["plugin", "portable"],
@@ -571,7 +399,7 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--image-size", type=int)
     p.add_argument("--force", action="store_true", help="serve a reduced precision whose fidelity gate did not "
                                                         "pass (recorded as forced in OUT/precision.json)")
-    _add_budget_args(p, "the server's preprocess model")
+    add_budget_args(p, "the server's preprocess model")
     p.set_defaults(fn=cmd_export_triton_repo)
 
 

@@ -241,6 +241,7 @@ def test_an_openmp_build_the_compiler_refuses_names_the_pthreads_choice(monkeypa
                                                                        tmp_path: Path) -> None:
     """A compiler without OpenMP (here: one that rejects the flag) is a clear error naming both ways out."""
     monkeypatch.setitem(cpu_lib.THREADING, "openmp", ("-fno-such-openmp-flag",))
-    with pytest.raises(cpu_lib.CpuKernelUnavailable, match="no-such-openmp-flag(.|\n)*PDD_CPU_KERNEL_THREADING=pthreads"):
+    expected = r"no-such-openmp-flag(.|\n)*PDD_CPU_KERNEL_THREADING=pthreads"
+    with pytest.raises(cpu_lib.CpuKernelUnavailable, match=expected):
         cpu_lib._build(tmp_path / "libpddscan.so")
     assert not (tmp_path / "libpddscan.so").exists()

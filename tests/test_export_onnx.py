@@ -334,7 +334,8 @@ def test_other_python_ops_keep_the_librarys_own_return_path() -> None:
         return -x
 
     node = onnx.helper.make_node("PddTestNegate", ["x"], ["y"], domain=ORT_DOMAIN)
-    graph = onnx.helper.make_graph([node], "negate", [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+    graph = onnx.helper.make_graph([node], "negate",
+                                   [onnx.helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
                                    [onnx.helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
                                                          onnx.helper.make_opsetid(ORT_DOMAIN, 1)])

@@ -23,9 +23,9 @@ ALLOWED = {
     "dicom_node": {"kernels", "pdd", "export", "dicom_node"},
     "benchmarks": {"kernels", "pdd", "export", "dicom_node", "benchmarks"},
 }
-# The `pdd` command line lives in pdd/ for its entry point and wires export's subcommands in; nothing
-# imports it.
-CLI = "pdd.cli"
+# The `pdd` command line lives in pdd/ for its entry point and wires export's subcommands in (pdd.cli and
+# the helpers its commands share, pdd.cli_models); nothing else imports it.
+CLI = {"pdd.cli", "pdd.cli_models"}
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,12 @@ def test_no_import_cycles(health):
 
 def test_dependencies_point_down(health):
     upward = [f"{i.source}:{i.line} imports {i.target}" for i in health.imports
-              if i.source != CLI and i.target.split(".")[0] not in ALLOWED[i.source.split(".")[0]]]
+              if i.source not in CLI and i.target.split(".")[0] not in ALLOWED[i.source.split(".")[0]]]
     assert upward == []
 
 
 def test_nothing_imports_the_command_line(health):
-    assert [f"{i.source}:{i.line}" for i in health.imports if i.target == CLI and i.source != CLI] == []
+    assert [f"{i.source}:{i.line}" for i in health.imports if i.target in CLI and i.source not in CLI] == []
 
 
 def test_no_sys_path_edits(health):
