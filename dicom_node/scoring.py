@@ -95,7 +95,7 @@ class SeriesScorer:
         name = f"{frame.path}#frame{frame.frame}" if len(series.sources) == 1 and len(series.frames) > 1 \
             else str(frame.path)
         single = int(frame.dataset.get("NumberOfFrames", 1) or 1) == 1
-        if self.predictor.reads_dicom and single:
+        if self.predictor.reads_files and single:
             return Item(name, data=frame.path.read_bytes())
         return Item(name, read_frame(frame, self.window))
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
+from pdd.data import readers
 from pdd.data.readers import ImageReadError, read_image
 
 __all__ = ["Frame", "Series", "SeriesRefused", "assemble", "group_series", "read_frame", "read_header"]
@@ -76,12 +76,9 @@ class Series:
 
 
 def read_header(path: str | Path) -> Dataset:
-    """The header of a DICOM file (everything but the pixel data); :class:`ImageReadError` if unreadable."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except Exception as exc:
-        # pydicom raises many types for damaged files; all mean the same here.
-        raise ImageReadError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
+    """The header of a DICOM file (everything but the pixel data), read under the decode budget: a deflated
+    instance is inflated no further than its header; :class:`ImageReadError` if unreadable."""
+    return readers.read_header(path)
 
 
 def read_frame(frame: Frame, dicom_window: tuple[float, float] | None = None) -> np.ndarray:

@@ -6,6 +6,7 @@ bound; raising the limits. The bombs are small files whose headers promise huge 
 from __future__ import annotations
 
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from pdd.data.readers import (
     DecodeTimeoutError,
     ImageReadError,
     iter_volume_slices,
+    read_header,
     read_image,
     read_image_bytes,
     read_volume_slices,
@@ -88,6 +90,26 @@ def test_deflated_header_elements_are_inflated_only_up_to_a_cap(tmp_path):
         read_image(path)
     small = bombs.dicom_header_bloat(tmp_path / "fine.dcm", 1 << 20)
     np.testing.assert_array_equal(read_image(small), np.zeros((64, 64), np.float32))
+
+
+def test_a_dicom_header_is_read_without_its_pixel_data(tmp_path):
+    """read_header: a deflated 12000 x 12000 instance (288 MB of pixels in a 1 MB stream) gives its header at
+    the cost of the header; a header that inflates past the cap is refused; a file without a preamble too."""
+    path = bombs.dicom_deflated(tmp_path / "big.dcm", 12000, 12000, full=True)
+    tracemalloc.start()
+    try:
+        ds = read_header(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (ds.Rows, ds.Columns) == (12000, 12000) and "PixelData" not in ds
+    assert str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.1.99"
+    assert peak < 16 << 20, f"reading the header allocated {peak / 2**20:.0f} MiB"
+    with pytest.raises(ImageReadError, match=r"bloat\.dcm: the elements before its pixel data inflate to more"):
+        read_header(bombs.dicom_header_bloat(tmp_path / "bloat.dcm", 80 << 20))
+    (tmp_path / "plain.dcm").write_bytes(b"\x00" * 200)
+    with pytest.raises(ImageReadError, match=r"plain\.dcm: not a DICOM file \(no 'DICM' preamble"):
+        read_header(tmp_path / "plain.dcm")
 
 
 def test_a_deflated_dicom_is_inflated_no_further_than_the_frame_asked_for(tmp_path):

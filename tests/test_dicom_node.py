@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from pydicom.uid import Comprehensive3DSRStorage, CTImageStorage, ParametricMapS
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from benchmarks import hostile_files as bombs
 from benchmarks.common import free_ports
-from dicom_node.node import Node
+from dicom_node.node import Node, Refused
 from dicom_node.orthanc import Orthanc
 from dicom_node.scoring import local_scorer
 from dicom_node.scp import serve
@@ -339,3 +341,22 @@ def test_a_watched_folder_takes_stable_files_and_sets_corrupt_ones_aside(inproc,
     assert written == ["pm.dcm", "seg.dcm", "sr.dcm"]
     pm = pydicom.dcmread(tmp_path / "out" / series_uid / "pm.dcm")
     assert pm.NumberOfFrames == 3 and np.isfinite(pm.pixel_array).all()
+
+
+def test_a_deflated_bomb_sent_to_the_node_costs_its_header_not_its_pixels(scorer, tmp_path):
+    """An instance whose 1 MB deflate stream holds 288 MB of pixels: the node reads its header (inflated no
+    further than the pixel data) and refuses it with a failure status; memory stays at the header's size."""
+    path = bombs.dicom_deflated(tmp_path / "bomb.dcm", 12000, 12000, full=True)
+    assert path.stat().st_size < 2 << 20
+    node = Node(Spool(tmp_path / "spool"), scorer, [FolderDestination(tmp_path / "out")])
+    data = path.read_bytes()
+    tracemalloc.start()
+    try:
+        with pytest.raises(Refused) as refused:
+            node.receive(data, "MODALITY@127.0.0.1")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert refused.value.status == 0xC000 and "lacks StudyInstanceUID" in str(refused.value)
+    assert peak < 16 << 20, f"receiving the bomb allocated {peak / 2**20:.0f} MiB"
+    assert not node.spool.jobs and not list((tmp_path / "spool").rglob("*.dcm"))

@@ -30,7 +30,7 @@ import numpy as np
 from .budget import Deadline, DecodeBudget, ImageReadError, Inflater, TimedReader, check_side
 from .intensity import robust_normalise
 
-__all__ = ["MAX_HEADER_BYTES", "read_dicom"]
+__all__ = ["MAX_HEADER_BYTES", "read_dicom", "read_dicom_header"]
 
 # The elements before the pixel data of a deflated dataset may take this much once inflated (a header of a
 # few KiB is usual; icons and private blobs make some larger).
@@ -214,11 +214,11 @@ def _read_stored(fp: IO[bytes], name: str, meta: Any, frame: int, budget: Decode
     return ds, _decode(name, lambda: pixel_array(fp, index=index, transfer_syntax_uid=syntax)), index
 
 
-def _read_deflated(fp: IO[bytes], name: str, meta: Any, start: int, frame: int, budget: DecodeBudget,
-                   max_side: int | None, deadline: Deadline) -> tuple[Any, np.ndarray, int]:
-    """A deflated dataset, inflated no further than the end of the frame asked for."""
+def _deflated_header(fp: IO[bytes], name: str, meta: Any, start: int,
+                     deadline: Deadline) -> tuple[Any, tuple[int, int] | None, Inflater]:
+    """The elements before the pixel data of a deflated dataset, inflated a bounded piece at a time: (header,
+    the pixel element's (tag, value offset) in the inflated stream or None, the inflater to go on with)."""
     from pydicom.filereader import read_dataset
-    from pydicom.pixels import pixel_array
 
     fp.seek(start)
     inflater = Inflater(fp.read(), name, deadline)
@@ -242,6 +242,15 @@ def _read_deflated(fp: IO[bytes], name: str, meta: Any, start: int, frame: int, 
         size *= 4
     ds = _converted(name, ds)
     ds.file_meta = meta
+    return ds, element, inflater
+
+
+def _read_deflated(fp: IO[bytes], name: str, meta: Any, start: int, frame: int, budget: DecodeBudget,
+                   max_side: int | None, deadline: Deadline) -> tuple[Any, np.ndarray, int]:
+    """A deflated dataset, inflated no further than the end of the frame asked for."""
+    from pydicom.pixels import pixel_array
+
+    ds, element, inflater = _deflated_header(fp, name, meta, start, deadline)
     if element is None:
         raise _no_pixels(name, ds)
     index = _claim(name, ds, frame, budget, max_side)
@@ -258,17 +267,34 @@ def _read_deflated(fp: IO[bytes], name: str, meta: Any, start: int, frame: int, 
     return ds, _decode(name, lambda: pixel_array(ds, index=index)), index
 
 
+def _open_meta(fp: IO[bytes], name: str) -> tuple[Any, int]:
+    try:
+        return _file_meta(fp)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(name, f"unreadable DICOM file meta information ({type(exc).__name__}: {exc})") from None
+
+
+def read_dicom_header(source: IO[bytes], name: str, deadline: Deadline) -> Any:
+    """The header of a DICOM file with its preamble (every element before the pixel data, the file meta
+    attached) as a pydicom Dataset, read through the deadline; a deflated dataset is inflated no further than
+    its header (at most :data:`MAX_HEADER_BYTES`). Raises :class:`ImageReadError`."""
+    fp = TimedReader(source, deadline)
+    meta, start = _open_meta(fp, name)
+    if meta is None:
+        raise ImageReadError(name, "not a DICOM file (no 'DICM' preamble at byte 128)")
+    if str(meta.get("TransferSyntaxUID", "")) == _DEFLATED:
+        return _deflated_header(fp, name, meta, start, deadline)[0]
+    return _parse(fp, name, stop_before_pixels=True)
+
+
 def read_dicom(source: IO[bytes], name: str, window: tuple[float, float] | None, frame: int,
                budget: DecodeBudget, deadline: Deadline, max_side: int | None = None) -> np.ndarray:
     """One frame of a DICOM file (``source``: seekable binary, read through the deadline) as float32 (H, W) or
     (H, W, 3) in [0, 1]. ``name`` is what errors call the file. Raises :class:`ImageReadError`."""
     fp = TimedReader(source, deadline)
-    try:
-        meta, start = _file_meta(fp)
-    except ImageReadError:
-        raise
-    except Exception as exc:
-        raise ImageReadError(name, f"unreadable DICOM file meta information ({type(exc).__name__}: {exc})") from None
+    meta, start = _open_meta(fp, name)
     if meta is not None and str(meta.get("TransferSyntaxUID", "")) == _DEFLATED:
         ds, pixels, index = _read_deflated(fp, name, meta, start, frame, budget, max_side, deadline)
     else:

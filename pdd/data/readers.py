@@ -61,7 +61,7 @@ from .budget import (
     TimedReader,
     check_side,
 )
-from .dicom_io import read_dicom
+from .dicom_io import read_dicom, read_dicom_header
 from .intensity import PIXEL_SCALE, robust_normalise
 from .nifti_io import NiftiVolume, check_axis
 
@@ -85,6 +85,7 @@ __all__ = [
     "iter_volume_slices",
     "normalise_nhwc",
     "preprocess",
+    "read_header",
     "read_image",
     "read_image_bytes",
     "read_mask",
@@ -184,6 +185,22 @@ def read_image(
         if kind == "dicom":
             return read_dicom(fh, str(path), dicom_window, dicom_frame, budget, deadline)
         return _read_pillow(fh, str(path), f"{_PILLOW_FORMATS}, DICOM or NIfTI", budget, deadline)
+
+
+def read_header(path: str | Path, *, budget: DecodeBudget | None = None):
+    """The header of a DICOM file (every element before the pixel data) as a pydicom Dataset, without reading
+    the pixel data: a deflated dataset is inflated no further than its header. The file must have its
+    preamble; ``budget`` bounds its size on disk and the time (default :class:`DecodeBudget`'s defaults).
+    Raises :class:`ImageReadError`."""
+    path = Path(path)
+    budget = budget or DEFAULT_BUDGET
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot open it ({exc.strerror or exc})") from None
+    budget.check_file_size(path, size)
+    with open(path, "rb") as fh:
+        return read_dicom_header(fh, str(path), budget.deadline(path))
 
 
 def read_image_bytes(
