@@ -27,6 +27,7 @@ from pdd.cli_models import (
     model_from_args,
     model_precision,
     precision_label,
+    require_model_source,
     run_gate,
     served_precision,
     typed_fp16_model,
@@ -166,7 +167,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             return 1
     else:
         device = device_of(args.device)
-        predictor = ModelPredictor(model_from_args(args, device), device, threshold=args.threshold,
+        require_model_source(args)  # these are checked now; the model is built for the first image read
+        precision = model_precision(args, device)
+        predictor = ModelPredictor(lambda: model_from_args(args, device, resolved=precision), device,
+                                   threshold=args.threshold,
                                    pixel_threshold=args.pixel_threshold)
         results = predict_with(predictor, args.inputs, args.out, **common)
     print(json.dumps(results, indent=2))

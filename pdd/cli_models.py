@@ -16,7 +16,8 @@ from typing import Any
 from pdd.config import SCAN_CHOICES, atomic_write_text
 
 __all__ = ["BUDGET_OPTIONS", "add_budget_args", "add_model_args", "add_precision_args", "decode_budget",
-           "device_of", "model_from_args", "model_precision", "precision_label", "run_gate", "served_precision",
+           "device_of", "model_from_args", "model_precision", "precision_label", "require_model_source", "run_gate",
+           "served_precision",
            "typed_fp16_model"]
 
 log = logging.getLogger("pdd")
@@ -84,17 +85,21 @@ def typed_fp16_model(args: argparse.Namespace) -> tuple[Any, Any]:
     return RuntimeModel(runtime, base.cfg, calibration, label), base
 
 
-def model_from_args(args: argparse.Namespace, device: str, precision: str | None = None):
-    """The model named by --checkpoint, or a fresh one from --config (--set, --scan-impl, --image-size), in
-    --precision (or ``precision``)."""
-    from pdd.checkpoint import load_model
-
+def require_model_source(args: argparse.Namespace) -> None:
     if not (getattr(args, "checkpoint", None) or getattr(args, "config", None)):
         raise SystemExit("give --checkpoint CKPT, or --config NAME for a freshly initialised model")
+
+
+def model_from_args(args: argparse.Namespace, device: str, precision: str | None = None, resolved: Any = None):
+    """The model named by --checkpoint, or a fresh one from --config (--set, --scan-impl, --image-size), in
+    --precision (or ``precision``; ``resolved``: what :func:`model_precision` already made of it)."""
+    from pdd.checkpoint import load_model
+
+    require_model_source(args)
     return load_model(getattr(args, "checkpoint", None), getattr(args, "config", None),
                       overrides=getattr(args, "set", None) or (), device=device,
                       scan_impl=getattr(args, "scan_impl", None), image_size=getattr(args, "image_size", None),
-                      precision=model_precision(args, device, precision))
+                      precision=resolved if resolved is not None else model_precision(args, device, precision))
 
 
 def run_gate(args: argparse.Namespace, model: Any, result: Any, dataset: Any, device: str,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -158,31 +158,47 @@ class ModelPredictor:
     """A local PyTorch PDD (or RD4AD) model as a :class:`Predictor`: files read and resized here.
 
     Decisions use ``model.calibration``; ``threshold`` / ``pixel_threshold`` (raw scores) replace the calibrated
-    ones, and a model without calibration makes decisions only when ``threshold`` is given.
+    ones, and a model without calibration makes decisions only when ``threshold`` is given. ``model`` may be a
+    function that builds it: it is then built for the first image read, so that a run whose files are refused
+    (over the decode budget, damaged) fails in the time of reading their headers, not of building a model.
     """
 
     reads_files = False
     max_batch_size = None
 
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", threshold: float | None = None,
-                 pixel_threshold: float | None = None) -> None:
-        self.model, self.device = model.eval(), device
-        self.threshold, self.pixel_threshold = threshold, pixel_threshold
-        self.calibration: Calibration | None = getattr(model, "calibration", None)
-        if self.calibration is None and threshold is not None:
-            self.calibration = Calibration.manual(threshold, "--threshold")
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], device: torch.device | str = "cpu",
+                 threshold: float | None = None, pixel_threshold: float | None = None) -> None:
+        self.device, self.threshold, self.pixel_threshold = device, threshold, pixel_threshold
+        self._model: nn.Module | None = None
+        self._build = None if isinstance(model, nn.Module) else model
+        self.calibration: Calibration | None = None
+        if isinstance(model, nn.Module):
+            self._take(model)
+
+    def _take(self, model: nn.Module) -> None:
+        self._model = model.eval()
+        self.calibration = getattr(model, "calibration", None)
+        if self.calibration is None and self.threshold is not None:
+            self.calibration = Calibration.manual(self.threshold, "--threshold")
         if self.calibration is None:
             log.warning("the model has no calibration and no --threshold was given: scores only, no decisions "
                         "(run `pdd calibrate`)")
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            self._take(self._build())
+        return self._model
 
     def batch_key(self, item: Item) -> Hashable:
         return None  # every image is resized to the model's input size
 
     def predict(self, items: Sequence[Item]) -> BatchPrediction:
-        size = self.model.cfg.image_size
+        model = self.model
+        size = model.cfg.image_size
         x = torch.stack([to_model_input(it.image, size) for it in items]).to(self.device)
         with torch.inference_mode():
-            pred = self.model(x)
+            pred = model(x)
         scores = pred.pred_score.float().cpu().numpy()
         maps = pred.anomaly_map.float().cpu().numpy()
         if self.calibration is None:

@@ -206,3 +206,22 @@ def test_skip_bad_counts_an_over_budget_file_like_a_damaged_one(tmp_path):
     strict = MVTecStyleDataset(tmp_path / "ds", image_size=32, budget=DecodeBudget(max_pixels=16 * 16))
     with pytest.raises(DecodeBudgetError, match=r"a\.png: .*32 x 32"):
         strict[0]
+
+
+def test_pdd_predict_refuses_a_bomb_before_it_builds_a_model(tmp_path, monkeypatch, capsys):
+    """The model is built for the first image read: a run whose only file is over the budget fails in the time
+    of reading its header, and a good file after it still gets the model."""
+    from pdd import checkpoint
+    from pdd.cli import main
+
+    built = []
+    real = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    bomb = bombs.png(tmp_path / "bomb.png", 12000, 12000)
+    assert main(["predict", "--config", "brain-synth", "--set", "image_size=64", str(bomb)]) == 2
+    assert built == [] and "bomb.png: its header claims 12000 x 12000" in capsys.readouterr().err
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(good)
+    assert main(["predict", "--config", "brain-synth", "--set", "image_size=64", "--threshold", "1", "--skip-bad",
+                 str(bomb), str(good)]) == 0
+    assert built == [1] and '"scored": 1' in capsys.readouterr().out
