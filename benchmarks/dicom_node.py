@@ -184,8 +184,8 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"CPU: {result['cpu_model']} ({env['cpu_count']} cores; torch {env['versions']['torch']}, {s['threads']} "
-        f"threads in the node and for the side-by-side inference). The machine was shared with other work "
-        f"(load average at the end {', '.join(f'{x:.2f}' for x in env['load_average'])}).  ",
+        f"threads in the node and for the side-by-side inference); load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in env['load_average'])}.  ",
         f"Model: fresh brain-synth PDD at {s['image_size']}² (random teachers), batch {s['batch_size']}; quiet "
         f"period {s['quiet_s']:g} s; series sent one after another, the same slices under new UIDs each time.",
         "",

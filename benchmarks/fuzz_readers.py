@@ -321,7 +321,8 @@ def _report(rounds: list[dict], args: argparse.Namespace, wall_s: float) -> str:
         f"Command: `python benchmarks/fuzz_readers.py --seconds {args.seconds:g} --examples {args.examples} "
         f"--out {args.out}`",
         "",
-        f"Machine: {cpu_model()}, {os.cpu_count()} CPUs; shared with other work during the run. "
+        f"Machine: {cpu_model()}, {os.cpu_count()} CPUs; load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}. "
         f"Budget fuzzed under: `DecodeBudget(**{FUZZ_BUDGET})`; a case may take {SLACK_S:g} s over its "
         f"max_seconds; each round runs with an address space of {args.memory_gb:g} GiB at most.",
         "",

@@ -174,8 +174,9 @@ def _table(rows: list[dict], where: str) -> list[str]:
 
 def _report(data: dict, command: str) -> str:
     lines = ["# Hostile inputs and faults", "", f"Command: `{command}`", "",
-             f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, shared with other work during the run (absolute "
-             "times are pessimistic). Model: config brain-synth at 128², random teachers; server: the bundled "
+             f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, load average at the end "
+             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}. Model: config brain-synth at 128², random "
+             "teachers; server: the bundled "
              "Triton 2.51, python flavour, plugin ONNX form.", "",
              "## The decode bombs of the issue, at full size", "",
              "Local: `pdd predict " + " ".join(CONFIG) + " FILE --out DIR`, one process per file (wall time and peak "

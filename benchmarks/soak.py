@@ -139,7 +139,8 @@ def _report(s: dict[str, Any], args: argparse.Namespace) -> str:
     lines = ["# Soak: the served model under mixed good and bad requests", "",
              f"Command: `python benchmarks/soak.py --requests {args.requests} --clients {args.clients} "
              f"--out {args.out}`",
-             "", f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, shared with other work during the run. Server: the "
+             "", f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, load average at the end "
+             f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}. Server: the "
              f"bundled Triton 2.51, python flavour, brain-synth at {SIZE}² (random teachers), max_batch_size 4. "
              f"{args.clients} clients, half HTTP, half gRPC, closed loop; 10 payloads cycled: 6 good (uint8 RGB "
              "and grey pixels, PNG and deflated DICOM bytes), 4 bad (two decode bombs, a file that is no image, "
