@@ -105,11 +105,12 @@ def _node(args: argparse.Namespace, work: Path, port: int, dest: str) -> subproc
 
 
 def _wait_for_results(pacs: Orthanc, study_uid: str, timeout_s: float) -> float:
-    """Poll Orthanc until the study holds the source series and three results; the time it did."""
+    """Poll Orthanc until the study holds the three results (the source series went to the node only); the
+    time it did."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = pacs.lookup(study_uid)
-        if found and len(pacs.get(f"/studies/{found[0]['ID']}")["Series"]) == 4:
+        if found and len(pacs.get(f"/studies/{found[0]['ID']}")["Series"]) == 3:
             return time.perf_counter()
         time.sleep(0.05)
     raise SystemExit(f"no results for study {study_uid} within {timeout_s:.0f} s")
