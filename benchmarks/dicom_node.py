@@ -116,6 +116,18 @@ def _wait_for_results(pacs: Orthanc, study_uid: str, timeout_s: float) -> float:
     raise SystemExit(f"no results for study {study_uid} within {timeout_s:.0f} s")
 
 
+def _sent_job(spool: Path, study_uid: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    """The study's job record once the node has recorded it as sent (it does so after the destination
+    acknowledged the last result, so a moment after Orthanc shows them)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = next((j for j in read_jobs(spool) if j["study_uid"] == study_uid), None)
+        if job is not None and job["state"] == "sent":
+            return job
+        time.sleep(0.05)
+    raise SystemExit(f"the node did not record the job of study {study_uid} as sent within {timeout_s:.0f} s")
+
+
 def _inference(model: Any, files: list[Path], batch_size: int) -> dict[str, float]:
     """``pdd predict``'s work on the slices (decode, preprocess, forward) and the forward passes alone."""
     import torch
@@ -154,7 +166,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 _send(files, node_port)
                 t_sent = time.perf_counter()
                 t_end = _wait_for_results(pacs, study, timeout_s=60 + 30 * args.slices)
-                job = next(j for j in read_jobs(work / "spool") if j["study_uid"] == study)
+                job = _sent_job(work / "spool", study)
                 memory = _memory_kb(node.pid)
                 side = _inference(model, files, args.batch_size)
                 row = {"series": k, "end_to_end_s": t_end - t0, "sending_s": t_sent - t0,
