@@ -82,6 +82,8 @@ class Orthanc:
             "DicomModalities": {name: list(peer) for name, peer in self.peers.items()},
             "HttpServerEnabled": True, "DicomServerEnabled": True, "OrthancExplorerEnabled": False,
             "ConcurrentJobs": 1, "StableAge": 60,
+            # Orthanc's largest (default 16 KiB): the node's results arrive in fewer, larger PDUs.
+            "MaximumPduLength": 131072,
         }
 
     def start(self, timeout_s: float = 30.0) -> Orthanc:
