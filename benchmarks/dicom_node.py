@@ -218,6 +218,12 @@ def _markdown(result: dict[str, Any]) -> str:
         f"each series: {', '.join(f'{x:.0f}' for x in rss)} MB (peak "
         f"{max(r['node_peak_rss_mb'] for r in result['series']):.0f} MB).",
         "",
+        # The side-by-side inference runs in another process at another moment; the node's own split is not
+        # subject to that noise.
+        f"The node's own split (median): outside its scoring (receiving, writing, sending, waiting on the "
+        f"spool) {m['node_s'] - m['node_scoring_s']:.2f} s, "
+        f"{100 * (m['node_s'] - m['node_scoring_s']) / m['node_scoring_s']:+.1f} % of its scoring time.",
+        "",
         "*inference*: decode with the project's readers, preprocess, forward, as `pdd predict` does, measured in the "
         "benchmark process between series while the node is idle. *less quiet period*: end to end minus the time the "
         "node waits after the last instance by design. *node scoring / writing / sending*: from the node's job record "
