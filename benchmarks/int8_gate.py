@@ -53,6 +53,7 @@ def _quantize(module: torch.nn.Module, example: torch.Tensor, calibration: Seque
     """``module`` exported and statically quantized (torchao PT2E, X86InductorQuantizer's default config),
     its activations observed on ``calibration``."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     with torch.inference_mode():
@@ -62,7 +63,8 @@ def _quantize(module: torch.nn.Module, example: torch.Tensor, calibration: Seque
     with torch.inference_mode():
         for x in calibration:
             prepared(x)
-    return convert_pt2e(prepared)
+    # The model's eval() (the evaluation calls it) reaches the quantized graph: make that a no-op-safe switch.
+    return allow_exported_model_train_eval(convert_pt2e(prepared))
 
 
 def int8_model(model: torch.nn.Module, stages: Sequence[str], calibration: Sequence[torch.Tensor]) -> torch.nn.Module:
