@@ -64,10 +64,10 @@ from pdd.precision import (
 __all__ = ["main"]
 
 RUNTIME = "cpu_kernel"  # the scan of every measured runtime: the C kernel, which reads bf16 itself
-INT8_NOTE = ("not offered end to end: the int8 probe above times the WRN teacher alone quantized (the scan, the "
-             "students and the head are not) and gives its features' error; no int8 model has a fidelity gate. "
-             "ONNX Runtime's QDQ int8 of the whole portable graph ran 0.84x fp32 on an AVX2 CPU with 9.6% map "
-             "error, so int8 is not built there either (pdd/precision.py's int8 row is the policy it would follow)")
+INT8_NOTE = ("not a --precision of the runtimes yet: the int8 probe above times the WRN teacher alone quantized, "
+             "and benchmarks/int8_gate.py gates the whole model with that teacher quantized (the scan, the students "
+             "and the head stay fp32) against fp32 on a trained checkpoint. ONNX Runtime's QDQ int8 of the whole "
+             "portable graph ran 0.84x fp32 on an AVX2 CPU with 9.6% map error, so int8 is not built there")
 
 
 def _model(args: argparse.Namespace, precision: ModelPrecision) -> torch.nn.Module:
