@@ -32,8 +32,10 @@ scan takes one Python step per position (seconds per image on a CPU): it runs at
 ``--reference-repeats`` repeats and one warm-up, and its accuracy is taken from those calls' outputs.
 
 Precision: fp32 everywhere; fp16 is PyTorch under CUDA autocast and TensorRT's typed fp16 engines; bf16 is
-the C-kernel PyTorch runtimes cast by pdd.precision's policy, refused on a CPU without AMX or AVX512-BF16 (ONNX
-Runtime and the server run the fp32 graph; other combinations are listed as skipped). benchmarks/cpu_precision.py
+the C-kernel PyTorch runtimes cast by pdd.precision's policy, refused on a CPU without AMX or AVX512-BF16; int8 is
+the same runtimes with the WRN teacher quantized (pdd.int8: the checkpoint's quantization, else observed on 8 normal
+brain-synth slices of another seed) (ONNX Runtime and the server run the fp32 graph; other combinations are listed
+as skipped). benchmarks/cpu_precision.py
 measures the reduced precisions' targets (interleaved with fp32, the same-precision GEMM rate, peak RSS).
 ``--threads`` sets the CPU threads of PyTorch and ONNX Runtime (the served one too): on a CPU shared with other
 processes, 1 thread avoids the collapse of oversubscribed thread pools.
@@ -148,8 +150,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                       f"{QUICK['concurrency']}, full {FULL['concurrency']})")
     ap.add_argument("--image-size", type=int, help="square input size, a multiple of 32 (default quick 64, full 256)")
     ap.add_argument("--precision", type=_precisions, default=["fp32"],
-                    help="fp32, fp16 (CUDA, TensorRT) and/or bf16 (the C-kernel CPU runtimes, on CPUs with AMX "
-                         "or AVX512-BF16; pdd/precision.py) (default fp32)")
+                    help="fp32, fp16 (CUDA, TensorRT), bf16 (the C-kernel CPU runtimes, on CPUs with AMX or "
+                         "AVX512-BF16; pdd/precision.py) and/or int8 (the same runtimes, WRN teacher quantized: "
+                         "pdd/int8.py) (default fp32)")
     ap.add_argument("--repeats", type=int, help="timed calls per case (default quick 3, full 20)")
     ap.add_argument("--warmup", type=int, help="untimed calls before timing (default quick 1, full 3)")
     ap.add_argument("--reference-repeats", type=int, help="timed calls of the slow reference scan (default quick 1, "

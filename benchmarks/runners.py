@@ -27,6 +27,7 @@ from benchmarks.common import (
     accuracy_vs_reference,
     alternate_with_gemm,
     batch_of,
+    brain_synth_images,
     group_layer_times,
     latency_stats,
     onnx_node_stages,
@@ -61,9 +62,9 @@ PRESETS = {
     "gpu": ("torch:reference", "torch:eager", "torch:triton", "torch:graph-parallel:compile", "torch:triton:compile",
             "onnxruntime:cuda:portable", "onnxruntime:tensorrt:portable", *TENSORRT),
 }
-PRECISIONS = ("fp32", "fp16", "bf16")
-# The runtimes that compute in bf16 on the CPU (pdd.precision's policy; their scan reads bf16 itself).
-BF16_CPU = ("torch:cpu_kernel", "torch:cpu_kernel:compile")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# The runtimes that compute in bf16 or int8 on the CPU (pdd.precision's policy; their scan reads bf16 itself).
+REDUCED_CPU = ("torch:cpu_kernel", "torch:cpu_kernel:compile")
 CPU_COMPILED = "torch:cpu_kernel:compile"  # its per-stage times are measured compiled
 REFERENCE = "torch:eager"  # accuracy is measured against this runtime in fp32
 SLOW = "torch:reference"
@@ -109,6 +110,17 @@ class Bench:
             self._models[device] = copy.deepcopy(self.model).to(device)
         return self._models[device]
 
+    def quantized_model(self) -> torch.nn.Module:
+        """The model with an int8 quantization (pdd.int8): the checkpoint's, else observed now on 8 normal
+        brain-synth slices of another seed than the measured images."""
+        if self.model.quantization is None:
+            from pdd.int8 import observe
+
+            calib = brain_synth_images(self.size, 16, self.work / "int8-calibration", seed=1)
+            normal = torch.from_numpy(calib.normalised[calib.labels == 0][:8])
+            self.model.quantization = observe(self.model, normal.split(4), source=calib.source)
+        return self.model
+
     # runtimes
 
     def device_of(self, name: str) -> str:
@@ -127,17 +139,20 @@ class Bench:
                                          "fp16 convolutions, so it is not measured there")
             if device == "cuda" and not torch.cuda.is_available():
                 raise RuntimeUnavailable(f"{name} needs a CUDA device; none is visible here")
-            if precision == "bf16":
-                if name not in BF16_CPU:
-                    raise RuntimeUnavailable(f"bf16 is measured for {', '.join(BF16_CPU)} (the C scan reads bf16)")
-                return make_runtime(f"{name}:bf16", model=self.model_on(device), device=device)
+            if precision in ("bf16", "int8"):
+                if name not in REDUCED_CPU:
+                    raise RuntimeUnavailable(f"{precision} is measured for {', '.join(REDUCED_CPU)} (the C scan "
+                                             f"reads bf16; int8 quantizes the WRN teacher on the CPU)")
+                model = self.quantized_model() if precision == "int8" else self.model_on(device)
+                return make_runtime(f"{name}:{precision}", model=model, device=device)
             return make_runtime(name, model=self.model_on(device), device=device)
         if kind == "onnxruntime":
             provider, form = rest
             if precision != "fp32":
                 raise RuntimeUnavailable("ONNX Runtime runs the exported fp32 graph here: its CPU provider has no "
-                                         "AMX bf16 path (onnxruntime issue 19937), and the typed fp16 graph is "
-                                         "built for TensorRT (export/build_trt.py)")
+                                         "AMX bf16 path (onnxruntime issue 19937), the typed fp16 graph is "
+                                         "built for TensorRT (export/build_trt.py), and int8 is the PyTorch "
+                                         "teacher quantized by torchao (pdd/int8.py)")
             try:
                 import onnxruntime
             except ImportError:
@@ -150,7 +165,7 @@ class Bench:
                 raise RuntimeUnavailable("the plugin form runs its custom ops through onnxruntime-extensions, "
                                          "which is not installed")
             return make_runtime(name, onnx_path=self.artifacts.onnx(form), threads=self.args.threads)
-        if precision == "bf16":
+        if precision in ("bf16", "int8"):
             raise RuntimeUnavailable("TensorRT engines are built in fp32 or fp16 (export/build_trt.py)")
         try:
             import tensorrt  # noqa: F401
@@ -179,6 +194,9 @@ class Bench:
             return entry
         entry["setup_s"] = time.perf_counter() - start
         entry["device"] = rt.device
+        if precision == "int8":
+            q = self.model.quantization
+            entry["notes"].append(f"int8: the WRN teacher quantized, observed on {q.images} images of {q.source}")
         try:
             self._measure(rt, name, precision, entry)
         except Exception as exc:  # e.g. out of memory at a large batch: keep what was measured

@@ -141,6 +141,7 @@ def build_for_export(model: PDDModel, scan_impl: str) -> PDDModel:
     built = build_pdd(dataclasses.replace(model.cfg, scan_impl=scan_impl), device, graph=True, teacher_weights=False)
     built.load_state_dict(model.state_dict(keep_vars=True), assign=True)  # the weights' dtypes come along
     built.calibration, built.precision = model.calibration, model.precision
+    built.quantization = model.quantization
     return built.eval()
 
 

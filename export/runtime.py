@@ -6,10 +6,12 @@ is behind it. :func:`make_runtime` builds one from a short spec and raises :clas
 
 Specs (:data:`RUNTIMES` lists every full name; the benchmarks use these names)::
 
-    torch[:<scan impl>][:compile][:bf16]            PyTorch (torch.compile with ':compile'); scan impl one of
+    torch[:<scan impl>][:compile][:bf16|:int8]      PyTorch (torch.compile with ':compile'); scan impl one of
                                                      pdd.impl_names.SCAN_IMPLS (default eager; 'chunked' is
                                                      the deprecated name of eager); ':bf16' computes in bf16
-                                                     by pdd.precision's policy (CPUs with AMX or AVX512-BF16)
+                                                     by pdd.precision's policy (CPUs with AMX or AVX512-BF16);
+                                                     ':int8' with the WRN teacher quantized (pdd.int8; the
+                                                     model must carry its int8 quantization)
     onnxruntime[:cpu|cuda|tensorrt][:portable|plugin] ONNX Runtime with that execution provider and ONNX form
     tensorrt[:plugin|portable][:fp32|fp16]          a TensorRT engine built by export/build_trt.py from that
                                                      ONNX form (default plugin, fp16)
@@ -204,6 +206,9 @@ class TorchRuntime(Runtime):
                                          f"{type(model).__name__}")
             if compile and precision.emulate:
                 raise RuntimeUnavailable(f"{name}: emulated precision runs eagerly (it is for numerics)")
+            if precision.name == "int8" and (model.precision != FP32 or model.quantization is None):
+                raise RuntimeUnavailable(f"{name}: give the fp32 model with its int8 quantization (a checkpoint "
+                                         f"calibrated with `pdd calibrate --precision int8`, or pdd.int8.observe)")
             if dev.type == "cpu" and not precision.emulate:
                 try:
                     ModelPrecision.native(precision.name, where=name)
@@ -218,7 +223,9 @@ class TorchRuntime(Runtime):
             # The graph layer forms: what inductor compiles, and oneDNN's bf16 convolutions (pdd.checkpoint).
             self.model = build_for_export(self.model, scan_impl)
         if precision != getattr(self.model, "precision", FP32):
-            self.model.to_precision(precision)  # the copy's weights are replaced; the caller's are not touched
+            # The copy's weights are replaced; the caller's are not touched. A compiled int8 model compiles its
+            # quantized teacher with the rest (not alone).
+            self.model.to_precision(precision, compile_int8=not compile)
         self._forward = torch.compile(self.model) if compile else self.model
         self._freezing = compile and dev.type == "cpu"
         self.calibration = getattr(model, "calibration", None)

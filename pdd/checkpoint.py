@@ -4,7 +4,8 @@ Written atomically (temporary file, fsync, rename), so a kill mid-write never da
 
 Reduced precisions (:mod:`pdd.precision`) have their own records under ``"precisions"``: per precision its
 calibration (fitted on that precision's scores) and its fidelity gates (:mod:`pdd.fidelity`) per CPU
-instruction-set level, each with the seconds per image both precisions took; the fp32 calibration stays
+instruction-set level, each with the seconds per image both precisions took; int8's also holds its
+quantization (:mod:`pdd.int8`), which its threshold and gates belong to. The fp32 calibration stays
 under ``"calibration"``. :func:`choose_precision` reads them for ``--precision auto``.
 """
 
@@ -22,10 +23,12 @@ from pdd.backbones.weights import WeightsError, check_and_load, load_checkpoint_
 from pdd.baselines import build_model
 from pdd.calibration import Calibration, CalibrationError
 from pdd.config import ConfigError, PDDConfig, apply_overrides, atomic_file, resolve_config
+from pdd.int8 import Int8Calibration
 from pdd.precision import FP32, MODEL_PRECISIONS, ModelPrecision, instruction_set, missing_features
 
 __all__ = ["CHECKPOINT_FORMAT", "atomic_torch_save", "choose_precision", "load_model", "load_pdd", "read_calibration",
-           "read_checkpoint", "read_gates", "save_pdd", "store_calibration", "store_gate"]
+           "read_checkpoint", "read_gates", "read_quantization", "save_pdd", "store_calibration", "store_gate",
+           "store_quantization"]
 
 CHECKPOINT_FORMAT = "pdd-checkpoint/1"
 
@@ -79,6 +82,21 @@ def store_calibration(path: str | os.PathLike, calibration: Calibration) -> None
         obj["calibration"] = calibration.to_dict()
     else:
         _precision_record(obj, calibration.precision)["calibration"] = calibration.to_dict()
+    atomic_torch_save(obj, path)
+
+
+def read_quantization(obj: dict[str, Any], path: str | os.PathLike) -> Int8Calibration | None:
+    """The int8 quantization (:class:`pdd.int8.Int8Calibration`) stored in a checkpoint, or None."""
+    data = (obj.get("precisions", {}).get("int8") or {}).get("quantization")
+    return None if data is None else Int8Calibration.from_dict(data, f"PDD checkpoint {path}")
+
+
+def store_quantization(path: str | os.PathLike, quantization: Int8Calibration) -> None:
+    """Write an int8 quantization into the checkpoint at ``path`` (atomically). It replaces the int8 record
+    whole: a threshold or gate measured with another quantization no longer holds."""
+    obj = read_checkpoint(path)
+    obj.setdefault("precisions", {})["int8"] = {"calibration": None, "gates": {},
+                                                "quantization": quantization.to_dict()}
     atomic_torch_save(obj, path)
 
 
@@ -170,6 +188,7 @@ def load_pdd(path: str | os.PathLike, device: torch.device | str = "cpu", precis
     model.cfg = dataclasses.replace(cfg, vmamba_weights=obj["config"].get("vmamba_weights"),
                                     wrn_weights=obj["config"].get("wrn_weights"))
     model.calibration = read_calibration(obj, path, precision.name)
+    model.quantization = read_quantization(obj, path) if model.cfg.model == "pdd" else None
     if precision != FP32:
         if model.cfg.model != "pdd":
             raise ValueError(f"{path}: reduced precision is defined for PDD, not {model.cfg.model!r}")

@@ -24,6 +24,7 @@ from pdd.cli_models import (
     add_precision_args,
     decode_budget,
     device_of,
+    int8_for_calibration,
     model_from_args,
     model_precision,
     precision_label,
@@ -96,12 +97,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     device = device_of(args.device)
     if args.precision == "fp16":
         model, _ = typed_fp16_model(args)
-    else:
-        model = load_model(args.checkpoint, device=device, precision=model_precision(args, device))
+    else:  # int8 is quantized below, from the checkpoint's quantization or this split's normal images
+        precision = "fp32" if args.precision == "int8" else None
+        model = load_model(args.checkpoint, device=device, precision=model_precision(args, device, precision))
     data = model.cfg.data
     data = DataConfig(root=str(args.data), layout=args.layout or data.layout, class_names=data.class_names,
                       skip_bad=args.skip_bad or data.skip_bad)
     dataset = open_dataset(data, args.split, model.cfg.image_size)
+    if args.precision == "int8":
+        model = int8_for_calibration(args, model, dataset)
     method, target = _calibration_choice(args)
     calibration = calibrate(model, dataset, method, target, source=f"{args.data} ({args.split} split)",
                             batch_size=args.batch_size, device=device, precision=args.precision)
@@ -303,7 +307,7 @@ def _add_train(sub: Any) -> None:
 
 def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="score a test set, compute metrics, write the report")
-    add_model_args(p, fp16=True)
+    add_model_args(p, fp16=True, int8=True)
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--layout", choices=["mvtec", "meta_json"])
     p.add_argument("--out", required=True, type=Path)
@@ -336,13 +340,17 @@ def _add_calibrate(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--device")
-    add_precision_args(p, auto=False, fp16=True)
+    add_precision_args(p, auto=False, fp16=True, int8=True)
+    p.add_argument("--int8-images", type=int, default=32,
+                   help="int8: normal images of the split its quantizer observes (default 32)")
+    p.add_argument("--requantize", action="store_true",
+                   help="int8: observe again even when the checkpoint has a quantization")
     p.set_defaults(fn=cmd_calibrate)
 
 
 def _add_predict(sub: Any) -> None:
     p = sub.add_parser("predict", help="score images, folders, DICOM or NIfTI files (locally or on a server)")
-    add_model_args(p)
+    add_model_args(p, int8=True)
     p.add_argument("inputs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, help="write heatmap PNGs and results.json here")
     p.add_argument("--batch-size", type=int, default=8)
@@ -452,11 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from pdd.backbones.weights import WeightsError  # lazily: it imports torch
+    from pdd.int8 import Int8Error
     from pdd.precision import PrecisionUnavailable
 
     try:
         return args.fn(args)
-    except (ConfigError, WeightsError, PrecisionUnavailable, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, WeightsError, PrecisionUnavailable, Int8Error, FileNotFoundError, ValueError) as exc:
         print(f"pdd {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

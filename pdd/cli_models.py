@@ -16,9 +16,8 @@ from typing import Any
 from pdd.config import SCAN_CHOICES, atomic_write_text
 
 __all__ = ["BUDGET_OPTIONS", "add_budget_args", "add_model_args", "add_precision_args", "decode_budget",
-           "device_of", "model_from_args", "model_precision", "precision_label", "require_model_source", "run_gate",
-           "served_precision",
-           "typed_fp16_model"]
+           "device_of", "int8_for_calibration", "model_from_args", "model_precision", "precision_label",
+           "require_model_source", "run_gate", "served_precision", "typed_fp16_model", "warm_seconds"]
 
 log = logging.getLogger("pdd")
 
@@ -41,7 +40,7 @@ def model_precision(args: argparse.Namespace, device: str, name: str | None = No
     emulate = name is None and getattr(args, "emulate", False)  # a named precision (the gate's reference) is native
     name = name or getattr(args, "precision", None) or "fp32"
     if emulate and name in ("fp32", "auto"):
-        raise SystemExit(f"--emulate emulates a reduced precision: give --precision bf16, not {name}")
+        raise SystemExit(f"--emulate emulates a reduced precision: give --precision bf16 or int8, not {name}")
     if name == "auto":
         return name
     if name == "fp32":
@@ -85,6 +84,30 @@ def typed_fp16_model(args: argparse.Namespace) -> tuple[Any, Any]:
     return RuntimeModel(runtime, base.cfg, calibration, label), base
 
 
+def int8_for_calibration(args: argparse.Namespace, model: Any, dataset: Any) -> Any:
+    """``pdd calibrate --precision int8``: ``model`` (fp32, the checkpoint's) quantized. Its quantization is the
+    checkpoint's, or, when it has none or with --requantize, observed now on the first --int8-images normal
+    images of ``dataset`` and stored in the checkpoint (which drops int8's old threshold and gates)."""
+    import torch
+
+    from pdd.checkpoint import store_quantization
+    from pdd.int8 import observe
+    from pdd.precision import ModelPrecision
+
+    if model.quantization is None or args.requantize:
+        normal = [i for i in range(len(dataset)) if int(dataset[i]["label"]) == 0][:args.int8_images]
+        if not normal:
+            raise SystemExit(f"pdd calibrate --precision int8: the {args.split} split of {args.data} has no normal "
+                             f"image to quantize on")
+        batches = (torch.stack([dataset[i]["image"] for i in normal[k:k + args.batch_size]])
+                   for k in range(0, len(normal), args.batch_size))
+        model.quantization = observe(model, batches, source=f"{args.data} ({args.split} split, normal images)")
+        store_quantization(args.checkpoint, model.quantization)
+        print(f"int8 quantization observed on {model.quantization.images} normal images, stored in "
+              f"{args.checkpoint}")
+    return model.to_precision(ModelPrecision("int8", emulate=bool(args.emulate)))
+
+
 def require_model_source(args: argparse.Namespace) -> None:
     if not (getattr(args, "checkpoint", None) or getattr(args, "config", None)):
         raise SystemExit("give --checkpoint CKPT, or --config NAME for a freshly initialised model")
@@ -119,8 +142,7 @@ def run_gate(args: argparse.Namespace, model: Any, result: Any, dataset: Any, de
     gate = fidelity_gate(name, reference, result.predictions, reference_model.calibration,
                          model.calibration, reference_name=args.against)
     print(gate.table())
-    n = len(reference.scores)
-    seconds = {args.against: reference.seconds / n, name: result.predictions.seconds / n}
+    seconds = warm_seconds({args.against: reference_model, name: model}, dataset, args.batch_size, device)
     # fp16 is measured through ONNX Runtime's stand-in: its numbers are TensorRT's, its speed is not.
     record = {**gate.to_dict(), "emulated": emulated or name == "fp16", "cpu": cpu_model(),
               "instruction_set": instruction_set(), "measured_as": precision_label(model)}
@@ -130,6 +152,26 @@ def run_gate(args: argparse.Namespace, model: Any, result: Any, dataset: Any, de
         print(f"gate recorded in {args.checkpoint} for {instruction_set()} CPUs"
               + (" (emulated: --precision auto will not choose by it)" if record["emulated"] else ""))
     return 0 if gate.passed else 1
+
+
+def warm_seconds(models: dict[str, Any], dataset: Any, batch_size: int, device: str,
+                 rounds: int = 3) -> dict[str, float]:
+    """Seconds per image of each model on the first batch of ``dataset``, warm (after the evaluation passes,
+    which include compiling: int8's teacher compiles on its first call), median of ``rounds`` in alternation."""
+    import statistics
+    import time
+
+    import torch
+
+    images = torch.stack([dataset[i]["image"] for i in range(min(batch_size, len(dataset)))]).to(device)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for key, m in models.items():
+                start = time.perf_counter()
+                m(images)
+                times[key].append((time.perf_counter() - start) / len(images))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def served_precision(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None, Any]:
@@ -146,6 +188,9 @@ def served_precision(args: argparse.Namespace) -> tuple[str, dict[str, Any] | No
     if served == "auto" or args.emulate:
         raise SystemExit("pdd export triton-repo: name the precision served (an emulated or automatic one is not "
                          "a served precision)")
+    if served == "int8":
+        raise SystemExit("pdd export triton-repo: no served int8 flavour: the CPU flavours run ONNX Runtime graphs; "
+                         "run int8 in process (pdd predict / eval --precision int8)")
     if served == "bf16":
         raise SystemExit("pdd export triton-repo: no served bf16 flavour: the CPU flavours run ONNX Runtime, whose CPU "
                          "provider has no bf16 path (onnxruntime issue 19937); serve fp32, or run bf16 in process "
@@ -168,10 +213,12 @@ def served_precision(args: argparse.Namespace) -> tuple[str, dict[str, Any] | No
 # --- options the commands share ----------------------------------------------------------------
 
 
-def add_precision_args(p: argparse.ArgumentParser, auto: bool = True, fp16: bool = False) -> None:
-    p.add_argument("--precision", choices=["fp32", "bf16", *(["fp16"] if fp16 else []), *(["auto"] if auto else [])],
-                   default="fp32",
+def add_precision_args(p: argparse.ArgumentParser, auto: bool = True, fp16: bool = False, int8: bool = False) -> None:
+    choices = ["fp32", "bf16", *(["int8"] if int8 else []), *(["fp16"] if fp16 else []), *(["auto"] if auto else [])]
+    p.add_argument("--precision", choices=choices, default="fp32",
                    help="what the model computes in (pdd/precision.py): bf16 needs a CPU with AMX or AVX512-BF16"
+                        + ("; int8: the WRN teacher quantized (pdd/int8.py), from the checkpoint's int8 calibration "
+                           "(`pdd calibrate --precision int8`)" if int8 else "")
                         + ("; fp16: TensorRT's typed fp16 graph, run by ONNX Runtime's CPU provider" if fp16 else "")
                         + ("; auto: the fastest precision whose fidelity gate passed for the checkpoint on this CPU"
                            if auto else ""))
@@ -179,11 +226,11 @@ def add_precision_args(p: argparse.ArgumentParser, auto: bool = True, fp16: bool
                    help="emulate --precision in fp32 on any CPU (its numbers, slowly; for the fidelity gate)")
 
 
-def add_model_args(p: argparse.ArgumentParser, fp16: bool = False) -> None:
+def add_model_args(p: argparse.ArgumentParser, fp16: bool = False, int8: bool = False) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="a PDD checkpoint (best.pt / last.pt)")
     g.add_argument("--config", help="config name or YAML file: a freshly initialised model")
-    add_precision_args(p, fp16=fp16)
+    add_precision_args(p, fp16=fp16, int8=int8)
     p.add_argument("--scan-impl", choices=SCAN_CHOICES, help="scan implementation (default: the config's); for "
                    "`export onnx` graph-sequential or graph-parallel also choose the portable form's scan")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (with --config)")

@@ -34,6 +34,7 @@ from pdd.anomaly import anomaly_head
 from pdd.backbones import vmamba_tiny_v0, wide_resnet50_2_features
 from pdd.calibration import Calibration
 from pdd.config import PDDConfig
+from pdd.int8 import QUANTIZED, Int8Calibration, Int8Error, quantized_teacher
 from pdd.precision import FP32, SCAN_FP32_PARAMETERS, STAGES, ModelPrecision
 from pdd.ssm import resolve_scan_impl
 
@@ -256,17 +257,25 @@ class PDDModel(nn.Module):
             part.apply(_init_trainable)
         # The operating point (pdd.calibration), set after training or by `pdd calibrate`; None until then.
         self.calibration: Calibration | None = None
+        # The int8 quantization's observed state (pdd.int8), set by `pdd calibrate --precision int8` or a loader.
+        self.quantization: Int8Calibration | None = None
         self.precision = FP32
 
-    def to_precision(self, precision: ModelPrecision) -> PDDModel:
+    def to_precision(self, precision: ModelPrecision, compile_int8: bool = True) -> PDDModel:
         """Compute in ``precision`` from now on: every stage's weights cast once, in place, to the dtype
         :data:`pdd.precision.POLICY` gives it (the scan's A, D and δ bias stay fp32; the head has no weights
-        and computes in fp32). Inference only; a reduced-precision model is not cast again."""
+        and computes in fp32). Inference only; a reduced-precision model is not cast again.
+
+        int8: the teachers of :data:`pdd.int8.QUANTIZED` are replaced by their quantized graphs, built from
+        :attr:`quantization`; native int8 compiles each by itself unless ``compile_int8`` is False (the caller
+        compiles the whole model, the quantized graphs with it)."""
         if precision == self.precision:
             return self
         if self.precision != FP32:
             raise ValueError(f"the model already computes in {self.precision.describe()}: load it again in fp32 "
                              f"to cast it to {precision.describe()}")
+        if precision.name == "int8":
+            return self._quantize(precision, native=compile_int8 and not precision.emulate)
         for group in ("vmamba.", "head."):  # cast as one module / computed by one function
             dtypes = {precision.dtype(s) for s in STAGES if s.startswith(group)}
             if len(dtypes) != 1 or (group == "vmamba." and precision.dtype("wrn") not in dtypes):
@@ -280,6 +289,17 @@ class PDDModel(nn.Module):
             precision.cast_module(part, "fusion")
         for part in (self.prior_student, self.plain_student):  # the same module when the decoder is shared
             precision.cast_module(part, "students")
+        self.precision = precision
+        return self
+
+    def _quantize(self, precision: ModelPrecision, native: bool) -> PDDModel:
+        if self.quantization is None:
+            raise Int8Error("int8 needs the model's int8 calibration (its quantizer's observations of normal "
+                            "images): run `pdd calibrate --checkpoint CKPT --data DIR --precision int8`")
+        self.eval().requires_grad_(False)
+        for name in QUANTIZED:
+            setattr(self.teachers, name, quantized_teacher(getattr(self.teachers, name), name, self.quantization,
+                                                           self.cfg.image_size, native))
         self.precision = precision
         return self
 

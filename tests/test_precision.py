@@ -197,7 +197,7 @@ def test_instruction_set_levels_and_model_precisions() -> None:
     assert instruction_set({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}) == "amx"
     assert instruction_set({"avx2", "avx512f", "avx512_vnni"}) == "avx512_vnni"
     assert instruction_set({"avx2"}) == "avx2" and instruction_set(set()) == "baseline"
-    assert MODEL_PRECISIONS == ("fp32", "bf16")
+    assert MODEL_PRECISIONS == ("fp32", "bf16", "int8")
     with pytest.raises(ValueError, match="TensorRT"):
         ModelPrecision("fp16")
     with pytest.raises(ValueError, match="nothing to emulate"):
