@@ -179,13 +179,15 @@ def test_a_served_reduced_precision_carries_its_gate_and_calibration(trained, tm
     from pdd.checkpoint import store_calibration
 
     store_calibration(best, fp16)
-    store_gate(best, {"precision": "fp16", "passed": False, "emulated": True}, "amx", {"fp32": 1.0, "fp16": 1.0})
+    # On this CPU's level: it replaces the fp16 gate an earlier test recorded there (a passed one, on any CPU).
+    store_gate(best, {"precision": "fp16", "passed": False, "emulated": True}, instruction_set(),
+               {"fp32": 1.0, "fp16": 1.0})
     with pytest.raises(SystemExit, match="fp16 has no passed fidelity gate"):
         pdd_main([*common, "--checkpoint", str(best), "--out", str(tmp_path / "r1")])
     assert pdd_main([*common, "--checkpoint", str(best), "--force", "--out", str(tmp_path / "r1")]) == 0
     assert json.loads((tmp_path / "r1" / "precision.json").read_text())["forced"] is True
     gate = {"precision": "fp16", "passed": True, "emulated": True, "rows": []}
-    store_gate(best, gate, "amx", {"fp32": 1.0, "fp16": 1.0})
+    store_gate(best, gate, instruction_set(), {"fp32": 1.0, "fp16": 1.0})
     assert pdd_main([*common, "--checkpoint", str(best), "--out", str(tmp_path / "r2")]) == 0
     record = json.loads((tmp_path / "r2" / "precision.json").read_text())
     assert record["precision"] == "fp16" and record["fidelity_gate"]["passed"] and not record["forced"]
