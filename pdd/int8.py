@@ -38,7 +38,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import Tensor, nn
 
-from pdd.backbones.wrn import GemmConv2d
+from pdd.backbones.wrn import plain_convs
 from pdd.precision import POLICY
 
 __all__ = ["QUANTIZED", "Int8Calibration", "Int8Error", "Int8Teacher", "observe", "quantized_teacher"]
@@ -87,18 +87,8 @@ def _versions() -> dict[str, str]:
 
 
 def _plain_convs(teacher: nn.Module) -> nn.Module:
-    """A structural copy of ``teacher`` sharing its weights, with plain Conv2d in place of the eager GemmConv2d
-    (what the quantizer recognises as a convolution)."""
-    copied = copy.deepcopy(teacher, {id(t): t for t in (*teacher.parameters(), *teacher.buffers())})
-    for parent in list(copied.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, GemmConv2d):
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                 child.padding, child.dilation, child.groups, child.bias is not None,
-                                 child.padding_mode, device="meta")
-                conv.weight, conv.bias = child.weight, child.bias
-                setattr(parent, name, conv)
-    return copied.eval()
+    """A structural copy of ``teacher`` sharing its weights, in its plain-Conv2d form."""
+    return plain_convs(copy.deepcopy(teacher, {id(t): t for t in (*teacher.parameters(), *teacher.buffers())})).eval()
 
 
 def _prepared(teacher: nn.Module, image_size: int) -> torch.fx.GraphModule:
@@ -144,8 +134,12 @@ class Int8Teacher(nn.Module):
 
     def __init__(self, graph: torch.fx.GraphModule, native: bool) -> None:
         super().__init__()
-        self.graph, self.native = graph, native
+        self.graph = graph
         self._compiled = torch.compile(graph, dynamic=False) if native else None
+
+    @property
+    def native(self) -> bool:
+        return self._compiled is not None
 
     def train(self, mode: bool = True) -> Int8Teacher:  # frozen; the exported graph has no train mode
         return super().train(False)

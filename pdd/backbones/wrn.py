@@ -70,6 +70,20 @@ def _gemm_convs(net: nn.Module, eager_gemm: bool) -> nn.Module:
     return net
 
 
+def plain_convs(net: nn.Module) -> nn.Module:
+    """The inverse of the eager form: a plain Conv2d sharing the weights in place of each GemmConv2d, in place
+    (what graph tools such as a quantizer recognise as a convolution)."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GemmConv2d):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                 child.padding, child.dilation, child.groups, child.bias is not None,
+                                 child.padding_mode, device="meta")
+                conv.weight, conv.bias = child.weight, child.bias
+                setattr(parent, name, conv)
+    return net
+
+
 def wide_resnet50_2_features(weights: str | os.PathLike | None = None, out_indices: tuple[int, ...] = (1, 2, 3, 4),
                              allow_pickle: bool = False, eager_gemm: bool = True) -> nn.Module:
     """WRN50-2 returning the outputs of layer1..layer4 (256, 512, 1024, 2048 channels at /4../32).
