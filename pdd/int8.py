@@ -141,8 +141,13 @@ class Int8Teacher(nn.Module):
     def native(self) -> bool:
         return self._compiled is not None
 
-    def train(self, mode: bool = True) -> Int8Teacher:  # frozen; the exported graph has no train mode
-        return super().train(False)
+    def train(self, mode: bool = True) -> Int8Teacher:
+        # Frozen, and the exported graph is already its inference form. Flags only: torchao's train/eval switch of
+        # an exported graph re-exports its patterns strictly, which resets dynamo (every model compiled in this
+        # process would recompile on its next call).
+        for module in self.modules():
+            module.training = False
+        return self
 
     def forward(self, images: Tensor) -> list[Tensor]:
         if self._compiled is None:

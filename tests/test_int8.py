@@ -124,6 +124,22 @@ def test_native_int8_matches_the_emulated_quantized_graph_and_stays_near_fp32(qu
     torch.testing.assert_close(native.pred_score, emulated.pred_score, rtol=1e-3, atol=1e-3 * span)
 
 
+def test_quantizing_keeps_what_this_process_compiled(quantized) -> None:
+    # A strict torch.export resets dynamo: a compiled runtime built before an int8 one would recompile.
+    model, calibration, x = quantized
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda t: torch.relu(t) * 2, backend=backend)
+    compiled(x)
+    _int8(model, calibration, emulate=True)
+    compiled(x)
+    assert len(graphs) == 1
+
+
 def test_the_quantization_round_trips_through_the_checkpoint(trained, quantized, tmp_path) -> None:
     _, best = trained
     model, calibration, x = quantized
