@@ -8,7 +8,8 @@ the compiled C-kernel runtime (``torch:cpu_kernel:compile[:bf16]``, export/runti
 interleaved rounds (each round times every precision once and that precision's 2048² GEMM right after it, in
 rotating order), so the ratios and each precision's share of its own GEMM rate over the model's FLOPs
 compare like with like; batch 8 throughput; each stage compiled and timed alone; peak RSS of a fresh
-process that loads the model in that precision, compiles and runs it (its VmHWM); agreement with
+process that loads the checkpoint (for random weights a temporary one, with the int8 quantization), builds the
+runtime of that precision, compiles and runs it (its VmHWM); agreement with
 fp32 on labelled brain-synth images (map error over the fp32 maps' range, per-image Pearson, ΔAUROC). The
 fidelity gate proper (on a test set, per-precision thresholds) is ``pdd eval --precision P --against fp32``.
 
@@ -47,7 +48,7 @@ from benchmarks.common import (
     model_gflop,
 )
 from export.runtime import RuntimeUnavailable, TorchRuntime
-from pdd.checkpoint import load_model
+from pdd.checkpoint import load_model, save_pdd, store_quantization
 from pdd.config import PDDConfig, atomic_write_text
 from pdd.int8 import observe
 from pdd.precision import (
@@ -155,11 +156,9 @@ def _status_mib(field: str) -> float:
     return float("nan")
 
 
-def _peak_rss(args: argparse.Namespace, precision: str) -> dict[str, float] | None:
+def _peak_rss(args: argparse.Namespace, precision: str, checkpoint: Path) -> dict[str, float] | None:
     cmd = [sys.executable, "-m", "benchmarks.cpu_precision", "--child-rss", precision,
-           "--image-size", str(args.image_size), "--threads", str(args.threads)]
-    if args.checkpoint is not None:
-        cmd += ["--checkpoint", str(args.checkpoint)]
+           "--image-size", str(args.image_size), "--threads", str(args.threads), "--checkpoint", str(checkpoint)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=Path(__file__).resolve().parent.parent)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1]) if done.returncode == 0 and lines else None
@@ -311,7 +310,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for rt in runtimes.values():
         rt.close()
     if not args.no_rss:
-        res["rss_mib"] = {name: _peak_rss(args, name) for name in runtimes}
+        with tempfile.TemporaryDirectory(prefix="pdd-rss-") as work:
+            # What each child loads, as `pdd predict` would: the weights and the int8 quantization, nothing observed.
+            checkpoint = Path(work) / "model.pt"
+            save_pdd(base, checkpoint)
+            store_quantization(checkpoint, base.quantization)
+            res["rss_mib"] = {name: _peak_rss(args, name, checkpoint) for name in runtimes}
         print(f"RSS: {res['rss_mib']}", flush=True)
     res["load_average"]["after"] = list(os.getloadavg())
     res["targets"] = _targets(res)
