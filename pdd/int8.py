@@ -162,7 +162,6 @@ class Int8Teacher(nn.Module):
 def quantized_teacher(teacher: nn.Module, name: str, calibration: Int8Calibration, image_size: int,
                       native: bool) -> Int8Teacher:
     """``teacher`` (PDDModel.teachers.``name``, fp32) quantized with ``calibration``'s observed state."""
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     state = calibration.observers.get(name)
@@ -180,5 +179,4 @@ def quantized_teacher(teacher: nn.Module, name: str, calibration: Int8Calibratio
     if unexpected or any(k.startswith(_OBSERVER) for k in missing):
         raise Int8Error(f"the int8 calibration of the {name} teacher does not fit its observers "
                         f"({unexpected or missing})")
-    graph = allow_exported_model_train_eval(convert_pt2e(prepared))
-    return Int8Teacher(graph, native).eval()
+    return Int8Teacher(convert_pt2e(prepared), native).eval()

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from pdd.backbones.weights import WeightsError, check_and_load, load_checkpoint_file
 
-__all__ = ["TORCHVISION_WRN50_2_URL", "GemmConv2d", "wide_resnet50_2_features"]
+__all__ = ["TORCHVISION_WRN50_2_URL", "GemmConv2d", "plain_convs", "wide_resnet50_2_features"]
 
 TORCHVISION_WRN50_2_URL = "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth"
 HUB_NAMES = ("timm", "torchvision")
